@@ -1,0 +1,101 @@
+"""Grouped-query attention on ``F.scaled_dot_product_attention``.
+
+Options cover the families: RoPE on all or a leading fraction of each head (or none, Nemotron-H),
+RMSNorm on queries and keys (Qwen3), a sigmoid output gate (Qwen3-Next: ``q_proj`` yields the
+query and the gate of each head side by side).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.cache import AttentionState, ForwardContext
+from hybridlm.config import AttentionConfig
+from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        config: AttentionConfig,
+        norm_eps: float = 1e-5,
+        is_norm_zero_centered: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        q_out = c.num_heads * c.head_dim * (2 if c.has_output_gate else 1)
+        self.q_proj = nn.Linear(hidden_size, q_out, bias=c.bias)
+        self.k_proj = nn.Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
+        self.v_proj = nn.Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, hidden_size, bias=c.bias)
+        if c.has_qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, norm_eps, is_norm_zero_centered)
+            self.k_norm = RMSNorm(c.head_dim, norm_eps, is_norm_zero_centered)
+        self.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta) if c.rotary_dim else None
+        self.scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
+
+    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
+        shape = (batch_size, max_seq_len, self.config.num_kv_heads, self.config.head_dim)
+        return AttentionState(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )
+
+    def forward(self, x: Tensor, context: ForwardContext, state: AttentionState | None = None) -> Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]; appends this call's keys and values to ``state``."""
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x)
+        gate = None
+        if c.has_output_gate:
+            q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(B, T, c.num_heads * c.head_dim)
+        q = q.reshape(B, T, c.num_heads, c.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        if c.has_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            cos, sin = self.rotary(context.positions)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        past = context.past_len
+        if state is not None:
+            state.key[:, past : past + T] = k
+            state.value[:, past : past + T] = v
+            k, v = state.key[:, : past + T], state.value[:, : past + T]
+
+        mask, is_causal = self._mask(T, past, context.key_padding, x.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, H, T, D)
+            k.transpose(1, 2),  # (B, H_kv, S, D)
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=c.num_heads != c.num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    @staticmethod
+    def _mask(T: int, past: int, key_padding: Tensor | None, device: torch.device) -> tuple[Tensor | None, bool]:
+        """A boolean mask [B, 1, T, past + T] (True = may attend), or the is_causal shortcut."""
+        if key_padding is None:
+            if past == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False
+        query_pos = torch.arange(past, past + T, device=device)[:, None]
+        key_pos = torch.arange(past + T, device=device)[None, :]
+        allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+        if key_padding is not None:
+            # A padded query would see no key at all (and SDPA would return NaN): let it see itself.
+            allowed = (allowed & key_padding[:, None, None, :]) | (key_pos == query_pos)
+        return allowed, False

@@ -1,0 +1,86 @@
+"""Gated DeltaNet mixer (Yang et al. 2024), with the separate projections of Qwen3.5 checkpoints.
+
+q, k, v from one projection through a causal depthwise conv + silu; q and k L2-normalised and
+repeated from key heads to value heads; beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias);
+the gated delta rule; RMSNorm per head gated by silu(z); out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.cache import ForwardContext, RecurrentState
+from hybridlm.config import GatedDeltaNetConfig
+from hybridlm.layers.norm import GatedRMSNorm
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_step
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, as fla and transformers' Qwen3-Next do."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNetMixer(nn.Module):
+    def __init__(self, hidden_size: int, config: GatedDeltaNetConfig, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.config = c = config
+        self.in_proj_qkv = nn.Linear(hidden_size, c.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden_size, c.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden_size, c.num_value_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden_size, c.num_value_heads, bias=False)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(c.num_value_heads))
+        self.A_log = nn.Parameter(torch.log(torch.empty(c.num_value_heads).uniform_(1.0, 16.0)))
+        self.norm = GatedRMSNorm(c.value_head_dim, c.value_head_dim, norm_eps, norm_before_gate=True)
+        self.out_proj = nn.Linear(c.value_dim, hidden_size, bias=False)
+
+    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
+        c = self.config
+        conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
+        shape = (batch_size, c.num_value_heads, c.key_head_dim, c.value_head_dim)
+        return RecurrentState(conv, torch.zeros(shape, device=device, dtype=torch.float32))
+
+    def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
+        c = self.config
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x)
+        mask = context.token_mask
+        if mask is not None:
+            qkv = qkv.masked_fill(~mask[..., None], 0.0)
+        conv_weight = self.conv1d.weight.squeeze(1)
+        is_decode = state is not None and T == 1
+        if is_decode:
+            qkv_step, conv_state = causal_conv1d_step(qkv[:, 0], state.conv, conv_weight, None)
+            qkv = qkv_step[:, None]
+        else:
+            qkv, conv_state = causal_conv1d(qkv, conv_weight, None, None if state is None else state.conv)
+        if mask is not None:
+            qkv = qkv.masked_fill(~mask[..., None], 0.0)
+
+        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
+        q = l2_normalize(q.view(B, T, c.num_key_heads, c.key_head_dim).float())
+        k = l2_normalize(k.view(B, T, c.num_key_heads, c.key_head_dim).float())
+        v = v.reshape(B, T, c.num_value_heads, c.value_head_dim)
+        repeats = c.num_value_heads // c.num_key_heads
+        if repeats > 1:  # value head h reads key head h // repeats
+            q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
+        beta = torch.sigmoid(self.in_proj_b(x).float())  # (B, T, H_v)
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+
+        if is_decode:
+            o, recurrent = gated_delta_step(q[:, 0], k[:, 0], v[:, 0].float(), g[:, 0], beta[:, 0], state.recurrent)
+            o = o[:, None]
+        else:
+            o, recurrent = gated_delta_chunked(
+                q, k, v.float(), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
+            )
+        if state is not None:
+            state.conv.copy_(conv_state)
+            state.recurrent.copy_(recurrent)
+        z = self.in_proj_z(x).view(B, T, c.num_value_heads, c.value_head_dim)
+        o = self.norm(o.to(x.dtype), z)
+        return self.out_proj(o.reshape(B, T, c.value_dim))

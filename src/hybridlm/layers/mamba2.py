@@ -1,0 +1,90 @@
+"""Mamba-2 mixer (Dao & Gu 2024), with the parameter names of mamba_ssm / Nemotron-H checkpoints.
+
+in_proj -> [z | xBC | dt]; causal depthwise conv + silu over xBC; SSD scan over (x, B, C) with
+dt = softplus(dt + dt_bias) and A = -exp(A_log); gated group-wise RMSNorm with z; out_proj.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.cache import ForwardContext, RecurrentState
+from hybridlm.config import Mamba2Config
+from hybridlm.layers.norm import GatedRMSNorm
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.ssd import ssd_chunked, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, hidden_size: int, config: Mamba2Config, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.config = c = config
+        inner, conv_dim, H = c.intermediate_size, c.conv_dim, c.num_heads
+        self.in_proj = nn.Linear(hidden_size, inner + conv_dim + H, bias=c.use_bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.conv_kernel, groups=conv_dim, bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(_init_dt_bias(c))
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(inner, inner // c.num_groups, norm_eps, c.norm_before_gate)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
+
+    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
+        c = self.config
+        conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch_size, c.num_heads, c.head_dim, c.state_size, device=device, dtype=torch.float32)
+        return RecurrentState(conv, ssm)
+
+    def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
+        c = self.config
+        B, T, _ = x.shape
+        inner, conv_dim = c.intermediate_size, c.conv_dim
+        z, xBC, dt = self.in_proj(x).split([inner, conv_dim, c.num_heads], dim=-1)
+        mask = context.token_mask
+        if mask is not None:  # left padding must not leak into the state: zero it before and after the conv
+            xBC = xBC.masked_fill(~mask[..., None], 0.0)
+
+        conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
+        is_decode = state is not None and T == 1
+        if is_decode:
+            xBC_step, conv_state = causal_conv1d_step(xBC[:, 0], state.conv, conv_weight, self.conv1d.bias)
+            xBC = xBC_step[:, None]
+        else:
+            xBC, conv_state = causal_conv1d(xBC, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        if mask is not None:
+            xBC = xBC.masked_fill(~mask[..., None], 0.0)
+
+        G, N = c.num_groups, c.state_size
+        xs, Bs, Cs = xBC.split([inner, G * N, G * N], dim=-1)
+        xs = xs.view(B, T, c.num_heads, c.head_dim)
+        Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        low, high = c.time_step_limit
+        if low > 0.0 or high < math.inf:
+            dt = dt.clamp(low, high)
+        A = -torch.exp(self.A_log.float())
+
+        if is_decode:
+            y, ssm_state = ssd_step(xs[:, 0], dt[:, 0], A, Bs[:, 0], Cs[:, 0], self.D, state.recurrent)
+            y = y[:, None]
+        else:
+            y, ssm_state = ssd_chunked(
+                xs, dt, A, Bs, Cs, self.D, None if state is None else state.recurrent, chunk_size=c.chunk_size
+            )
+        if state is not None:
+            state.conv.copy_(conv_state)
+            state.recurrent.copy_(ssm_state)
+        y = self.norm(y.reshape(B, T, inner), z)
+        return self.out_proj(y)
+
+
+def _init_dt_bias(c: Mamba2Config) -> Tensor:
+    """Inverse softplus of dt drawn log-uniformly in [time_step_min, time_step_max] (mamba_ssm init)."""
+    dt = torch.exp(
+        torch.rand(c.num_heads) * (math.log(c.time_step_max) - math.log(c.time_step_min)) + math.log(c.time_step_min)
+    ).clamp(min=c.time_step_floor)
+    return dt + torch.log(-torch.expm1(-dt))

@@ -1,0 +1,27 @@
+"""Dense feed-forward blocks: SwiGLU (Llama/Qwen) and squared-ReLU (Nemotron-H)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.config import Activation
+
+
+class MLP(nn.Module):
+    """swiglu: down(silu(gate(x)) * up(x)); relu2: down(relu(up(x)) ** 2)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation, bias: bool = False) -> None:
+        super().__init__()
+        if activation not in ("swiglu", "relu2"):
+            raise ValueError(f"MLP activation must be 'swiglu' or 'relu2', got {activation!r}")
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.relu(self.up_proj(x)).square())

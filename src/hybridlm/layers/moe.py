@@ -1,0 +1,112 @@
+"""Mixture-of-Experts FFN: router, routed experts, optional shared experts.
+
+Router in fp32 with softmax or sigmoid scoring; an expert bias (DeepSeek-V3 / Nemotron
+``e_score_correction_bias``) only chooses experts, the weights come from the unbiased scores.
+Expert weights are stacked 3-D tensors in nn.Linear layout, as transformers v5 stores them.
+
+Legend: N tokens, D hidden, E experts, K experts per token, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.config import MoEConfig
+from hybridlm.layers.mlp import MLP
+from hybridlm.ops.moe import moe_experts_grouped, route, tokens_per_expert
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, use_expert_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        if use_expert_bias:  # adjusted by a balancing rule, not by gradients
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return F.linear(x_ND.float(), self.weight.float())  # router logits (N, E) in fp32
+
+
+class Experts(nn.Module):
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        E, I, D = config.num_experts, config.intermediate_size, hidden_size
+        if config.activation == "swiglu":
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # first I rows gate, last I up
+        else:
+            self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    @property
+    def input_proj(self) -> Tensor:
+        return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
+
+    def forward(self, x_ND: Tensor, topk_ids_NK: Tensor, topk_weights_NK: Tensor) -> Tensor:
+        return moe_experts_grouped(
+            x_ND,
+            topk_ids_NK,
+            topk_weights_NK.to(x_ND.dtype),
+            self.input_proj,
+            self.down_proj,
+            self.activation,
+        )
+
+
+class MoE(nn.Module):
+    """After a forward: ``last_tokens_per_expert`` [E] and, in training, ``last_aux_loss`` (a scalar)."""
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.gate = Router(hidden_size, c.num_experts, c.use_expert_bias)
+        self.experts = Experts(hidden_size, c)
+        if c.num_shared_experts:
+            shared_size = c.num_shared_experts * c.shared_intermediate_size
+            self.shared_experts = MLP(hidden_size, shared_size, c.activation)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if c.has_shared_expert_gate else None
+        else:
+            self.shared_experts = None
+        self.last_tokens_per_expert: Tensor | None = None
+        self.last_aux_loss: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, T, D] -> [B, T, D]."""
+        c = self.config
+        x_ND = x.reshape(-1, x.shape[-1])
+        logits_NE = self.gate(x_ND)
+        topk_ids_NK, topk_weights_NK, scores_NE = route(
+            logits_NE,
+            c.num_experts_per_tok,
+            scoring=c.scoring,
+            expert_bias_E=self.gate.e_score_correction_bias,
+            norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+            num_groups=c.num_groups,
+            topk_groups=c.topk_groups,
+        )
+        counts_E = tokens_per_expert(topk_ids_NK, c.num_experts)
+        self.last_tokens_per_expert = counts_E
+        out_ND = self.experts(x_ND, topk_ids_NK, topk_weights_NK)
+        if self.shared_experts is not None:
+            shared_ND = self.shared_experts(x_ND)
+            if self.shared_expert_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
+            out_ND = out_ND + shared_ND
+        if self.training:
+            self.last_aux_loss = self._aux_loss(logits_NE, scores_NE, counts_E)
+        return out_ND.view_as(x)
+
+    def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:
+        """Load balancing (Switch Transformer eq. 4: E * sum_e f_e * P_e) + router z-loss (ST-MoE eq. 5)."""
+        c = self.config
+        fraction_E = counts_E.float() / counts_E.sum().clamp_min(1)
+        probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True).clamp_min(1e-20)  # sigmoid scores normalised
+        balance = c.num_experts * (fraction_E * probs_NE.mean(0)).sum()
+        z_loss = torch.logsumexp(logits_NE, dim=-1).square().mean()
+        return c.aux_loss_coef * balance + c.z_loss_coef * z_loss

@@ -1,0 +1,54 @@
+"""RMSNorm and the gated, group-wise RMSNorm of Mamba-2 and Gated DeltaNet outputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w, or * (1 + w) when zero-centred (Qwen3-Next), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, is_zero_centered: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.is_zero_centered = is_zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if is_zero_centered else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_f32 = x.float()
+        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight.float()
+        scale = 1.0 + weight if self.is_zero_centered else weight
+        return (x_f32 * scale).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of ``group_size`` channels, gated by silu(z).
+
+    ``norm_before_gate=False`` (Mamba-2, Nemotron-H): y = norm(x * silu(z)) * w.
+    ``norm_before_gate=True`` (Gated DeltaNet, Qwen3-Next): y = norm(x) * w * silu(z).
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False) -> None:
+        super().__init__()
+        if dim % group_size:
+            raise ValueError(f"GatedRMSNorm: dim {dim} is not a multiple of group_size {group_size}")
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        gate = F.silu(z.float())
+        if not self.norm_before_gate:
+            x = x * gate
+        grouped = x.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = grouped.flatten(-2) * self.weight.float()
+        if self.norm_before_gate:
+            x = x * gate
+        return x.to(dtype)

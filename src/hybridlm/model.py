@@ -1,0 +1,207 @@
+"""HybridLM: embedding -> one pre-norm residual block per pattern character -> norm -> LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from hybridlm.cache import ForwardContext, HybridCache
+from hybridlm.config import HybridConfig, layer_type_name
+from hybridlm.layers.attention import Attention
+from hybridlm.layers.gated_deltanet import GatedDeltaNetMixer
+from hybridlm.layers.mamba2 import Mamba2Mixer
+from hybridlm.layers.mlp import MLP
+from hybridlm.layers.moe import Experts, MoE
+from hybridlm.layers.norm import RMSNorm
+
+
+class BlockObserver(Protocol):
+    """Watches every block call from outside the model (the tracer attaches here).
+
+    ``routing_counts`` is the MoE block's tokens per expert [E] (a tensor on the model's device,
+    not synchronised), None for other blocks.
+    """
+
+    def before_block(self, index: int, block_type: str, hidden: Tensor) -> None: ...
+
+    def after_block(self, index: int, block_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None: ...
+
+
+def build_mixer(char: str, config: HybridConfig) -> nn.Module:
+    """The module for one pattern character (one entry per block type, as vLLM's nemotron_h does)."""
+    eps, zero_centered = config.norm_eps, config.is_norm_zero_centered
+    if char == "M":
+        return Mamba2Mixer(config.hidden_size, config.mamba2, eps)
+    if char == "G":
+        return GatedDeltaNetMixer(config.hidden_size, config.gdn, eps)
+    if char == "*":
+        return Attention(config.hidden_size, config.attention, eps, zero_centered)
+    if char == "-":
+        return MLP(config.hidden_size, config.mlp.intermediate_size, config.mlp.activation, config.mlp.bias)
+    if char == "E":
+        return MoE(config.hidden_size, config.moe)
+    raise ValueError(f"no block for pattern character {char!r}")
+
+
+class Block(nn.Module):
+    """x + residual_multiplier * mixer(norm(x))."""
+
+    def __init__(self, index: int, char: str, config: HybridConfig) -> None:
+        super().__init__()
+        self.index = index
+        self.block_type = char
+        self.layer_type = layer_type_name(char)
+        self.is_sequence_mixer = char in "MG*"
+        self.residual_multiplier = config.residual_multiplier
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
+        self.mixer = build_mixer(char, config)
+
+    def forward(self, x: Tensor, context: ForwardContext, cache: HybridCache | None) -> Tensor:
+        h = self.norm(x)
+        if self.is_sequence_mixer:
+            h = self.mixer(h, context, None if cache is None else cache[self.index])
+        else:
+            h = self.mixer(h)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        return x + h
+
+
+@dataclass
+class HybridOutput:
+    logits: Tensor  # [B, T, vocab] (only the last position when asked)
+    aux_loss: Tensor | None = None  # sum of the MoE blocks' balancing + z losses (training only)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(i, c, config) for i, c in enumerate(config.pattern))
+        self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.block_observer: BlockObserver | None = None
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Experts):
+            for param in module.parameters():
+                nn.init.normal_(param, std=std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> HybridCache:
+        """Preallocate generation state for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        if batch_size <= 0 or max_seq_len <= 0:
+            raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
+        dtype = dtype or self.dtype
+        states = [
+            block.mixer.new_state(batch_size, max_seq_len, self.device, dtype) if block.is_sequence_mixer else None
+            for block in self.layers
+        ]
+        return HybridCache(self.config.pattern, states, batch_size, max_seq_len, self.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: HybridCache | None = None,
+        attention_mask: Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> HybridOutput:
+        """input_ids: [B, T] -> logits [B, T, vocab].
+
+        With ``cache`` the call continues the cached sequences (prefill of a first or later chunk,
+        or a one-token decode) and appends to it. ``attention_mask`` [B, T] (1 = token, 0 = padding)
+        supports left-padded batches of prompts.
+        """
+        self._check_inputs(input_ids, cache, attention_mask)
+        token_mask = None if attention_mask is None else attention_mask.bool()
+        B, T = input_ids.shape
+        if cache is not None:
+            context = cache.begin(T, token_mask)
+        else:
+            context = _context_without_cache(B, T, token_mask, input_ids.device)
+
+        hidden = self.embeddings(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            hidden = hidden * self.config.embedding_multiplier
+        observer = self.block_observer
+        aux_losses = []
+        for block in self.layers:
+            if observer is not None:
+                observer.before_block(block.index, block.layer_type, hidden)
+            hidden = block(hidden, context, cache)
+            is_moe = block.block_type == "E"
+            if observer is not None:
+                counts = block.mixer.last_tokens_per_expert if is_moe else None
+                observer.after_block(block.index, block.layer_type, hidden, counts)
+            if is_moe and self.training:
+                aux_losses.append(block.mixer.last_aux_loss)
+        if cache is not None:
+            cache.advance(T, token_mask)
+
+        if last_logits_only:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(self.norm_f(hidden))
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return HybridOutput(logits=logits, aux_loss=aux_loss)
+
+    def _check_inputs(self, input_ids: Tensor, cache: HybridCache | None, attention_mask: Tensor | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq_len], got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token per sequence")
+        bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is out of range for vocab_size {self.config.vocab_size}"
+            )
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
+            mask = attention_mask.bool()
+            # Recurrent blocks can only skip padding that comes before every real token.
+            if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+                raise ValueError("attention_mask must be left-padded (zeros only before the first real token)")
+            if cache is not None and cache.seq_len > 0 and not bool(mask.all()):
+                raise ValueError("attention_mask may hold padding only in the first chunk of a cached sequence")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _context_without_cache(B: int, T: int, token_mask: Tensor | None, device: torch.device) -> ForwardContext:
+    if token_mask is None or bool(token_mask.all()):
+        positions = torch.arange(T, device=device).expand(B, T)
+        return ForwardContext(positions=positions, past_len=0)
+    positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return ForwardContext(positions=positions, past_len=0, token_mask=token_mask, key_padding=token_mask)

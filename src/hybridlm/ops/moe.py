@@ -1,0 +1,247 @@
+"""Mixture-of-Experts routing and expert dispatch, as pure functions.
+
+Shape legend (torchtitan-style suffixes):
+    N  tokens (batch and sequence flattened)
+    D  hidden size (model width, or the latent width for NemotronH's latent MoE)
+    E  routed experts
+    K  experts chosen per token (top-k)
+    I  expert intermediate size
+    F  up-projection rows: 2 * I for "swiglu" (gate then up), I for "relu2"
+    G  expert groups (grouped top-k)
+    M  (token, slot) pairs = N * K, sorted by expert id
+
+Expert weights are stacked in nn.Linear layout ([out, in]) exactly as transformers v5 stores them:
+`up_proj_EFD` is `gate_up_proj` for "swiglu" (Qwen3-Next, Jamba) and `up_proj` for "relu2" (NemotronH);
+`down_proj_EDI` is `down_proj`. `moe_experts_reference` is the spec (a loop over experts, the way the
+transformers eager experts run); `moe_experts_grouped` sorts the (token, slot) pairs by expert and runs
+one grouped matmul per projection, with `torch.nn.functional.grouped_mm` where `grouped_mm_supported`
+says it runs and a segmented per-expert loop otherwise.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("swiglu", "relu2")
+SCORINGS = ("softmax", "sigmoid")
+
+
+def _check_experts(
+    hidden_ND: Tensor, topk_ids_NK: Tensor, up_proj_EFD: Tensor, down_proj_EDI: Tensor, activation: str
+) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if hidden_ND.dim() != 2 or topk_ids_NK.dim() != 2 or topk_ids_NK.shape[0] != hidden_ND.shape[0]:
+        raise ValueError(
+            f"expected hidden [N, D] and topk_ids [N, K] with the same N, got "
+            f"{tuple(hidden_ND.shape)} and {tuple(topk_ids_NK.shape)}; flatten batch and sequence first"
+        )
+    if up_proj_EFD.dim() != 3 or down_proj_EDI.dim() != 3:
+        raise ValueError(
+            f"expert weights must be stacked 3-D [E, out, in], got up_proj {tuple(up_proj_EFD.shape)} "
+            f"and down_proj {tuple(down_proj_EDI.shape)}"
+        )
+    num_experts, D, I = up_proj_EFD.shape[0], hidden_ND.shape[1], down_proj_EDI.shape[2]
+    expected_up = (num_experts, 2 * I if activation == "swiglu" else I, D)
+    expected_down = (num_experts, D, I)
+    if tuple(up_proj_EFD.shape) != expected_up or tuple(down_proj_EDI.shape) != expected_down:
+        raise ValueError(
+            f"{activation} experts for hidden size {D} need up_proj {expected_up} and down_proj "
+            f"{expected_down} (nn.Linear layout [E, out, in]), got {tuple(up_proj_EFD.shape)} and "
+            f"{tuple(down_proj_EDI.shape)}"
+        )
+
+
+def _activate(h_MF: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        # gate_up_proj stacks the gate rows first, then the up rows (transformers v5 Qwen3NextExperts).
+        gate_MI, up_MI = h_MF.chunk(2, dim=-1)
+        return F.silu(gate_MI) * up_MI
+    # relu2 = squared ReLU (Primer, So et al. 2021), NemotronH's expert activation.
+    return torch.relu(h_MF).square()
+
+
+def moe_experts_reference(
+    hidden_ND: Tensor,
+    topk_ids_NK: Tensor,
+    topk_weights_NK: Tensor,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    activation: str,
+) -> Tensor:
+    """The spec: run each expert on the tokens routed to it and add the weighted outputs.
+
+    hidden_ND: [N, D]; topk_ids_NK: [N, K] int; topk_weights_NK: [N, K];
+    up_proj_EFD: [E, 2I, D] ("swiglu") or [E, I, D] ("relu2"); down_proj_EDI: [E, D, I].
+    Returns [N, D] in hidden's dtype:
+        out[n] = sum_k weights[n, k] * down_{ids[n, k]}(act(up_{ids[n, k]}(hidden[n]))).
+    The routing weight is applied after down_proj, in hidden's dtype, as transformers does.
+    """
+    _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
+    weights_NK = topk_weights_NK.to(hidden_ND.dtype)
+    out_ND = torch.zeros_like(hidden_ND)
+    for expert in range(up_proj_EFD.shape[0]):
+        token_idx, slot_idx = torch.where(topk_ids_NK == expert)
+        if token_idx.numel() == 0:
+            continue
+        h_MF = F.linear(hidden_ND[token_idx], up_proj_EFD[expert])
+        y_MD = F.linear(_activate(h_MF, activation), down_proj_EDI[expert])
+        out_ND.index_add_(0, token_idx, y_MD * weights_NK[token_idx, slot_idx, None])
+    return out_ND
+
+
+def tokens_per_expert(topk_ids_NK: Tensor, num_experts: int) -> Tensor:
+    """Number of (token, slot) pairs routed to each expert: [E] int64."""
+    return torch.bincount(topk_ids_NK.flatten(), minlength=num_experts)
+
+
+def _is_16_byte_aligned(t: Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+def grouped_mm_supported(
+    hidden_ND: Tensor, up_proj_EFD: Tensor, down_proj_EDI: Tensor, topk_weights_NK: Tensor | None = None
+) -> bool:
+    """Whether `moe_experts_grouped` will call `torch.nn.functional.grouped_mm` for these inputs.
+
+    It does when all of these hold, and uses the segmented per-expert loop otherwise:
+    - torch has `F.grouped_mm` (torch >= 2.9);
+    - hidden and both expert weights share one dtype: bf16 on CUDA (SM80+), where the CUTLASS kernel
+      lives; fp32, bf16 or fp16 on CPU;
+    - every operand is 16-byte aligned: data pointers (memory-mapped safetensors may not be) and row
+      strides, i.e. D and I are multiples of 16 bytes (multiples of 4 in fp32, 8 in bf16), with
+      contiguous weights;
+    - on CPU, no autograd graph is being recorded: the CPU backward of grouped_mm rejects the zero-stride
+      gradients autograd can hand it ("Invalid strides/sizes"), so training on CPU takes the loop;
+    - not under torch.compile with a dtype other than bf16 (inductor lowers grouped_mm for bf16 only;
+      transformers' integrations/moe.py keeps the same rule).
+    """
+    if getattr(F, "grouped_mm", None) is None:
+        return False
+    dtype, device = hidden_ND.dtype, hidden_ND.device
+    if up_proj_EFD.dtype != dtype or down_proj_EDI.dtype != dtype:
+        return False
+    if device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (8, 0):
+            return False
+    elif device.type == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        tensors = (hidden_ND, up_proj_EFD, down_proj_EDI, topk_weights_NK)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return False
+    else:
+        return False
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False
+    if not (up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous()):
+        return False
+    D, I = down_proj_EDI.shape[1], down_proj_EDI.shape[2]
+    if (D * hidden_ND.element_size()) % 16 or (I * hidden_ND.element_size()) % 16:
+        return False
+    return all(_is_16_byte_aligned(t) for t in (up_proj_EFD, down_proj_EDI))
+
+
+def _grouped_linear(x_MIn: Tensor, weight_EOutIn: Tensor, counts_E: Tensor, use_grouped_mm: bool) -> Tensor:
+    """Row block e of x_MIn (counts_E[e] rows, sorted by expert) times weight_EOutIn[e].T: [M, Out]."""
+    if use_grouped_mm:
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        return F.grouped_mm(x_MIn, weight_EOutIn.transpose(-2, -1), offs=offsets_E)
+    # Segmented fallback: one matmul per expert with tokens; differentiable everywhere.
+    # counts_E.tolist() syncs with the device, which grouped_mm's offsets avoid.
+    segments = torch.split(x_MIn, counts_E.tolist())
+    outputs = [F.linear(x_SIn, weight_EOutIn[e]) for e, x_SIn in enumerate(segments) if x_SIn.shape[0] > 0]
+    if not outputs:
+        return x_MIn.new_empty(0, weight_EOutIn.shape[1])
+    return torch.cat(outputs)
+
+
+def moe_experts_grouped(
+    hidden_ND: Tensor,
+    topk_ids_NK: Tensor,
+    topk_weights_NK: Tensor,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    activation: str,
+) -> Tensor:
+    """Same contract and result as `moe_experts_reference`, computed as sorted grouped matmuls.
+
+    1. sort the N*K (token, slot) pairs by expert id (stable) and gather their tokens;
+    2. up-project each contiguous per-expert segment, activate, down-project;
+    3. scale by the routing weights and scatter-add back to the tokens.
+    Step 2 runs `F.grouped_mm` when `grouped_mm_supported(...)` is true, else one matmul per non-empty
+    expert segment. Both accumulate each token's K contributions in expert order, like the reference.
+    """
+    _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
+    num_experts, K = up_proj_EFD.shape[0], topk_ids_NK.shape[1]
+    use_grouped_mm = grouped_mm_supported(hidden_ND, up_proj_EFD, down_proj_EDI, topk_weights_NK)
+
+    ids_M = topk_ids_NK.flatten()
+    order_M = torch.argsort(ids_M, stable=True)
+    token_M = order_M // K
+    counts_E = tokens_per_expert(topk_ids_NK, num_experts)
+    x_MD = hidden_ND[token_M]
+    weights_M = topk_weights_NK.flatten()[order_M].to(hidden_ND.dtype)
+
+    h_MF = _grouped_linear(x_MD, up_proj_EFD, counts_E, use_grouped_mm)
+    y_MD = _grouped_linear(_activate(h_MF, activation), down_proj_EDI, counts_E, use_grouped_mm)
+
+    out_ND = torch.zeros_like(hidden_ND)
+    return out_ND.index_add_(0, token_M, y_MD * weights_M[:, None])
+
+
+def route(
+    router_logits_NE: Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    expert_bias_E: Tensor | None = None,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose K experts per token and their weights, in fp32.
+
+    router_logits_NE: [N, E]. Returns (topk_ids_NK int64, topk_weights_NK fp32, scores_NE fp32).
+    - scoring "softmax" (Qwen3-Next, Jamba, Mixtral) or "sigmoid" (DeepSeek-V3, NemotronH);
+    - expert_bias_E ("e_score_correction_bias", DeepSeek-V3 aux-loss-free balancing) shifts the scores
+      only to choose experts; the weights are gathered from the unbiased scores;
+    - num_groups > 1: DeepSeek-V3 grouped top-k. A group scores the sum of its two best (biased) expert
+      scores; only the best topk_groups groups stay eligible;
+    - norm_topk_prob renormalises the K weights to sum 1; then all are scaled by routed_scaling_factor.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    N, E = router_logits_NE.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, num_experts={E}], got {top_k}")
+
+    logits_NE = router_logits_NE.float()
+    scores_NE = logits_NE.softmax(dim=-1) if scoring == "softmax" else logits_NE.sigmoid()
+    choice_NE = scores_NE if expert_bias_E is None else scores_NE + expert_bias_E.float()
+
+    if num_groups > 1:
+        if E % num_groups or not 1 <= topk_groups <= num_groups:
+            raise ValueError(
+                f"grouped routing needs num_experts ({E}) divisible by num_groups ({num_groups}) and "
+                f"1 <= topk_groups ({topk_groups}) <= num_groups"
+            )
+        experts_per_group = E // num_groups
+        if top_k > topk_groups * experts_per_group:
+            raise ValueError(
+                f"top_k={top_k} exceeds the {topk_groups * experts_per_group} experts left in "
+                f"topk_groups={topk_groups} groups of {experts_per_group}"
+            )
+        choice_NGX = choice_NE.view(N, num_groups, experts_per_group)
+        group_scores_NG = choice_NGX.topk(min(2, experts_per_group), dim=-1).values.sum(dim=-1)
+        kept_groups_NG = torch.topk(group_scores_NG, topk_groups, dim=-1).indices
+        keep_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool).scatter_(1, kept_groups_NG, True)
+        # -inf is below any finite score, so a dropped group's experts are never among the top_k.
+        choice_NE = choice_NGX.masked_fill(~keep_NG[:, :, None], float("-inf")).view(N, E)
+
+    topk_ids_NK = torch.topk(choice_NE, top_k, dim=-1).indices
+    topk_weights_NK = scores_NE.gather(1, topk_ids_NK)
+    if norm_topk_prob:
+        # 1e-20 keeps an all-zero sigmoid row finite (DeepSeek-V3); it is below fp32 resolution otherwise.
+        topk_weights_NK = topk_weights_NK / (topk_weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_ids_NK, topk_weights_NK * routed_scaling_factor, scores_NE

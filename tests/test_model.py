@@ -1,0 +1,180 @@
+"""HybridLM end to end: cached prefill + decode == full forward, training, hook point, bad input."""
+
+import pytest
+import torch
+
+from hybridlm.model import HybridLM
+from tests.helpers import tiny_config
+
+PATTERNS = ["M", "G", "*", "-", "E", "M*E", "GE*E", "MEG*-EM", "*MG"]
+
+
+def _model(pattern: str, **overrides) -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(tiny_config(pattern, **overrides)).eval()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("splits", [(1,), (7,), (9, 10), (3, 8, 16)], ids=lambda s: "split-" + "-".join(map(str, s)))
+def test_prefill_in_chunks_then_decode_equals_full_forward(pattern, splits):
+    model = _model(pattern)
+    ids = torch.randint(0, model.config.vocab_size, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 23)
+        pieces, start = [], 0
+        for end in splits:  # prefill chunks (chunk_size is 8: chunks cross SSD chunk boundaries)
+            pieces.append(model(ids[:, start:end], cache=cache).logits)
+            start = end
+        for t in range(start, 23):  # one token at a time
+            pieces.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.seq_len == 23
+
+
+@pytest.mark.parametrize("pattern", ["MEG*-EM", "*", "M", "G"])
+def test_left_padded_rows_equal_each_row_alone(pattern):
+    model = _model(pattern)
+    lengths = [11, 6, 1]
+    rows = [torch.randint(0, 256, (n,)) for n in lengths]
+    longest = max(lengths)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, longest - len(row) :] = row
+        mask[r, longest - len(row) :] = 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        cache = model.new_cache(len(rows), longest + 3)
+        model(ids, cache=cache, attention_mask=mask)
+        step = torch.randint(0, 256, (len(rows), 1))
+        batched_step = model(step, cache=cache).logits
+        for r, row in enumerate(rows):
+            alone = model(row[None]).logits
+            torch.testing.assert_close(batched[r, longest - len(row) :], alone[0], rtol=1e-4, atol=1e-4)
+            alone_step = model(torch.cat([row, step[r]])[None]).logits[:, -1]
+            torch.testing.assert_close(batched_step[r, -1], alone_step[0], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(batched).all()
+
+
+@pytest.mark.parametrize("pattern", ["M", "G", "*", "-", "E", "MEG*-EM"])
+def test_training_backward_reaches_every_parameter(pattern):
+    torch.manual_seed(0)
+    model = HybridLM(tiny_config(pattern, moe={"z_loss_coef": 1e-3})).train()
+    ids = torch.randint(0, 256, (2, 17))
+    out = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+    if "E" in pattern:
+        assert out.aux_loss is not None and out.aux_loss.item() > 0
+        loss = loss + out.aux_loss
+    else:
+        assert out.aux_loss is None
+    loss.backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:  # the expert-choice bias is not trained by gradients
+            assert "e_score_correction_bias" in name
+            continue
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), name
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = HybridLM(tiny_config("MEG*-EM")).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 256, (4, 32))
+    losses = []
+    for _ in range(15):
+        out = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def before_block(self, index, block_type, hidden):
+        self.calls.append(("before", index, block_type, tuple(hidden.shape)))
+
+    def after_block(self, index, block_type, hidden, routing_counts):
+        counts = None if routing_counts is None else routing_counts.tolist()
+        self.calls.append(("after", index, block_type, counts))
+
+
+def test_block_observer_sees_every_block_and_routing_counts():
+    model = _model("MEG*-EM")
+    recorder = _Recorder()
+    model.block_observer = recorder
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        observed = model(ids).logits
+        model.block_observer = None
+        plain = model(ids).logits
+    torch.testing.assert_close(observed, plain)
+    types = ["mamba2", "moe", "gdn", "attention", "mlp", "moe", "mamba2"]
+    assert [c[2] for c in recorder.calls if c[0] == "before"] == types
+    assert [c[1] for c in recorder.calls if c[0] == "after"] == list(range(7))
+    for call in recorder.calls:
+        if call[0] == "after" and call[2] == "moe":
+            assert sum(call[3]) == 2 * 5 * model.config.moe.num_experts_per_tok
+        elif call[0] == "after":
+            assert call[3] is None
+
+
+def test_out_of_range_token_names_position():
+    model = _model("M*")
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    ids[1, 2] = 256
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 256 is out of range for vocab_size 256"):
+        model(ids)
+    ids[1, 2] = -1
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = -1"):
+        model(ids)
+
+
+def test_sequence_longer_than_cache_is_a_clear_error():
+    model = _model("M*")
+    cache = model.new_cache(1, 8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"6 cached \+ 3 new tokens > max_seq_len 8"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.zeros(4, dtype=torch.long), r"\[batch, seq_len\]"),
+        (torch.zeros(1, 4), "integer tensor"),
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    ],
+    ids=["1d", "float", "empty"],
+)
+def test_bad_input_shapes(ids, message):
+    with pytest.raises(ValueError, match=message):
+        _model("*")(ids)
+
+
+def test_right_padding_and_batch_mismatch_are_rejected():
+    model = _model("M*")
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="left-padded"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="batch 2 but the cache holds 3"):
+        model(ids, cache=model.new_cache(3, 8))
+
+
+def test_cache_holds_only_what_each_block_needs():
+    model = _model("MEG*-EM")
+    cache = model.new_cache(2, 16)
+    kinds = [type(s).__name__ if s is not None else None for s in cache.states]
+    assert kinds == ["RecurrentState", None, "RecurrentState", "AttentionState", None, None, "RecurrentState"]
+    assert cache[3].key.shape == (2, 16, 2, 16)
+    assert cache[0].recurrent.shape == (2, 4, 16, 16)  # [B, H, P, N]
+    assert cache[2].recurrent.shape == (2, 4, 16, 16)  # [B, H_v, K, V]
+    cache.reset()
+    assert cache.seq_len == 0
