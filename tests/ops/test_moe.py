@@ -250,3 +250,30 @@ def test_route_matches_qwen3_next_router(norm):
         logits, hf_weights, hf_ids = router(torch.randn(23, 32, generator=g))
     ids, weights, _ = route(logits, 3, "softmax", norm_topk_prob=norm)
     assert_same_routing(ids, weights, as_dicts(hf_ids, hf_weights))
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(
+    ("module", "experts_class", "activation"),
+    [("nemotron_h", "NemotronHExperts", "relu2"), ("qwen3_next", "Qwen3NextExperts", "swiglu")],
+)
+def test_experts_match_transformers_eager_experts(module, experts_class, activation):
+    modeling = pytest.importorskip(f"transformers.models.{module}.modeling_{module}")
+    config = SimpleNamespace(
+        n_routed_experts=NUM_EXPERTS,
+        num_experts=NUM_EXPERTS,
+        hidden_size=64,
+        moe_intermediate_size=24,
+        moe_latent_size=None,
+        mlp_hidden_act="relu2",
+        hidden_act="silu",
+        _experts_implementation="eager",  # the per-expert loop, not transformers' own grouped_mm path
+    )
+    experts = getattr(modeling, experts_class)(config)
+    hidden, ids, weights, up, down = make_experts(37, 64, 24, 2, activation)
+    with torch.no_grad():
+        (experts.gate_up_proj if activation == "swiglu" else experts.up_proj).copy_(up)
+        experts.down_proj.copy_(down)
+        expected = experts(hidden, ids, weights)
+        actual = moe_experts_grouped(hidden, ids, weights, up, down, activation)
+    assert_close(actual, expected)

@@ -105,14 +105,17 @@ def grouped_mm_supported(
     """Whether `moe_experts_grouped` will call `torch.nn.functional.grouped_mm` for these inputs.
 
     It does when all of these hold, and uses the segmented per-expert loop otherwise:
-    - torch has `F.grouped_mm` (torch >= 2.9);
-    - hidden and both expert weights share one dtype: bf16 on CUDA (SM80+), where the CUTLASS kernel
-      lives; fp32, bf16 or fp16 on CPU;
-    - every operand is 16-byte aligned: data pointers (memory-mapped safetensors may not be) and row
-      strides, i.e. D and I are multiples of 16 bytes (multiples of 4 in fp32, 8 in bf16), with
-      contiguous weights;
-    - on CPU, no autograd graph is being recorded: the CPU backward of grouped_mm rejects the zero-stride
-      gradients autograd can hand it ("Invalid strides/sizes"), so training on CPU takes the loop;
+    - torch has `F.grouped_mm` (public since torch 2.10);
+    - hidden and both expert weights share one dtype: bf16 on CUDA SM80+ (the CUTLASS kernel runs on
+      SM90/SM100; for other dtypes torch loops over groups itself, no better than our loop); fp32, bf16
+      or fp16 on CPU;
+    - 16-byte alignment: the weights' data pointers (memory-mapped safetensors may break it) and every
+      row stride, i.e. D and I are multiples of 16 bytes (4 values in fp32, 8 in bf16); contiguous weights
+      (the gathered tokens and activations are fresh tensors, aligned by the allocator);
+    - on CPU, no autograd graph is being recorded. grouped_mm's CPU backward rejects gradients with zero
+      strides (`F.grouped_mm(...).sum().backward()` fails with "Invalid strides/sizes"). The gradients
+      this function feeds it are dense today and do pass, but nothing guarantees that, and grouped_mm
+      measured no faster than the loop on CPU, so CPU training takes the loop;
     - not under torch.compile with a dtype other than bf16 (inductor lowers grouped_mm for bf16 only;
       transformers' integrations/moe.py keeps the same rule).
     """

@@ -125,7 +125,7 @@ def selective_scan_chunked(
     initial_state: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract and result as `selective_scan_reference`, parallel within chunks of `chunk_size`.
+    """Same contract and result as `selective_scan_reference`, parallel within chunks of chunk_size (L).
 
     Within a chunk, with S_t = sum_{s<=t} delta_s * A (the cumulative log-decay, [L, Dn, N]):
         state_t = exp(S_t) * state_0 + sum_{s<=t} exp(S_t - S_s) * delta_s * B_s * u_s
@@ -134,23 +134,16 @@ def selective_scan_chunked(
     3. state passed on: state_L = exp(S_L) state_0 + sum_s exp(S_L - S_s) delta_s B_s u_s.
     Unlike Mamba-2's scalar decay per head, Mamba-1's decay depends on (channel, state), so step 1 holds
     a [B, L, L, Dn, N] tensor, one chunk at a time: memory grows with chunk_size**2, not T**2.
-    The sequence is zero-padded to a whole number of chunks; a step with delta = 0 leaves the state
-    unchanged, so the padding does not move the final state.
+    The last chunk is simply shorter when T is not a multiple of chunk_size.
     """
-    batch, seq_len, channels = u.shape
-    L = chunk_size
-    num_chunks = -(-seq_len // L)
-    pad = num_chunks * L - seq_len
-    delta_BTD = F.pad(_discretize_delta(delta, delta_bias, delta_softplus), (0, 0, 0, pad))
-    x_BTD = delta_BTD * F.pad(u.float(), (0, 0, 0, pad))  # delta_s * u_s
-    B_BTN = F.pad(B.float(), (0, 0, 0, pad))
-    C_BTN = F.pad(C.float(), (0, 0, 0, pad))
-    A_DN = A.float()
+    delta_BTD = _discretize_delta(delta, delta_bias, delta_softplus)
+    x_BTD = delta_BTD * u.float()  # delta_s * u_s
+    B_BTN, C_BTN, A_DN = B.float(), C.float(), A.float()
     state_BDN = _zero_state(u, A) if initial_state is None else initial_state.float()
 
     ys = []
-    for c in range(num_chunks):
-        chunk = slice(c * L, (c + 1) * L)
+    for start in range(0, u.shape[1], chunk_size):
+        chunk = slice(start, start + chunk_size)
         x_BLD, B_BLN, C_BLN = x_BTD[:, chunk], B_BTN[:, chunk], C_BTN[:, chunk]
         log_decay_BLDN = delta_BTD[:, chunk, :, None] * A_DN
         decay_sum_BLLDN = _segment_sum(log_decay_BLDN)  # [B, t, s, Dn, N]: S_t - S_s
@@ -171,5 +164,5 @@ def selective_scan_chunked(
             "bsdn,bsn,bsd->bdn", decay_BLLDN[:, -1], B_BLN, x_BLD
         )
 
-    y_BTD = torch.cat(ys, dim=1)[:, :seq_len] if ys else u.new_zeros(batch, 0, channels, dtype=torch.float32)
+    y_BTD = torch.cat(ys, dim=1) if ys else u.new_zeros(u.shape, dtype=torch.float32)
     return _skip_and_gate(y_BTD, u, D, z), state_BDN

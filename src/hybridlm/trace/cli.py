@@ -1,0 +1,118 @@
+"""Subcommands of ``hybridlm`` for traces: profile, report, query, import."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+from hybridlm.trace.schema import TraceError
+
+
+def _prompt_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEN or MIN-MAX, got {text!r}") from None
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hybridlm.loading import load_model, parse_dtype
+    from hybridlm.trace.profile import Workload, run_profile
+    from hybridlm.trace.report import print_profile_summary
+    from hybridlm.trace.store import TraceStore, open_readonly
+
+    model = load_model(args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=args.device)
+    low, high = args.prompt_len
+    workload = Workload(args.batch_size, low, high, args.new_tokens, args.requests, args.seed)
+    command = "hybridlm " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("hybridlm") else ""
+    began = time.perf_counter()
+    with TraceStore(args.db) as store:
+        run_id = run_profile(model, store, workload, args.model, kernels=args.kernels, command=command)
+    elapsed = time.perf_counter() - began
+    print(
+        f"run {run_id}: {workload.num_requests} requests in batches of {workload.batch_size}, prompts "
+        f"{low}-{high} tokens, {workload.new_tokens} new tokens; traced in {elapsed:.1f} s into {args.db}"
+    )
+    con = open_readonly(args.db)
+    try:
+        print_profile_summary(con, run_id)
+    finally:
+        con.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hybridlm.trace.report import report_main
+
+    return report_main(
+        args.db,
+        run=args.run,
+        baseline=args.baseline,
+        run2=args.run2,
+        plot=args.plot,
+        perfetto=args.perfetto,
+        as_json=args.json,
+    )
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from hybridlm.trace.query import format_table, run_query
+
+    columns, rows = run_query(args.db, args.sql)
+    print(format_table(columns, rows))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from hybridlm.trace.importers import import_trace
+    from hybridlm.trace.store import TraceStore
+
+    with TraceStore(args.db) as store:
+        run_id = import_trace(args.file, store, command="hybridlm " + shlex.join(sys.argv[1:]))
+        counts = store.connection.execute(
+            "SELECT source, count(*) FROM events WHERE run_id = ? GROUP BY source ORDER BY 2 DESC", [run_id]
+        ).fetchall()
+    summary = ", ".join(f"{n:,} {source}" for source, n in counts)
+    print(f"imported {args.file} as run {run_id} into {args.db}: {summary or 'no events'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="trace a prefill + decode workload and print the per-layer-type decomposition")
+    p.add_argument("model", help="preset name (random weights) or checkpoint directory")
+    p.add_argument("--db", default="trace.duckdb", help="DuckDB file to write (runs accumulate; default trace.duckdb)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=_prompt_range, default=(16, 128), help="LEN or MIN-MAX (default 16-128)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=16, help="number of prompts (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kernels", action="store_true", help="also record every operator/kernel under torch.profiler")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="decomposition tables, baseline comparison (CI gate), PNG and Perfetto")
+    p.add_argument("db")
+    p.add_argument("--run", default=None, help="run id (default: the latest)")
+    p.add_argument("--baseline", default=None, help="DuckDB file of the baseline run")
+    p.add_argument("--run2", default=None, help="run id in the baseline file (default: its latest)")
+    p.add_argument("--plot", default=None, help="write a PNG of latency distributions and a decode timeline")
+    p.add_argument("--perfetto", default=None, help="write a Chrome/Perfetto trace JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("query", help="run SQL on a trace database and print the result")
+    p.add_argument("db")
+    p.add_argument("sql")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("import", help="import a Kineto JSON, Nsight Systems SQLite or Ingero SQLite trace")
+    p.add_argument("file")
+    p.add_argument("--db", default="trace.duckdb")
+    p.set_defaults(func=cmd_import)
+
+
+__all__ = ["TraceError", "register"]

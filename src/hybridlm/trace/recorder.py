@@ -1,0 +1,157 @@
+"""Tracer: times every block call of a built model, from outside, into a TraceStore.
+
+It attaches to ``model.block_observer`` (the model's one hook point) and records, per block call:
+run, step, phase, layer index, layer type, start, duration, batch size and token count; per MoE
+block, the tokens routed to each expert. On CPU the clock is ``perf_counter_ns``; on CUDA a pair of
+events per block, resolved once at the end of the step (no synchronisation per block).
+
+A step is one forward call. Callers may mark steps with ``tracer.step(phase)``; otherwise the
+tracer opens one at block 0 and closes it after the last block, with the phase inferred
+(``train`` when the model is training, ``prefill`` for more than one token, else ``decode``).
+Steps are also stored as events with ``source = 'step'`` (name = phase), the wall time that block
+shares are measured against.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from hybridlm.trace.store import TraceStore
+
+
+class Tracer:
+    def __init__(self, store: TraceStore, run_id: str | None = None, *, rank: int = 0, **run_info: object) -> None:
+        """``run_info`` (model, device, config, command, notes) describes a new run when ``run_id`` is None."""
+        self.store = store
+        self.run_id = run_id or store.new_run(kind="recorded", **run_info)
+        self.rank = rank
+        self.pid = os.getpid()
+        self.model: nn.Module | None = None
+        self.step_index = -1
+        self._phase: str | None = None
+        self._is_explicit_step = False
+        self._last_block = -1
+        self._batch = self._tokens = 0
+        self._use_cuda_events = False
+        self._pending: list[tuple] = []  # (index, layer_type, start, end) with ns ints or CUDA events
+        self._routing: list[tuple[int, Tensor]] = []
+        self._step_start_ns = 0
+        self.emit_ranges = False  # also open a torch.profiler record_function range per block
+        self._range: torch.profiler.record_function | None = None
+        self._origin_ns = time.perf_counter_ns()
+
+    # -- attaching ---------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> Tracer:
+        if getattr(model, "block_observer", None) is not None:
+            raise ValueError("the model already has a block observer attached; detach it first")
+        self.model = model
+        self._last_block = len(model.layers) - 1
+        self._use_cuda_events = next(model.parameters()).is_cuda
+        model.block_observer = self
+        return self
+
+    def detach(self) -> None:
+        if self.model is not None and self.model.block_observer is self:
+            self.model.block_observer = None
+        self.model = None
+
+    def close(self) -> None:
+        self.detach()
+        self.store.flush()
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- steps -------------------------------------------------------------------------------------
+    @contextmanager
+    def step(self, phase: str) -> Iterator[None]:
+        """Mark one forward call (or several, e.g. a training step's forward + backward) as one step."""
+        self._begin_step(phase, explicit=True)
+        try:
+            yield
+        finally:
+            self._end_step()
+
+    def _begin_step(self, phase: str, explicit: bool) -> None:
+        self.step_index += 1
+        self._phase = phase
+        self._is_explicit_step = explicit
+        self._batch = self._tokens = 0
+        if self._use_cuda_events:
+            torch.cuda.current_stream().synchronize()  # once per step: the step's wall clock starts here
+            self._first_event = torch.cuda.Event(enable_timing=True)
+            self._first_event.record()
+        self._step_start_ns = time.perf_counter_ns()
+
+    def _end_step(self) -> None:
+        if self._use_cuda_events:
+            torch.cuda.current_stream().synchronize()
+        end_ns = time.perf_counter_ns()
+        rows = []
+        step_start_us = (self._step_start_ns - self._origin_ns) / 1000
+        for index, layer_type, start, end in self._pending:
+            if self._use_cuda_events:
+                offset_us = self._first_event.elapsed_time(start) * 1000
+                duration_us = start.elapsed_time(end) * 1000
+                start_us = step_start_us + offset_us
+            else:
+                start_us = (start - self._origin_ns) / 1000
+                duration_us = (end - start) / 1000
+            rows.append(self._row("layer", f"L{index}.{layer_type}", index, layer_type, start_us, duration_us))
+        rows.append(self._row("step", self._phase, None, None, step_start_us, (end_ns - self._step_start_ns) / 1000))
+        self.store.add_events(self.run_id, rows)
+        if self._routing:
+            routing_rows = []
+            for index, counts in self._routing:
+                for expert, tokens in enumerate(counts.tolist()):
+                    routing_rows.append((self.step_index, self._phase, index, expert, tokens, 0))
+            self.store.add_routing(self.run_id, routing_rows)
+        self._pending.clear()
+        self._routing.clear()
+        self._phase = None
+
+    def _row(self, source, name, layer, layer_type, start_us, duration_us) -> tuple:
+        return (source, name, layer, layer_type, self._phase, self.step_index, start_us, duration_us,
+                self._batch, self._tokens, self.rank, None, self.pid, None)  # fmt: skip
+
+    # -- the model's hook point --------------------------------------------------------------------
+    def before_block(self, index: int, block_type: str, hidden: Tensor) -> None:
+        if index == 0:
+            if self._phase is None:
+                model_is_training = self.model is not None and self.model.training
+                phase = "train" if model_is_training else ("prefill" if hidden.shape[1] > 1 else "decode")
+                self._begin_step(phase, explicit=False)
+            self._batch, self._tokens = hidden.shape[0], hidden.shape[0] * hidden.shape[1]
+        if self.emit_ranges:
+            self._range = torch.profiler.record_function(f"L{index}.{block_type}")
+            self._range.__enter__()
+        if self._use_cuda_events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._start = event
+        else:
+            self._start = time.perf_counter_ns()
+
+    def after_block(self, index: int, block_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None:
+        if self._use_cuda_events:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter_ns()
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+        self._pending.append((index, block_type, self._start, end))
+        if routing_counts is not None:
+            self._routing.append((index, routing_counts))
+        if index == self._last_block and not self._is_explicit_step:
+            self._end_step()
