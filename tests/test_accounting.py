@@ -63,7 +63,7 @@ def test_nemotron_kv_cache_is_6_of_52_of_pure_attention():
     assert memory.recurrent == 23 * 64 * 64 * 128 * 4
 
 
-@pytest.mark.parametrize("pattern", ["MEG*-EM", "*", "GG", "M-"])
+@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "GG", "M-", "m"])
 def test_cache_bytes_equal_allocated_cache(pattern):
     config = tiny_config(pattern)
     model = HybridLM(config)

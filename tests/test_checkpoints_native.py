@@ -30,9 +30,9 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
     save_pretrained(HybridLM(tiny_config()), tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
     state = load_file(path)
-    state["layers.3.mixer.q_proj.weight"] = torch.zeros(3, 64)
+    state["layers.4.mixer.q_proj.weight"] = torch.zeros(3, 64)
     save_file(state, path)
-    with pytest.raises(ValueError, match=r"layers\.3\.mixer\.q_proj\.weight has shape \(3, 64\), expected \(64, 64\)"):
+    with pytest.raises(ValueError, match=r"layers\.4\.mixer\.q_proj\.weight has shape \(3, 64\), expected \(64, 64\)"):
         from_pretrained(tmp_path / "m")
 
 

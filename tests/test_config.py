@@ -23,7 +23,7 @@ def test_save_and_load(tmp_path):
     [
         ("", "pattern is empty"),
         ("MMXM", r"pattern\[2\] = 'X'"),
-        ("M*m", r"pattern\[2\] = 'm'"),
+        ("M*e", r"pattern\[2\] = 'e'"),
     ],
     ids=["empty", "unknown-char", "lowercase"],
 )

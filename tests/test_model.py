@@ -6,7 +6,7 @@ import torch
 from hybridlm.model import HybridLM
 from tests.helpers import tiny_config
 
-PATTERNS = ["M", "G", "*", "-", "E", "M*E", "GE*E", "MEG*-EM", "*MG"]
+PATTERNS = ["M", "G", "m", "*", "-", "E", "M*E", "GE*E", "mE*-", "MEGm*-EM", "*MG"]
 
 
 def _model(pattern: str, **overrides) -> HybridLM:
@@ -32,7 +32,7 @@ def test_prefill_in_chunks_then_decode_equals_full_forward(pattern, splits):
     assert cache.seq_len == 23
 
 
-@pytest.mark.parametrize("pattern", ["MEG*-EM", "*", "M", "G"])
+@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "M", "G", "m"])
 def test_left_padded_rows_equal_each_row_alone(pattern):
     model = _model(pattern)
     lengths = [11, 6, 1]
@@ -57,7 +57,7 @@ def test_left_padded_rows_equal_each_row_alone(pattern):
     assert torch.isfinite(batched).all()
 
 
-@pytest.mark.parametrize("pattern", ["M", "G", "*", "-", "E", "MEG*-EM"])
+@pytest.mark.parametrize("pattern", ["M", "G", "m", "*", "-", "E", "MEGm*-EM"])
 def test_training_backward_reaches_every_parameter(pattern):
     torch.manual_seed(0)
     model = HybridLM(tiny_config(pattern, moe={"z_loss_coef": 1e-3})).train()
@@ -178,3 +178,18 @@ def test_cache_holds_only_what_each_block_needs():
     assert cache[2].recurrent.shape == (2, 4, 16, 16)  # [B, H_v, K, V]
     cache.reset()
     assert cache.seq_len == 0
+
+
+@pytest.mark.parametrize("preset", ["debug-tiny-nemotron", "debug-tiny-qwen3-next"])
+def test_family_style_presets_decode_equals_full_forward(preset):
+    from hybridlm.config import HybridConfig
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset(preset)).eval()
+    ids = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 19)
+        pieces = [model(ids[:, :11], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(11, 19)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)

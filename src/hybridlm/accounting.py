@@ -84,6 +84,14 @@ def block_params(char: str, cfg: HybridConfig) -> BlockParams:
         n = _linear(d, q_out, a.bias) + 2 * _linear(d, kv_out, a.bias) + _linear(a.num_heads * a.head_dim, d, a.bias)
         n += 2 * a.head_dim if a.has_qk_norm else 0
         return BlockParams(n + norm, n + norm)
+    if char == "m":
+        m = cfg.mamba
+        inner = m.intermediate_size
+        n = _linear(d, 2 * inner, m.use_bias) + inner * m.conv_kernel + (inner if m.use_conv_bias else 0)
+        n += inner * (m.dt_rank + 2 * m.state_size) + (m.dt_rank + 2 * m.state_size if m.has_inner_norms else 0)
+        n += _linear(m.dt_rank, inner, True) + inner * m.state_size + inner  # dt_proj, A_log, D
+        n += _linear(inner, d, m.use_bias)
+        return BlockParams(n + norm, n + norm)
     if char == "-":
         n = _mlp_params(d, cfg.mlp.intermediate_size, cfg.mlp.activation, cfg.mlp.bias)
         return BlockParams(n + norm, n + norm)
@@ -163,6 +171,10 @@ def cache_bytes(cfg: HybridConfig, batch_size: int, context: int, dtype: torch.d
         g, n = cfg.gdn, cfg.pattern.count("G")
         conv += n * batch_size * g.conv_dim * (g.conv_kernel - 1) * width
         recurrent += n * batch_size * g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
+    if cfg.mamba is not None and "m" in cfg.pattern:
+        m, n = cfg.mamba, cfg.pattern.count("m")
+        conv += n * batch_size * m.intermediate_size * (m.conv_kernel - 1) * width
+        recurrent += n * batch_size * m.intermediate_size * m.state_size * 4
     return CacheBytes(kv, conv, recurrent)
 
 

@@ -4,7 +4,7 @@ A hybrid model is a stack of pre-norm residual blocks, one character each (the N
 convention, see DESIGN.md):
 
     M  Mamba-2 mixer          G  Gated DeltaNet mixer      *  GQA attention
-    -  dense MLP              E  Mixture-of-Experts FFN
+    -  dense MLP              E  Mixture-of-Experts FFN    m  Mamba-1 mixer (Jamba)
 
 Qwen3-Next's "linear attention + MoE" layer is the two blocks ``GE``; its "full attention + MoE"
 layer is ``*E``.
@@ -26,8 +26,9 @@ BLOCK_TYPES: dict[str, tuple[str, str]] = {
     "*": ("attention", "attention"),
     "-": ("mlp", "mlp"),
     "E": ("moe", "moe"),
+    "m": ("mamba", "mamba"),
 }
-MIXER_CHARS = frozenset("MG*")  # blocks that mix along the sequence
+MIXER_CHARS = frozenset("MG*m")  # blocks that mix along the sequence
 FFN_CHARS = frozenset("-E")  # blocks that act on each token alone
 
 
@@ -76,6 +77,20 @@ class Mamba2Config:
     @property
     def conv_dim(self) -> int:
         return self.intermediate_size + 2 * self.num_groups * self.state_size
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-1 selective SSM (Gu & Dao 2023) as Jamba uses it: per-channel A, x_proj / dt_proj."""
+
+    intermediate_size: int
+    state_size: int = 16
+    conv_kernel: int = 4
+    dt_rank: int = 16
+    use_conv_bias: bool = True
+    use_bias: bool = False  # in_proj / out_proj bias
+    has_inner_norms: bool = True  # RMSNorm on dt, B and C after x_proj (Jamba)
+    chunk_size: int = 16  # the chunked scan holds [B, L, L, I, N] per chunk: keep L small
 
 
 @dataclass
@@ -135,6 +150,7 @@ _SUB_CONFIGS: dict[str, type] = {
     "gdn": GatedDeltaNetConfig,
     "mlp": MLPConfig,
     "moe": MoEConfig,
+    "mamba": MambaConfig,
 }
 
 
@@ -148,6 +164,7 @@ class HybridConfig:
     gdn: GatedDeltaNetConfig | None = None
     mlp: MLPConfig | None = None
     moe: MoEConfig | None = None
+    mamba: MambaConfig | None = None
     norm_eps: float = 1e-5
     is_norm_zero_centered: bool = False  # RMSNorm scales by (1 + weight) (Qwen3-Next)
     tie_word_embeddings: bool = False
@@ -173,7 +190,7 @@ class HybridConfig:
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise ValueError("pattern is empty: give one character per block, from 'MG*-E'")
+            raise ValueError(f"pattern is empty: give one character per block, from {''.join(BLOCK_TYPES)!r}")
         for index, char in enumerate(self.pattern):
             if char not in BLOCK_TYPES:
                 raise ValueError(
@@ -231,10 +248,10 @@ class HybridConfig:
 
     # -- constructors and serialisation ------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> HybridConfig:
+    def from_preset(cls, preset: str, /, **overrides: Any) -> HybridConfig:
         from hybridlm.presets import get_preset
 
-        return get_preset(name, **overrides)
+        return get_preset(preset, **overrides)
 
     def replace(self, **overrides: Any) -> HybridConfig:
         """A copy with top-level fields replaced (sub-configs may be given as dicts)."""

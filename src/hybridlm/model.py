@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, HybridCache
-from hybridlm.config import HybridConfig, layer_type_name
+from hybridlm.config import MIXER_CHARS, HybridConfig, layer_type_name
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.gated_deltanet import GatedDeltaNetMixer
+from hybridlm.layers.mamba import MambaMixer
 from hybridlm.layers.mamba2 import Mamba2Mixer
 from hybridlm.layers.mlp import MLP
 from hybridlm.layers.moe import Experts, MoE
@@ -43,6 +44,8 @@ def build_mixer(char: str, config: HybridConfig) -> nn.Module:
         return MLP(config.hidden_size, config.mlp.intermediate_size, config.mlp.activation, config.mlp.bias)
     if char == "E":
         return MoE(config.hidden_size, config.moe)
+    if char == "m":
+        return MambaMixer(config.hidden_size, config.mamba, eps)
     raise ValueError(f"no block for pattern character {char!r}")
 
 
@@ -54,7 +57,7 @@ class Block(nn.Module):
         self.index = index
         self.block_type = char
         self.layer_type = layer_type_name(char)
-        self.is_sequence_mixer = char in "MG*"
+        self.is_sequence_mixer = char in MIXER_CHARS
         self.residual_multiplier = config.residual_multiplier
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
         self.mixer = build_mixer(char, config)

@@ -7,6 +7,7 @@ Each real preset cites the config.json its values come from (see ../shared/REFER
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,21 +16,23 @@ from hybridlm.config import (
     GatedDeltaNetConfig,
     HybridConfig,
     Mamba2Config,
+    MambaConfig,
     MLPConfig,
     MoEConfig,
 )
 
 
 def debug_tiny() -> HybridConfig:
-    """Every block type, ~0.3M parameters: for unit tests."""
+    """Every block type, ~0.3M parameters, a forward in milliseconds: for unit tests."""
     return HybridConfig(
         name="debug-tiny",
         vocab_size=256,
         hidden_size=64,
-        pattern="MEG*-EM",
+        pattern="MEGm*-EM",
         attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0),
         mamba2=Mamba2Config(num_heads=4, head_dim=16, state_size=16, num_groups=2, chunk_size=8),
         gdn=GatedDeltaNetConfig(num_key_heads=2, num_value_heads=4, key_head_dim=16, value_head_dim=16, chunk_size=8),
+        mamba=MambaConfig(intermediate_size=128, state_size=8, dt_rank=4, chunk_size=8),
         mlp=MLPConfig(intermediate_size=128, activation="swiglu"),
         moe=MoEConfig(
             num_experts=8,
@@ -39,6 +42,32 @@ def debug_tiny() -> HybridConfig:
             shared_intermediate_size=32,
         ),
         max_position_embeddings=2048,
+    )
+
+
+def debug_tiny_nemotron() -> HybridConfig:
+    """debug-tiny's M/*/-/E blocks with Nemotron-H semantics, exportable to ``nemotron_h``."""
+    return get_preset(
+        "debug-tiny",
+        name="debug-tiny-nemotron",
+        pattern="M*ME-E",
+        attention={"rope_theta": None},
+        mamba2={"time_step_limit": (0.001, math.inf)},  # Nemotron-H clamps dt at time_step_min
+        mlp={"activation": "relu2"},
+        moe={"activation": "relu2", "scoring": "sigmoid", "use_expert_bias": True, "routed_scaling_factor": 2.5},
+    )
+
+
+def debug_tiny_qwen3_next() -> HybridConfig:
+    """debug-tiny's G/*/E blocks with Qwen3-Next semantics, exportable to ``qwen3_next``."""
+    return get_preset(
+        "debug-tiny",
+        name="debug-tiny-qwen3-next",
+        pattern="GEGE*EGE",
+        attention={"partial_rotary_factor": 0.25, "has_qk_norm": True, "has_output_gate": True},
+        moe={"has_shared_expert_gate": True},
+        norm_eps=1e-6,
+        is_norm_zero_centered=True,
     )
 
 
@@ -172,6 +201,8 @@ def qwen3_5_35b_a3b() -> HybridConfig:
 
 PRESETS: dict[str, Callable[[], HybridConfig]] = {
     "debug-tiny": debug_tiny,
+    "debug-tiny-nemotron": debug_tiny_nemotron,
+    "debug-tiny-qwen3-next": debug_tiny_qwen3_next,
     "debug-small": debug_small,
     "nemotron-3-nano-30b-a3b": nemotron_3_nano_30b_a3b,
     "qwen3-next-80b-a3b": qwen3_next_80b_a3b,
@@ -183,11 +214,11 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_preset(name: str, **overrides: Any) -> HybridConfig:
+def get_preset(preset: str, /, **overrides: Any) -> HybridConfig:
     """The named config, with top-level fields (and sub-configs, as dicts of fields) overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
-    config = PRESETS[name]()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(list_presets())}")
+    config = PRESETS[preset]()
     if not overrides:
         return config
     fields = {f.name for f in dataclasses.fields(HybridConfig)}

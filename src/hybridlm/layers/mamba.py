@@ -1,0 +1,82 @@
+"""Mamba-1 mixer (Gu & Dao 2023) with the parameter names of Jamba checkpoints.
+
+in_proj -> [x | z]; causal depthwise conv + silu over x; x_proj -> [dt_low_rank | B | C], each
+RMS-normalised (Jamba); dt = softplus(dt_proj(dt_low_rank)), the dt_proj bias inside the softplus;
+per-channel A = -exp(A_log) [I, N]; the selective scan; y * silu(z); out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridlm.cache import ForwardContext, RecurrentState
+from hybridlm.config import MambaConfig
+from hybridlm.layers.norm import RMSNorm
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, hidden_size: int, config: MambaConfig, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.config = c = config
+        inner, N, R = c.intermediate_size, c.state_size, c.dt_rank
+        self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=c.use_bias)
+        self.conv1d = nn.Conv1d(inner, inner, c.conv_kernel, groups=inner, bias=c.use_conv_bias)
+        self.x_proj = nn.Linear(inner, R + 2 * N, bias=False)
+        if c.has_inner_norms:
+            self.dt_layernorm = RMSNorm(R, norm_eps)
+            self.b_layernorm = RMSNorm(N, norm_eps)
+            self.c_layernorm = RMSNorm(N, norm_eps)
+        self.dt_proj = nn.Linear(R, inner, bias=True)
+        # S4D-real initialisation: A_n = -(n + 1) for every channel
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(inner, 1))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
+
+    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
+        c = self.config
+        conv = torch.zeros(batch_size, c.intermediate_size, c.conv_kernel - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch_size, c.intermediate_size, c.state_size, device=device, dtype=torch.float32)
+        return RecurrentState(conv, ssm)
+
+    def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
+        c = self.config
+        T = x.shape[1]
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # x first, gate second (the opposite of Mamba-2)
+        mask = context.token_mask
+        if mask is not None:
+            xs = xs.masked_fill(~mask[..., None], 0.0)
+        conv_weight = self.conv1d.weight.squeeze(1)
+        is_decode = state is not None and T == 1
+        if is_decode:
+            xs_step, conv_state = causal_conv1d_step(xs[:, 0], state.conv, conv_weight, self.conv1d.bias)
+            xs = xs_step[:, None]
+        else:
+            xs, conv_state = causal_conv1d(xs, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        if mask is not None:
+            xs = xs.masked_fill(~mask[..., None], 0.0)
+
+        dt, B, C = self.x_proj(xs).split([c.dt_rank, c.state_size, c.state_size], dim=-1)
+        if c.has_inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias goes inside the softplus, in the scan
+        A = -torch.exp(self.A_log.float())
+        if is_decode:
+            y, ssm_state = selective_scan_step(
+                xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0], state.recurrent,
+                delta_bias=self.dt_proj.bias, delta_softplus=True,
+            )  # fmt: skip
+            y = y[:, None]
+        else:
+            y, ssm_state = selective_scan_chunked(
+                xs, dt, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+                initial_state=None if state is None else state.recurrent, chunk_size=c.chunk_size,
+            )  # fmt: skip
+        if state is not None:
+            state.conv.copy_(conv_state)
+            state.recurrent.copy_(ssm_state)
+        return self.out_proj(y)
