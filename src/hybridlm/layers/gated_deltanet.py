@@ -16,6 +16,7 @@ from hybridlm.config import GatedDeltaNetConfig
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_step
+from hybridlm.ops.precision import state_dtype, upcast
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -41,7 +42,7 @@ class GatedDeltaNetMixer(nn.Module):
         c = self.config
         conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
         shape = (batch_size, c.num_value_heads, c.key_head_dim, c.value_head_dim)
-        return RecurrentState(conv, torch.zeros(shape, device=device, dtype=torch.float32))
+        return RecurrentState(conv, torch.zeros(shape, device=device, dtype=state_dtype(dtype)))
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
@@ -62,21 +63,21 @@ class GatedDeltaNetMixer(nn.Module):
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
 
         q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
-        q = l2_normalize(q.view(B, T, c.num_key_heads, c.key_head_dim).float())
-        k = l2_normalize(k.view(B, T, c.num_key_heads, c.key_head_dim).float())
+        q = l2_normalize(upcast(q.view(B, T, c.num_key_heads, c.key_head_dim)))
+        k = l2_normalize(upcast(k.view(B, T, c.num_key_heads, c.key_head_dim)))
         v = v.reshape(B, T, c.num_value_heads, c.value_head_dim)
         repeats = c.num_value_heads // c.num_key_heads
         if repeats > 1:  # value head h reads key head h // repeats
             q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
-        beta = torch.sigmoid(self.in_proj_b(x).float())  # (B, T, H_v)
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(upcast(self.in_proj_b(x)))  # (B, T, H_v)
+        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.in_proj_a(x)) + upcast(self.dt_bias))
 
         if is_decode:
-            o, recurrent = gated_delta_step(q[:, 0], k[:, 0], v[:, 0].float(), g[:, 0], beta[:, 0], state.recurrent)
+            o, recurrent = gated_delta_step(q[:, 0], k[:, 0], upcast(v[:, 0]), g[:, 0], beta[:, 0], state.recurrent)
             o = o[:, None]
         else:
             o, recurrent = gated_delta_chunked(
-                q, k, v.float(), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
+                q, k, upcast(v), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
             )
         if state is not None:
             state.conv.copy_(conv_state)

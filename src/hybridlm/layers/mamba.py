@@ -15,6 +15,7 @@ from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.config import MambaConfig
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.precision import state_dtype, upcast
 from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
 
 
@@ -39,7 +40,7 @@ class MambaMixer(nn.Module):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         c = self.config
         conv = torch.zeros(batch_size, c.intermediate_size, c.conv_kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch_size, c.intermediate_size, c.state_size, device=device, dtype=torch.float32)
+        ssm = torch.zeros(batch_size, c.intermediate_size, c.state_size, device=device, dtype=state_dtype(dtype))
         return RecurrentState(conv, ssm)
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
@@ -64,7 +65,7 @@ class MambaMixer(nn.Module):
         if c.has_inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes inside the softplus, in the scan
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(upcast(self.A_log))
         if is_decode:
             y, ssm_state = selective_scan_step(
                 xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0], state.recurrent,

@@ -16,6 +16,7 @@ from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.config import Mamba2Config
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.precision import state_dtype, upcast
 from hybridlm.ops.ssd import ssd_chunked, ssd_step
 
 
@@ -35,7 +36,7 @@ class Mamba2Mixer(nn.Module):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         c = self.config
         conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch_size, c.num_heads, c.head_dim, c.state_size, device=device, dtype=torch.float32)
+        ssm = torch.zeros(batch_size, c.num_heads, c.head_dim, c.state_size, device=device, dtype=state_dtype(dtype))
         return RecurrentState(conv, ssm)
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
@@ -62,11 +63,11 @@ class Mamba2Mixer(nn.Module):
         xs, Bs, Cs = xBC.split([inner, G * N, G * N], dim=-1)
         xs = xs.view(B, T, c.num_heads, c.head_dim)
         Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
         low, high = c.time_step_limit
         if low > 0.0 or high < math.inf:
             dt = dt.clamp(low, high)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(upcast(self.A_log))
 
         if is_decode:
             y, ssm_state = ssd_step(xs[:, 0], dt[:, 0], A, Bs[:, 0], Cs[:, 0], self.D, state.recurrent)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from hybridlm.config import MoEConfig
 from hybridlm.layers.mlp import MLP
 from hybridlm.ops.moe import moe_experts_grouped, route, tokens_per_expert
+from hybridlm.ops.precision import upcast
 
 
 class Router(nn.Module):
@@ -29,7 +30,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        return F.linear(x_ND.float(), self.weight.float())  # router logits (N, E) in fp32
+        return F.linear(upcast(x_ND), upcast(self.weight))  # router logits (N, E), at least fp32
 
 
 class Experts(nn.Module):
@@ -98,8 +99,8 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
             out_ND = out_ND + shared_ND
-        if self.training:
-            self.last_aux_loss = self._aux_loss(logits_NE, scores_NE, counts_E)
+        # Only training forwards carry a loss; an eval forward must not leave a stale one behind.
+        self.last_aux_loss = self._aux_loss(logits_NE, scores_NE, counts_E) if self.training else None
         return out_ND.view_as(x)
 
     def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:

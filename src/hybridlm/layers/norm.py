@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridlm.ops.precision import upcast
+
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * w, or * (1 + w) when zero-centred (Qwen3-Next), computed in fp32."""
+    """y = x / rms(x) * w, or * (1 + w) when zero-centred (Qwen3-Next), computed in at least fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5, is_zero_centered: bool = False) -> None:
         super().__init__()
@@ -17,11 +19,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if is_zero_centered else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_f32 = x.float()
-        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
-        weight = self.weight.float()
+        x_up = upcast(x)
+        x_up = x_up * torch.rsqrt(x_up.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = upcast(self.weight)
         scale = 1.0 + weight if self.is_zero_centered else weight
-        return (x_f32 * scale).to(x.dtype)
+        return (x_up * scale).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -42,13 +44,13 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
-        gate = F.silu(z.float())
+        x = upcast(x)
+        gate = F.silu(upcast(z))
         if not self.norm_before_gate:
             x = x * gate
         grouped = x.unflatten(-1, (-1, self.group_size))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = grouped.flatten(-2) * self.weight.float()
+        x = grouped.flatten(-2) * upcast(self.weight)
         if self.norm_before_gate:
             x = x * gate
         return x.to(dtype)

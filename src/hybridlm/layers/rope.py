@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hybridlm.ops.precision import upcast
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for ``rotary_dim`` dimensions; the rest of the head passes through.
@@ -36,5 +38,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotary_dim = cos.shape[-1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    rotated = (rotated.float() * cos + _rotate_half(rotated.float()) * sin).to(x.dtype)
+    rotated = upcast(rotated)
+    rotated = (rotated * cos + _rotate_half(rotated) * sin).to(x.dtype)
     return torch.cat((rotated, passed), dim=-1) if passed.shape[-1] else rotated

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridlm.ops.precision import upcast
+
 ACTIVATIONS = ("swiglu", "relu2")
 SCORINGS = ("softmax", "sigmoid")
 
@@ -219,9 +221,9 @@ def route(
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, num_experts={E}], got {top_k}")
 
-    logits_NE = router_logits_NE.float()
+    logits_NE = upcast(router_logits_NE)
     scores_NE = logits_NE.softmax(dim=-1) if scoring == "softmax" else logits_NE.sigmoid()
-    choice_NE = scores_NE if expert_bias_E is None else scores_NE + expert_bias_E.float()
+    choice_NE = scores_NE if expert_bias_E is None else scores_NE + upcast(expert_bias_E)
 
     if num_groups > 1:
         if E % num_groups or not 1 <= topk_groups <= num_groups:

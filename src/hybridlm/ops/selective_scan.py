@@ -14,31 +14,33 @@ Recurrence, per channel d and state n (after delta += delta_bias; delta = softpl
 `selective_scan_reference` loops over t and is the spec; it follows transformers'
 `mamba_selective_scan` loop (models/jamba/modeling_jamba.py). `selective_scan_chunked` computes the
 same scan a chunk at a time; `selective_scan_step` advances one token for decoding. All compute in
-fp32, return y in u's dtype and the state in fp32.
+at least fp32 (fp64 stays fp64), return y in u's dtype and the state in at least fp32.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridlm.ops.precision import state_dtype, upcast
+
 
 def _discretize_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    delta = delta.float()
+    delta = upcast(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()
+        delta = delta + upcast(delta_bias)
     return F.softplus(delta) if delta_softplus else delta
 
 
 def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     if D is not None:
-        y = y + u.float() * D.float()
+        y = y + upcast(u) * upcast(D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(upcast(z))
     return y.to(u.dtype)
 
 
 def _zero_state(u_BTD: Tensor, A_DN: Tensor) -> Tensor:
-    return u_BTD.new_zeros(u_BTD.shape[0], u_BTD.shape[-1], A_DN.shape[-1], dtype=torch.float32)
+    return u_BTD.new_zeros(u_BTD.shape[0], u_BTD.shape[-1], A_DN.shape[-1], dtype=state_dtype(u_BTD.dtype))
 
 
 def _segment_sum(log_decay_BLDN: Tensor) -> Tensor:
@@ -73,10 +75,10 @@ def selective_scan_step(
     Returns (y: [B, Dn] in u's dtype, new_state: [B, Dn, N] fp32); `state` is left untouched.
     """
     delta_BD = _discretize_delta(delta, delta_bias, delta_softplus)
-    decay_BDN = torch.exp(delta_BD[:, :, None] * A.float())
-    input_BDN = (delta_BD * u.float())[:, :, None] * B.float()[:, None, :]
-    state_BDN = decay_BDN * state.float() + input_BDN
-    y_BD = torch.einsum("bdn,bn->bd", state_BDN, C.float())
+    decay_BDN = torch.exp(delta_BD[:, :, None] * upcast(A))
+    input_BDN = (delta_BD * upcast(u))[:, :, None] * upcast(B)[:, None, :]
+    state_BDN = decay_BDN * upcast(state) + input_BDN
+    y_BD = torch.einsum("bdn,bn->bd", state_BDN, upcast(C))
     return _skip_and_gate(y_BD, u, D, z), state_BDN
 
 
@@ -99,9 +101,9 @@ def selective_scan_reference(
     Returns (y: [B, T, Dn] in u's dtype, final_state: [B, Dn, N] fp32).
     """
     delta_BTD = _discretize_delta(delta, delta_bias, delta_softplus)
-    A_DN = A.float()
-    u_BTD, B_BTN, C_BTN = u.float(), B.float(), C.float()
-    state_BDN = _zero_state(u, A) if initial_state is None else initial_state.float()
+    A_DN = upcast(A)
+    u_BTD, B_BTN, C_BTN = upcast(u), upcast(B), upcast(C)
+    state_BDN = _zero_state(u, A) if initial_state is None else upcast(initial_state)
     ys = []
     for t in range(u.shape[1]):
         decay_BDN = torch.exp(delta_BTD[:, t, :, None] * A_DN)
@@ -137,9 +139,9 @@ def selective_scan_chunked(
     The last chunk is simply shorter when T is not a multiple of chunk_size.
     """
     delta_BTD = _discretize_delta(delta, delta_bias, delta_softplus)
-    x_BTD = delta_BTD * u.float()  # delta_s * u_s
-    B_BTN, C_BTN, A_DN = B.float(), C.float(), A.float()
-    state_BDN = _zero_state(u, A) if initial_state is None else initial_state.float()
+    x_BTD = delta_BTD * upcast(u)  # delta_s * u_s
+    B_BTN, C_BTN, A_DN = upcast(B), upcast(C), upcast(A)
+    state_BDN = _zero_state(u, A) if initial_state is None else upcast(initial_state)
 
     ys = []
     for start in range(0, u.shape[1], chunk_size):
@@ -164,5 +166,5 @@ def selective_scan_chunked(
             "bsdn,bsn,bsd->bdn", decay_BLLDN[:, -1], B_BLN, x_BLD
         )
 
-    y_BTD = torch.cat(ys, dim=1) if ys else u.new_zeros(u.shape, dtype=torch.float32)
+    y_BTD = torch.cat(ys, dim=1) if ys else u.new_zeros(u.shape, dtype=state_dtype(u.dtype))
     return _skip_and_gate(y_BTD, u, D, z), state_BDN

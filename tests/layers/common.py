@@ -1,0 +1,98 @@
+"""Helpers shared by the layer tests: contexts, comparisons, parameter noise, gradient checks.
+
+The truths in the test files are written in float64 from the layer's own parameters; a float32
+layer is compared with them at rtol 1e-5, a float64 layer at rtol 1e-10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hybridlm.cache import ForwardContext
+
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float | None = None, name: str = "") -> None:
+    """rtol on each element, atol the same fraction of the largest |expected| (for near-zero entries).
+
+    ``expected`` may be float64 while ``actual`` is float32: the comparison is done in float64.
+    """
+    rtol = RTOL[actual.dtype] if rtol is None else rtol
+    expected = expected.detach().double()
+    atol = rtol * max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(
+        actual.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}" if name else m
+    )
+
+
+def params64(module: nn.Module) -> dict[str, Tensor]:
+    """The module's parameters and buffers as float64 copies, for the truths."""
+    return {name: t.detach().double() for name, t in module.state_dict().items()}
+
+
+def perturb_(module: nn.Module, std: float = 0.3, seed: int = 1) -> nn.Module:
+    """Add noise to every parameter, so that zero biases, unit norm weights and D = 1 are not special."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return module
+
+
+def context(
+    batch: int, seq_len: int, past_len: int = 0, token_mask: Tensor | None = None, key_padding: Tensor | None = None
+) -> ForwardContext:
+    """Positions past_len .. past_len + seq_len - 1 (or, with a token mask, counted over real tokens)."""
+    if token_mask is None:
+        positions = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len)
+    else:
+        positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return ForwardContext(positions=positions, past_len=past_len, token_mask=token_mask, key_padding=key_padding)
+
+
+def left_padding_mask(seq_len: int, pads: list[int]) -> Tensor:
+    """[len(pads), seq_len] bool, False on the first pads[b] positions of row b."""
+    return torch.arange(seq_len)[None, :] >= torch.tensor(pads)[:, None]
+
+
+def assert_finite_grads(module: nn.Module, loss: Tensor, skip: tuple[str, ...] = ()) -> None:
+    """loss.backward() reaches every trainable parameter with a finite gradient."""
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, p in module.named_parameters():
+        if not p.requires_grad or name in skip:
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+
+
+class _Call(nn.Module):
+    def __init__(self, layer: nn.Module, fn: Callable[..., Tensor | tuple[Tensor, ...]]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.fn = fn
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return self.fn(self.layer, *inputs)
+
+
+def gradcheck_layer(
+    layer: nn.Module, inputs: tuple[Tensor, ...], fn: Callable[..., Tensor | tuple[Tensor, ...]]
+) -> None:
+    """float64 torch.autograd.gradcheck of fn(layer, *inputs) w.r.t. the inputs and every trainable parameter.
+
+    ``layer`` must already be float64 and ``inputs`` float64 leaves with requires_grad.
+    """
+    call = _Call(layer, fn)
+    names = [f"layer.{n}" for n, p in layer.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters() if p.requires_grad]
+    num_inputs = len(inputs)
+
+    def run(*args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return torch.func.functional_call(call, dict(zip(names, args[num_inputs:], strict=True)), args[:num_inputs])
+
+    assert torch.autograd.gradcheck(run, (*inputs, *params))
