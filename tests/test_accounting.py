@@ -63,7 +63,7 @@ def test_nemotron_kv_cache_is_6_of_52_of_pure_attention():
     assert memory.recurrent == 23 * 64 * 64 * 128 * 4
 
 
-@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "GG", "M-", "m"])
+@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "GG", "M-", "m", "P-"])
 def test_cache_bytes_equal_allocated_cache(pattern):
     config = tiny_config(pattern)
     model = HybridLM(config)
@@ -71,3 +71,13 @@ def test_cache_bytes_equal_allocated_cache(pattern):
     predicted = cache_bytes(config, 3, 40, torch.float32)
     assert cache.nbytes() == predicted.total
     assert cache.bytes_by_kind() == {"kv": predicted.kv, "conv": predicted.conv, "recurrent": predicted.recurrent}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "overrides"),
+    [("P-", {}), ("mE", {}), ("MEGm*-EMP", {}), ("M*", {"mamba2": {"has_gated_norm": False}})],
+    ids=["parallel", "mamba1", "all", "mamba2-without-norm"],
+)
+def test_param_count_equals_instantiated_model_for_every_block_type(pattern, overrides):
+    config = tiny_config(pattern, **overrides)
+    assert count_params(config).total == sum(p.numel() for p in HybridLM(config).parameters())

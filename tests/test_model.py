@@ -6,7 +6,7 @@ import torch
 from hybridlm.model import HybridLM
 from tests.helpers import tiny_config
 
-PATTERNS = ["M", "G", "m", "*", "-", "E", "M*E", "GE*E", "mE*-", "MEGm*-EM", "*MG"]
+PATTERNS = ["M", "G", "m", "*", "P", "-", "E", "M*E", "GE*E", "mE*-", "P-P-", "MEGm*-EM", "*MG"]
 
 
 def _model(pattern: str, **overrides) -> HybridLM:
@@ -32,7 +32,7 @@ def test_prefill_in_chunks_then_decode_equals_full_forward(pattern, splits):
     assert cache.seq_len == 23
 
 
-@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "M", "G", "m"])
+@pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "M", "G", "m", "P"])
 def test_left_padded_rows_equal_each_row_alone(pattern):
     model = _model(pattern)
     lengths = [11, 6, 1]
@@ -57,7 +57,7 @@ def test_left_padded_rows_equal_each_row_alone(pattern):
     assert torch.isfinite(batched).all()
 
 
-@pytest.mark.parametrize("pattern", ["M", "G", "m", "*", "-", "E", "MEGm*-EM"])
+@pytest.mark.parametrize("pattern", ["M", "G", "m", "*", "P", "-", "E", "MEGm*-EM"])
 def test_training_backward_reaches_every_parameter(pattern):
     torch.manual_seed(0)
     model = HybridLM(tiny_config(pattern, moe={"z_loss_coef": 1e-3})).train()

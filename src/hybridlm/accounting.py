@@ -68,7 +68,7 @@ def block_params(char: str, cfg: HybridConfig) -> BlockParams:
         m = cfg.mamba2
         n = _linear(d, m.intermediate_size + m.conv_dim + m.num_heads, m.use_bias)
         n += m.conv_dim * m.conv_kernel + (m.conv_dim if m.use_conv_bias else 0)
-        n += 3 * m.num_heads + m.intermediate_size  # dt_bias, A_log, D; gated norm
+        n += 3 * m.num_heads + (m.intermediate_size if m.has_gated_norm else 0)  # dt_bias, A_log, D; gated norm
         n += _linear(m.intermediate_size, d, m.use_bias)
         return BlockParams(n + norm, n + norm)
     if char == "G":
@@ -84,6 +84,9 @@ def block_params(char: str, cfg: HybridConfig) -> BlockParams:
         n = _linear(d, q_out, a.bias) + 2 * _linear(d, kv_out, a.bias) + _linear(a.num_heads * a.head_dim, d, a.bias)
         n += 2 * a.head_dim if a.has_qk_norm else 0
         return BlockParams(n + norm, n + norm)
+    if char == "P":
+        both = block_params("M", cfg).total + block_params("*", cfg).total - norm
+        return BlockParams(both, both)
     if char == "m":
         m = cfg.mamba
         inner = m.intermediate_size
@@ -162,9 +165,10 @@ def cache_bytes(cfg: HybridConfig, batch_size: int, context: int, dtype: torch.d
     width = _dtype_bytes(dtype)
     kv = conv = recurrent = 0
     if cfg.attention is not None:
-        kv = batch_size * context * kv_bytes_per_token(cfg.attention, cfg.pattern.count("*"), dtype)
-    if cfg.mamba2 is not None and "M" in cfg.pattern:
-        m, n = cfg.mamba2, cfg.pattern.count("M")
+        num_attention = cfg.pattern.count("*") + cfg.pattern.count("P")
+        kv = batch_size * context * kv_bytes_per_token(cfg.attention, num_attention, dtype)
+    if cfg.mamba2 is not None:
+        m, n = cfg.mamba2, cfg.pattern.count("M") + cfg.pattern.count("P")
         conv += n * batch_size * m.conv_dim * (m.conv_kernel - 1) * width
         recurrent += n * batch_size * m.num_heads * m.head_dim * m.state_size * 4
     if cfg.gdn is not None and "G" in cfg.pattern:
@@ -201,5 +205,7 @@ def flops_per_token(cfg: HybridConfig, context: int) -> int:
     attention = 0
     if cfg.attention is not None:
         a = cfg.attention
-        attention = cfg.pattern.count("*") * 4 * a.num_heads * a.head_dim * context  # QK^T and PV
+        attention = (
+            (cfg.pattern.count("*") + cfg.pattern.count("P")) * 4 * a.num_heads * a.head_dim * context
+        )  # QK^T and PV
     return matmul + attention

@@ -27,13 +27,33 @@ class RecurrentState:
     recurrent: Tensor
 
 
-BlockState = AttentionState | RecurrentState
+@dataclass
+class ParallelState:
+    """A block running Mamba-2 and attention side by side (Falcon-H1) keeps both states."""
+
+    mamba: RecurrentState
+    attention: AttentionState
+
+
+BlockState = AttentionState | RecurrentState | ParallelState
 
 
 def _state_bytes(state: BlockState | None) -> int:
     if state is None:
         return 0
+    if isinstance(state, ParallelState):
+        return _state_bytes(state.mamba) + _state_bytes(state.attention)
     return sum(getattr(state, f.name).nbytes for f in fields(state))
+
+
+def _leaf_states(states: list[BlockState | None]) -> list[AttentionState | RecurrentState]:
+    leaves: list[AttentionState | RecurrentState] = []
+    for state in states:
+        if isinstance(state, ParallelState):
+            leaves += [state.mamba, state.attention]
+        elif state is not None:
+            leaves.append(state)
+    return leaves
 
 
 @dataclass
@@ -81,7 +101,7 @@ class HybridCache:
     def bytes_by_kind(self) -> dict[str, int]:
         """{'kv': ..., 'conv': ..., 'recurrent': ...} in bytes."""
         out = {"kv": 0, "conv": 0, "recurrent": 0}
-        for state in self.states:
+        for state in _leaf_states(self.states):
             if isinstance(state, AttentionState):
                 out["kv"] += _state_bytes(state)
             elif isinstance(state, RecurrentState):
@@ -95,7 +115,7 @@ class HybridCache:
         self.key_padding.fill_(True)
         self.num_real_tokens.zero_()
         self.has_padding = False
-        for state in self.states:
+        for state in _leaf_states(self.states):
             if isinstance(state, RecurrentState):
                 state.conv.zero_()
                 state.recurrent.zero_()

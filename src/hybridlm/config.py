@@ -5,6 +5,7 @@ convention, see DESIGN.md):
 
     M  Mamba-2 mixer          G  Gated DeltaNet mixer      *  GQA attention
     -  dense MLP              E  Mixture-of-Experts FFN    m  Mamba-1 mixer (Jamba)
+    P  Mamba-2 and attention in parallel on one normalised input, summed (Falcon-H1)
 
 Qwen3-Next's "linear attention + MoE" layer is the two blocks ``GE``; its "full attention + MoE"
 layer is ``*E``.
@@ -19,16 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# char -> (layer type name used in traces and reports, HybridConfig field holding its sub-config)
-BLOCK_TYPES: dict[str, tuple[str, str]] = {
-    "M": ("mamba2", "mamba2"),
-    "G": ("gdn", "gdn"),
-    "*": ("attention", "attention"),
-    "-": ("mlp", "mlp"),
-    "E": ("moe", "moe"),
-    "m": ("mamba", "mamba"),
+# char -> (layer type name used in traces and reports, HybridConfig fields holding its sub-configs)
+BLOCK_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "M": ("mamba2", ("mamba2",)),
+    "G": ("gdn", ("gdn",)),
+    "*": ("attention", ("attention",)),
+    "-": ("mlp", ("mlp",)),
+    "E": ("moe", ("moe",)),
+    "m": ("mamba", ("mamba",)),
+    "P": ("parallel", ("mamba2", "attention")),
 }
-MIXER_CHARS = frozenset("MG*m")  # blocks that mix along the sequence
+MIXER_CHARS = frozenset("MG*mP")  # blocks that mix along the sequence
 FFN_CHARS = frozenset("-E")  # blocks that act on each token alone
 
 
@@ -65,6 +67,7 @@ class Mamba2Config:
     use_conv_bias: bool = True
     use_bias: bool = False  # in_proj / out_proj bias
     norm_before_gate: bool = False  # False: y = norm(y * silu(z)) (Mamba-2, Nemotron-H)
+    has_gated_norm: bool = True  # False: y * silu(z) without a norm (some Falcon-H1 models)
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
@@ -197,12 +200,12 @@ class HybridConfig:
                     f"pattern[{index}] = {char!r} is not a block type; expected one of "
                     f"{', '.join(repr(c) for c in BLOCK_TYPES)} in pattern {self.pattern!r}"
                 )
-            sub_config = BLOCK_TYPES[char][1]
-            if getattr(self, sub_config) is None:
-                raise ValueError(
-                    f"pattern[{index}] = {char!r} ({layer_type_name(char)}) needs the "
-                    f"'{sub_config}' sub-config, which this config lacks"
-                )
+            for sub_config in BLOCK_TYPES[char][1]:
+                if getattr(self, sub_config) is None:
+                    raise ValueError(
+                        f"pattern[{index}] = {char!r} ({layer_type_name(char)}) needs the "
+                        f"'{sub_config}' sub-config, which this config lacks"
+                    )
         for name in ("vocab_size", "hidden_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ from hybridlm.layers.mamba2 import Mamba2Mixer
 from hybridlm.layers.mlp import MLP
 from hybridlm.layers.moe import Experts, MoE
 from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.parallel import ParallelMixer
 
 
 class BlockObserver(Protocol):
@@ -46,6 +47,8 @@ def build_mixer(char: str, config: HybridConfig) -> nn.Module:
         return MoE(config.hidden_size, config.moe)
     if char == "m":
         return MambaMixer(config.hidden_size, config.mamba, eps)
+    if char == "P":
+        return ParallelMixer(config)
     raise ValueError(f"no block for pattern character {char!r}")
 
 

@@ -30,7 +30,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(_init_dt_bias(c))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(inner, inner // c.num_groups, norm_eps, c.norm_before_gate)
+        self.norm = (
+            GatedRMSNorm(inner, inner // c.num_groups, norm_eps, c.norm_before_gate) if c.has_gated_norm else None
+        )
         self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
 
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
@@ -79,7 +81,8 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             state.conv.copy_(conv_state)
             state.recurrent.copy_(ssm_state)
-        y = self.norm(y.reshape(B, T, inner), z)
+        y = y.reshape(B, T, inner)
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y)
 
 
