@@ -44,6 +44,7 @@ class Tracer:
         self._step_start_ns = 0
         self.emit_ranges = False  # also open a torch.profiler record_function range per block
         self._range: torch.profiler.record_function | None = None
+        self._step_range: torch.profiler.record_function | None = None
         self._origin_ns = time.perf_counter_ns()
 
     # -- attaching ---------------------------------------------------------------------------------
@@ -91,8 +92,14 @@ class Tracer:
             self._first_event = torch.cuda.Event(enable_timing=True)
             self._first_event.record()
         self._step_start_ns = time.perf_counter_ns()
+        if self.emit_ranges:  # the importers read the step and phase of profiled kernels from this range
+            self._step_range = torch.profiler.record_function(f"hybridlm.step{self.step_index}.{phase}")
+            self._step_range.__enter__()
 
     def _end_step(self) -> None:
+        if self._step_range is not None:
+            self._step_range.__exit__(None, None, None)
+            self._step_range = None
         if self._use_cuda_events:
             torch.cuda.current_stream().synchronize()
         end_ns = time.perf_counter_ns()
