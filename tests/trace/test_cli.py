@@ -1,0 +1,70 @@
+"""The trace subcommands as a user runs them: real subprocesses on real files."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+KINETO = FIXTURES / "kineto" / "sampled_rank-1.json.gz"
+QUERY = (
+    "SELECT name, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_us) AS p50, "
+    "percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_us) AS p99 FROM events WHERE source='{source}' "
+    "GROUP BY name ORDER BY p99 DESC LIMIT 20"
+)
+
+
+def hybridlm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hybridlm.cli", *args], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def kineto_db(tmp_path_factory):
+    if not KINETO.exists():
+        pytest.fail(f"fixture missing: {KINETO}")
+    db = tmp_path_factory.mktemp("cli") / "k.duckdb"
+    result = hybridlm("import", str(KINETO), "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert "imported" in result.stdout and "cuda" in result.stdout
+    return db
+
+
+def test_query_as_written_matches_numpy_on_the_raw_trace(kineto_db):
+    from hybridlm.trace.query import run_query
+
+    with gzip.open(KINETO) as file:
+        events = json.load(file)["traceEvents"]
+    durations: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            durations.setdefault(e["name"], []).append(float(e["dur"]))
+    expected = sorted(
+        ((n, len(d), np.percentile(d, 50), np.percentile(d, 99)) for n, d in durations.items()), key=lambda r: -r[3]
+    )[:20]
+    _, rows = run_query(kineto_db, QUERY.format(source="cuda"))
+    np.testing.assert_allclose([r[3] for r in rows], [e[3] for e in expected], rtol=1e-9)  # p99, descending
+    by_name = {e[0]: e for e in expected}
+    for name, count, p50, p99 in rows:
+        if p99 > expected[-1][3]:  # rows above the cut-off are not ties with left-out names
+            assert (count, p50, p99) == pytest.approx(by_name[name][1:], rel=1e-9), name
+
+    result = hybridlm("query", str(kineto_db), QUERY.format(source="cuda"))
+    assert result.returncode == 0, result.stderr
+    assert expected[0][0][:25] in result.stdout
+    result = hybridlm("query", str(kineto_db), QUERY.format(source="cpu"))
+    assert result.returncode == 0 and "aten::" in result.stdout, result.stderr
+
+
+def test_bad_sql_and_bad_files_are_one_line_errors(kineto_db, tmp_path):
+    result = hybridlm("query", str(kineto_db), "SELECT nope FROM events")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "nope" in result.stderr
+    junk = tmp_path / "junk.txt"
+    junk.write_text("not a trace")
+    result = hybridlm("import", str(junk), "--db", str(tmp_path / "x.duckdb"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "junk.txt" in result.stderr
