@@ -1,18 +1,27 @@
-"""Checkpoint directories: hybridlm's own format (and, per family, Hugging Face formats)."""
+"""Checkpoint directories: hybridlm's own format and the Hugging Face families, read and written.
+
+``from_pretrained(dir)`` reads config.json, picks the format by ``model_type`` (``"hybridlm"`` or a
+family in ``hf.FAMILIES``), builds the model on the meta device and fills it tensor by tensor.
+``save_pretrained(model, dir, format="hf")`` writes what transformers' own ``save_pretrained``
+writes for the family. Both write atomically (a temporary sibling renamed into place).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from hybridlm.checkpoints.native import MODEL_TYPE, load_native, read_native_config, save_native
+from hybridlm.checkpoints.tokenizer import load_tokenizer
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
 
-__all__ = ["from_pretrained", "read_config", "save_pretrained"]
+__all__ = ["from_pretrained", "load_tokenizer", "read_config", "save_pretrained"]
 
 
 def _read_config_json(path: Path) -> dict:
@@ -22,26 +31,66 @@ def _read_config_json(path: Path) -> dict:
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: missing; a checkpoint directory needs config.json")
     try:
-        return json.loads(config_file.read_text())
+        data = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file}: expected a JSON object")
+    return data
 
 
 def read_config(path: str | os.PathLike) -> HybridConfig:
     """The HybridConfig of a checkpoint directory, without reading any weights."""
-    data = _read_config_json(Path(path))
-    model_type = data.get("model_type")
-    if model_type == MODEL_TYPE:
-        return read_native_config(data)
-    raise ValueError(f"{Path(path) / 'config.json'}: model_type {model_type!r} is not supported")
-
-
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu") -> HybridLM:
-    """Load a checkpoint directory into a HybridLM (in eval mode)."""
     path = Path(path)
-    config = read_config(path)
-    return load_native(path, config, dtype, device)
+    data = _read_config_json(path)
+    if data.get("model_type") == MODEL_TYPE:
+        return read_native_config(data)
+    from hybridlm.checkpoints.hf import read_hf_config
+
+    return read_hf_config(path, data)
 
 
-def save_pretrained(model: HybridLM, path: str | os.PathLike) -> Path:
-    return save_native(model, path)
+def from_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> HybridLM:
+    """Load a checkpoint directory (hybridlm or Hugging Face) into a HybridLM in eval mode.
+
+    ``dtype`` casts the floating-point weights (default: the stored dtype of the embeddings). Every
+    tensor is checked against the config (names, shapes) from the file headers before any is read;
+    a failure raises one ValueError or FileNotFoundError naming the file and the tensor.
+    """
+    path = Path(path)
+    data = _read_config_json(path)
+    if data.get("model_type") == MODEL_TYPE:
+        return load_native(path, read_native_config(data), dtype, device)
+    from hybridlm.checkpoints.hf import load_hf
+
+    return load_hf(path, data, dtype, device)
+
+
+def save_pretrained(
+    model: HybridLM,
+    path: str | os.PathLike,
+    format: Literal["hybridlm", "hf"] = "hybridlm",
+    family: str | None = None,
+    max_shard_bytes: int | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``model`` to the directory ``path``.
+
+    format "hybridlm": config.json + model.safetensors under our parameter names.
+    format "hf": a Hugging Face checkpoint of ``family`` (nemotron_h, qwen3_next, qwen3_5_moe,
+    granitemoehybrid, jamba); by default the family the model was read from, else the first whose
+    block types cover the pattern (M * - E: nemotron_h; G * - E: qwen3_next; m * - E: jamba).
+    ``max_shard_bytes`` splits the weights into shards with an index; ``extra_files`` (name -> path)
+    are copied in (tokenizer files).
+    """
+    if format == "hybridlm":
+        if family is not None:
+            raise ValueError("family applies to format='hf' only")
+        return save_native(model, path, max_shard_bytes, extra_files)
+    if format == "hf":
+        from hybridlm.checkpoints.hf import save_hf
+
+        return save_hf(model, path, family, max_shard_bytes, extra_files)
+    raise ValueError(f"format must be 'hybridlm' or 'hf', got {format!r}")

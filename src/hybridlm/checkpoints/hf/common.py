@@ -1,0 +1,241 @@
+"""What the Hugging Face families share: reading config.json fields, RoPE and layer-type spellings,
+and the tensor rules of the blocks several families have in common (attention, Mamba-2, Mamba-1,
+MLPs, stacked experts).
+
+Rule builders take our module prefix (``layers.3.mixer``) and the checkpoint's (``model.layers.1.mamba``);
+the porting spec they follow is ``docs/hf-families.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybridlm.checkpoints.plan import Plan, Rule, rename, stacked, stacked_gate_up
+from hybridlm.config import AttentionConfig, HybridConfig, Mamba2Config, MambaConfig, MLPConfig, MoEConfig
+from hybridlm.model import HybridLM
+
+# configuration_utils._LEGACY_LAYER_TYPE_REMAP: what transformers 5.23 renames on load
+LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face model family: its config.json both ways and its tensor plan."""
+
+    name: str  # the model_type written on export
+    model_types: tuple[str, ...]  # the model_type values it reads
+    architecture: str  # the *ForCausalLM class written on export
+    block_types: str  # the pattern characters it can hold
+    config_from_hf: Callable[[HFConfig], HybridConfig]
+    config_to_hf: Callable[[HybridConfig], dict[str, Any]]
+    plan: Callable[[HybridLM], Plan]
+
+
+def decode_floats(value: Any) -> Any:
+    """transformers 5.23 writes inf as {"__float__": "Infinity"}; older files use the bare JSON token."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[value["__float__"]]
+        return {k: decode_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_floats(v) for v in value]
+    return value
+
+
+def encode_floats(value: Any) -> Any:
+    """The inverse of :func:`decode_floats`, for config.json files we write."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+    if isinstance(value, dict):
+        return {k: encode_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_floats(v) for v in value]
+    return value
+
+
+class HFConfig:
+    """A config.json dict plus where it came from, so every error names the file and the field."""
+
+    def __init__(self, data: dict[str, Any], path: Path) -> None:
+        self.data = decode_floats(data)
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def require(self, key: str) -> Any:
+        if self.data.get(key) is None:
+            raise ValueError(f"{self.path}: field {key!r} is missing")
+        return self.data[key]
+
+    def unsupported(self, option: str, why: str) -> ValueError:
+        value = self.data.get(option)
+        return ValueError(f"{self.path}: {option} = {value!r} is not supported: {why}")
+
+    def expect(self, key: str, allowed: Iterable[Any], default: Any, why: str) -> Any:
+        value = self.get(key, default)
+        if value not in allowed:
+            raise self.unsupported(key, why)
+        return value
+
+
+def layer_types(cfg: HFConfig, *keys: str) -> list[str] | None:
+    """The first of ``keys`` present, with legacy spellings mapped as transformers does."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None:
+            return [LEGACY_LAYER_TYPES.get(t, t) for t in value]
+    return None
+
+
+def rope(cfg: HFConfig, default_partial: float = 1.0) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from ``rope_parameters`` (5.x) or the top-level fields (4.x);
+    only the default RoPE type is ported."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"{cfg.path}: rope_parameters.rope_type = {rope_type!r} is not supported (only 'default' RoPE is ported)"
+        )
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
+    return float(theta), float(partial)
+
+
+def common_fields(cfg: HFConfig) -> dict[str, Any]:
+    """HybridConfig fields every family spells the same way."""
+    extra: dict[str, Any] = {"hf_model_type": cfg.data.get("model_type")}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if cfg.data.get(key) is not None:
+            extra[key] = cfg.data[key]
+    return dict(
+        vocab_size=cfg.require("vocab_size"),
+        hidden_size=cfg.require("hidden_size"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        initializer_range=cfg.get("initializer_range", 0.02),
+        extra=extra,
+    )
+
+
+def common_to_hf(config: HybridConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in config.extra:
+            out[key] = config.extra[key]
+    return out
+
+
+def cannot_export(family: str, option: str, why: str) -> ValueError:
+    return ValueError(f"cannot export to {family}: {option} — {why}")
+
+
+def check_pairs(config: HybridConfig, family: str, mixers: str, ffns: str) -> None:
+    """Families whose decoder layer is a mixer block then an FFN block."""
+    pattern = config.pattern
+    for index, char in enumerate(pattern):
+        allowed = mixers if index % 2 == 0 else ffns
+        if char not in allowed:
+            raise cannot_export(
+                family,
+                f"pattern[{index}] = {char!r}",
+                f"each {family} layer is one of {' '.join(mixers)} followed by one of {' '.join(ffns)} "
+                f"(pattern {pattern!r})",
+            )
+    if len(pattern) % 2:
+        raise cannot_export(family, f"pattern {pattern!r}", f"{family} layers are pairs of blocks: odd length")
+
+
+def check_plain_moe(config: HybridConfig, family: str, *, scoring: str = "softmax") -> MoEConfig:
+    """The softmax-router MoE of Qwen, Granite and Jamba: no expert bias, no groups, no scaling."""
+    moe = config.moe
+    checks = {
+        "moe.activation": (moe.activation, "swiglu"),
+        "moe.scoring": (moe.scoring, scoring),
+        "moe.use_expert_bias": (moe.use_expert_bias, False),
+        "moe.num_groups": (moe.num_groups, 1),
+        "moe.routed_scaling_factor": (moe.routed_scaling_factor, 1.0),
+    }
+    for option, (value, wanted) in checks.items():
+        if value != wanted:
+            raise cannot_export(family, f"{option} = {value!r}", f"{family} routers need {wanted!r}")
+    return moe
+
+
+def check_attention(config: HybridConfig, family: str, **wanted: Any) -> AttentionConfig:
+    attention = config.attention
+    for option, value in wanted.items():
+        if getattr(attention, option) != value:
+            raise cannot_export(
+                family, f"attention.{option} = {getattr(attention, option)!r}", f"{family} needs {value!r}"
+            )
+    return attention
+
+
+# -- tensor rules of shared blocks -----------------------------------------------------------------
+
+
+def attention_rules(ours: str, disk: str, attention: AttentionConfig) -> list[Rule]:
+    rules = [rename(f"{ours}.{p}_proj.weight", f"{disk}.{p}_proj.weight") for p in "qkvo"]
+    if attention.bias:
+        rules += [rename(f"{ours}.{p}_proj.bias", f"{disk}.{p}_proj.bias") for p in "qkvo"]
+    if attention.has_qk_norm:
+        rules += [rename(f"{ours}.{n}_norm.weight", f"{disk}.{n}_norm.weight") for n in "qk"]
+    return rules
+
+
+def mamba2_rules(ours: str, disk: str, mamba2: Mamba2Config) -> list[Rule]:
+    names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
+    if mamba2.use_conv_bias:
+        names.append("conv1d.bias")
+    if mamba2.use_bias:
+        names += ["in_proj.bias", "out_proj.bias"]
+    return [rename(f"{ours}.{n}", f"{disk}.{n}") for n in names]
+
+
+def mamba_rules(ours: str, disk: str, mamba: MambaConfig) -> list[Rule]:
+    names = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D"]
+    names += ["out_proj.weight"]
+    if mamba.has_inner_norms:
+        names += ["dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight"]
+    if mamba.use_conv_bias:
+        names.append("conv1d.bias")
+    if mamba.use_bias:
+        names += ["in_proj.bias", "out_proj.bias"]
+    return [rename(f"{ours}.{n}", f"{disk}.{n}") for n in names]
+
+
+def mlp_rules(ours: str, disk: str, mlp: MLPConfig | MoEConfig, bias: bool = False) -> list[Rule]:
+    projections = ["gate_proj", "up_proj", "down_proj"] if mlp.activation == "swiglu" else ["up_proj", "down_proj"]
+    kinds = ["weight", "bias"] if bias else ["weight"]
+    return [rename(f"{ours}.{p}.{kind}", f"{disk}.{p}.{kind}") for p in projections for kind in kinds]
+
+
+def expert_rules(ours: str, disk: str, moe: MoEConfig) -> list[Rule]:
+    """Experts written one per key (``{disk}.{e}.up_proj.weight``), read that way or stacked
+    (``{disk}.gate_up_proj`` / ``{disk}.up_proj``, ``{disk}.down_proj``: transformers 5.x in memory)."""
+    experts = range(moe.num_experts)
+    down = stacked(f"{ours}.down_proj", [f"{disk}.{e}.down_proj.weight" for e in experts], f"{disk}.down_proj")
+    if moe.activation == "swiglu":
+        gate_up = stacked_gate_up(
+            f"{ours}.gate_up_proj",
+            [f"{disk}.{e}.gate_proj.weight" for e in experts],
+            [f"{disk}.{e}.up_proj.weight" for e in experts],
+            f"{disk}.gate_up_proj",
+        )
+        return [gate_up, down]
+    up = stacked(f"{ours}.up_proj", [f"{disk}.{e}.up_proj.weight" for e in experts], f"{disk}.up_proj")
+    return [up, down]

@@ -1,0 +1,307 @@
+"""Tensor plans: which checkpoint tensors fill which HybridLM parameters, both ways.
+
+A plan is a list of rules. A rule fills one or more of our parameters (``targets``) from one or
+more checkpoint tensors through one of its layouts, the ways those tensors lie on disk (experts
+per-expert or stacked, a ``backbone.`` or ``model.`` prefix, fused or separate projections). The
+first layout is the one ``save`` writes; ``load`` takes the first whose tensors are all present.
+Each layout carries both directions, so the shapes a checkpoint must hold are found by running
+``to_disk`` on meta tensors of our parameter shapes, and every error is raised from headers alone,
+before a byte of weights is read.
+
+Loading builds the model on the meta device, allocates each parameter once, and fills it rule by
+rule, reading one tensor at a time: straight into the parameter (or its slice) when the layout only
+renames, stacks or splits, through a temporary of one rule's size otherwise. Peak memory stays near
+one copy of the weights (``benchmarks/bench_load_memory.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hybridlm.checkpoints.safetensors_io import CheckpointReader, TensorInfo, TensorSpec
+from hybridlm.config import HybridConfig
+from hybridlm.model import HybridLM
+
+Transform = Callable[[list[Tensor]], list[Tensor]]
+
+
+def _identity(tensors: list[Tensor]) -> list[Tensor]:
+    return list(tensors)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a rule's tensors lie on disk: their names and the transforms both ways."""
+
+    keys: tuple[str, ...]
+    to_ours: Transform = _identity  # disk tensors (in ``keys`` order) -> our targets
+    to_disk: Transform = _identity  # our targets -> disk tensors (in ``keys`` order)
+
+
+@dataclass(frozen=True)
+class Rule:
+    targets: tuple[str, ...]  # our parameter names
+    layouts: tuple[Layout, ...]  # the first is what save writes
+
+
+@dataclass
+class Plan:
+    rules: list[Rule]
+    canonical: Callable[[str], str | None] = lambda key: key  # disk name -> plan name, None = ignored
+
+
+# -- rule builders ---------------------------------------------------------------------------------
+
+
+def rename(ours: str, disk: str, *alternatives: str) -> Rule:
+    """Our ``ours`` is the disk tensor ``disk`` (or, when reading, one of ``alternatives``)."""
+    return Rule((ours,), tuple(Layout((key,)) for key in (disk, *alternatives)))
+
+
+def stacked(ours: str, per_expert: Sequence[str], *fused: str) -> Rule:
+    """Our [E, ...] tensor from one disk tensor per expert (written that way), or an already stacked one."""
+    layout = Layout(tuple(per_expert), lambda ts: [torch.stack(ts)], lambda ts: list(ts[0].unbind(0)))
+    return Rule((ours,), (layout, *(Layout((key,)) for key in fused)))
+
+
+def stacked_gate_up(ours: str, gates: Sequence[str], ups: Sequence[str], *fused: str) -> Rule:
+    """Our ``gate_up_proj`` [E, 2I, D] (rows gate then up) from per-expert gate [I, D] and up [I, D]."""
+    count = len(gates)
+
+    def to_ours(ts: list[Tensor]) -> list[Tensor]:
+        return [torch.cat([torch.stack(ts[:count]), torch.stack(ts[count:])], dim=1)]
+
+    def to_disk(ts: list[Tensor]) -> list[Tensor]:
+        gate, up = ts[0].chunk(2, dim=1)
+        return [*gate.unbind(0), *up.unbind(0)]
+
+    layout = Layout((*gates, *ups), to_ours, to_disk)
+    return Rule((ours,), (layout, *(Layout((key,)) for key in fused)))
+
+
+def split_rows(ours: Sequence[str], disk: str, sizes: Sequence[int]) -> Rule:
+    """Several of our tensors stacked along dim 0 in one disk tensor (Granite's fused ``[gate; up]``)."""
+    sizes = list(sizes)
+    layout = Layout((disk,), lambda ts: list(ts[0].split(sizes, dim=0)), lambda ts: [torch.cat(ts, dim=0)])
+    return Rule(tuple(ours), (layout,))
+
+
+def identity_plan(model: HybridLM) -> Plan:
+    """Every parameter under its own name (hybridlm's native format)."""
+    return Plan([rename(name, name) for name, _ in model.named_parameters()])
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _check_plan(params: dict[str, nn.Parameter], plan: Plan) -> None:
+    """Each parameter in exactly one rule: a family module that breaks this has a bug."""
+    seen: dict[str, int] = {}
+    for rule in plan.rules:
+        for target in rule.targets:
+            seen[target] = seen.get(target, 0) + 1
+    twice = sorted(t for t, n in seen.items() if n > 1)
+    unknown = sorted(set(seen) - set(params))
+    uncovered = sorted(set(params) - set(seen))
+    if twice or unknown or uncovered:
+        raise RuntimeError(
+            f"bad tensor plan: filled twice {twice[:3]}, not parameters {unknown[:3]}, not filled {uncovered[:3]}"
+        )
+
+
+def _expert_count_hint(names: Sequence[str], config: HybridConfig, is_missing: bool) -> str:
+    """When the offending tensors are experts, say that the config's expert count is what disagrees."""
+    indices = sorted({int(m.group(1)) for name in names if (m := re.search(r"\.experts\.(\d+)\.", name))})
+    if not indices or config.moe is None:
+        return ""
+    found = f"lacks experts {indices[0]}..{indices[-1]}" if is_missing else f"holds experts up to {indices[-1]}"
+    return (
+        f"; the config says {config.moe.num_experts} experts per MoE layer but the checkpoint {found}: "
+        "the config contradicts the tensors"
+    )
+
+
+def _choose_layouts(plan: Plan, present: dict[str, TensorInfo], reader: CheckpointReader, config: HybridConfig):
+    chosen: list[tuple[Rule, Layout]] = []
+    missing: list[str] = []
+    for rule in plan.rules:
+        layout = next((lay for lay in rule.layouts if all(k in present for k in lay.keys)), None)
+        if layout is None:
+            # report against the layout most nearly present (else the one save writes)
+            best = max(rule.layouts, key=lambda lay: sum(k in present for k in lay.keys))
+            missing.extend(k for k in best.keys if k not in present)
+            continue
+        chosen.append((rule, layout))
+    if missing:
+        raise ValueError(
+            f"{reader.source}: missing tensor {missing[0]}"
+            + (f" and {len(missing) - 1} more ({', '.join(missing[1:4])}, ...)" if len(missing) > 1 else "")
+            + _expert_count_hint(missing, config, is_missing=True)
+        )
+    used = {key for _, layout in chosen for key in layout.keys}
+    unexpected = [key for key in present if key not in used]
+    if unexpected:
+        info = present[unexpected[0]]
+        raise ValueError(
+            f"{info.file}: unexpected tensor {info.name}"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            + " (the config does not call for it)"
+            + _expert_count_hint([present[k].name for k in unexpected], config, is_missing=False)
+        )
+    return chosen
+
+
+def _check_shapes(chosen, params: dict[str, nn.Parameter], present: dict[str, TensorInfo], config: HybridConfig):
+    for rule, layout in chosen:
+        meta = [torch.empty(params[t].shape, device="meta") for t in rule.targets]
+        expected = [tuple(t.shape) for t in layout.to_disk(meta)]
+        for key, shape in zip(layout.keys, expected, strict=True):
+            info = present[key]
+            if info.shape != shape:
+                hint = ""
+                is_expert_axis = config.moe is not None and shape[:1] == (config.moe.num_experts,)
+                if is_expert_axis and len(info.shape) == len(shape) and info.shape[1:] == shape[1:]:
+                    hint = (
+                        f"; the config says {shape[0]} experts, the tensor holds {info.shape[0]}: the config "
+                        "contradicts the tensors"
+                    )
+                raise ValueError(
+                    f"{info.file}: tensor {info.name} has shape {info.shape}, expected {shape} "
+                    f"(for {', '.join(rule.targets)}){hint}"
+                )
+
+
+def _present_tensors(reader: CheckpointReader, plan: Plan) -> dict[str, TensorInfo]:
+    present: dict[str, TensorInfo] = {}
+    for name, info in reader.tensors.items():
+        key = plan.canonical(name)
+        if key is None:
+            continue
+        if key in present:
+            raise ValueError(
+                f"{info.file}: tensors {present[key].name} and {name} are the same parameter under two spellings"
+            )
+        present[key] = info
+    return present
+
+
+def _model_dtype(chosen, present: dict[str, TensorInfo], dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` if given, else the stored dtype of the embeddings (one dtype for the whole model)."""
+    if dtype is not None:
+        return dtype
+    for rule, layout in chosen:
+        if "embeddings.weight" in rule.targets:
+            return present[layout.keys[0]].dtype
+    return torch.float32
+
+
+def _is_view_into(tensor: Tensor, targets: list[Tensor]) -> bool:
+    pointer = tensor.untyped_storage().data_ptr()
+    return tensor.is_contiguous() and any(t.untyped_storage().data_ptr() == pointer for t in targets)
+
+
+def _allocate(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Give every meta parameter real (uninitialised) storage; tied parameters stay tied."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                # the selection-only router bias stays fp32, as transformers keeps it (_keep_in_fp32_modules)
+                want = torch.float32 if name == "e_score_correction_bias" else dtype
+                want = want if param.is_floating_point() else param.dtype
+                made[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=want, device=device), requires_grad=param.requires_grad
+                )
+            module._parameters[name] = made[id(param)]
+
+
+def _materialise_buffers(model: HybridLM, device: str | torch.device) -> None:
+    """Non-persistent buffers (RoPE frequencies) are not in the file: rebuild them off the meta device."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                if name == "inv_freq":
+                    dim = module.rotary_dim
+                    theta = model.config.attention.rope_theta
+                    value = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+                    module.register_buffer(name, value.to(device), persistent=False)
+                else:
+                    raise RuntimeError(f"buffer {name} of {type(module).__name__} was not loaded")
+
+
+@torch.no_grad()
+def load_with_plan(
+    config: HybridConfig,
+    plan_for: Callable[[HybridLM], Plan],
+    reader: CheckpointReader,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> HybridLM:
+    """A HybridLM for ``config`` filled from ``reader`` by the plan; every check runs before any read."""
+    with torch.device("meta"):
+        model = HybridLM(config)
+    plan = plan_for(model)
+    params = dict(model.named_parameters())
+    _check_plan(params, plan)
+    present = _present_tensors(reader, plan)
+    chosen = _choose_layouts(plan, present, reader, config)
+    _check_shapes(chosen, params, present, config)
+
+    _allocate(model, _model_dtype(chosen, present, dtype), device)
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for rule, layout in chosen:
+        targets = [params[t].data for t in rule.targets]
+        # to_disk of the real parameters gives, for renames, stacks and chunks, views into them: each
+        # disk tensor is then read straight into its place, with no temporary of the layer's size
+        views = layout.to_disk(targets)
+        if all(_is_view_into(view, targets) for view in views):
+            for key, view in zip(layout.keys, views, strict=True):
+                data = reader.read(present[key].name, out=view)
+                if data is not view:
+                    view.copy_(data)
+        else:
+            sources = [reader.read(present[key].name) for key in layout.keys]
+            for target, value in zip(targets, layout.to_ours(sources), strict=True):
+                target.copy_(value)
+            del sources
+        filled.update(rule.targets)
+    if filled != set(params):
+        raise RuntimeError(f"parameters left unfilled: {sorted(set(params) - filled)[:5]}")
+
+    _materialise_buffers(model, device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embeddings.weight
+    return model.eval()
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+
+def plan_tensors(model: HybridLM, plan: Plan) -> tuple[list[TensorSpec], Iterator[tuple[str, Tensor]]]:
+    """What saving ``model`` by ``plan`` writes: the specs (from shapes alone) and a lazy stream of the
+    tensors in the same order, one rule's worth computed at a time."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    specs = []
+    for rule in plan.rules:
+        layout = rule.layouts[0]
+        targets = [params[t] for t in rule.targets]
+        meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in targets]
+        for key, out in zip(layout.keys, layout.to_disk(meta), strict=True):
+            specs.append(TensorSpec(key, out.dtype, tuple(out.shape)))
+
+    def stream() -> Iterator[tuple[str, Tensor]]:
+        with torch.no_grad():
+            for rule in plan.rules:
+                layout = rule.layouts[0]
+                outs = layout.to_disk([params[t].detach() for t in rule.targets])
+                yield from zip(layout.keys, outs, strict=True)
+
+    return specs, stream()

@@ -1,0 +1,354 @@
+"""Safetensors checkpoints read tensor by tensor and written tensor by tensor.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N,
+N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the tensor bytes, offsets relative to the end of the header.
+
+Reading parses each file's header once and then reads one tensor at a time with ``readinto``,
+straight into the destination tensor when it can. No memory map: the pages of a mapped file count
+toward the process's resident set while the map is open, so reading a whole checkpoint through one
+``safe_open`` handle peaks at about twice the weights; plain reads keep it near one copy.
+
+Writing streams: the header is computed from shapes alone, then each tensor is produced, written
+and dropped, so exporting needs no second copy of the model either. A checkpoint directory is
+written into a temporary sibling, fsynced, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: ``file`` from absolute byte ``offset``, ``nbytes`` long."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ({name: TensorInfo}, metadata).
+
+    Raises ValueError naming the file for a truncated file or a corrupt header, so nothing is read
+    from a file whose tensors would not all be there.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise ValueError(
+                f"{path}: corrupt or truncated safetensors file: the header claims {header_len:,} bytes but the file "
+                f"holds {size:,} bytes in all"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: corrupt safetensors header (not valid JSON: {error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start, size)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: corrupt safetensors header: bad entry for tensor {name}: {entry!r}") from error
+    nbytes = math.prod(shape) * _element_size(dtype)
+    if begin < 0 or end - begin != nbytes:
+        raise ValueError(
+            f"{path}: corrupt safetensors header: tensor {name} {entry['dtype']}{list(shape)} needs {nbytes:,} "
+            f"bytes but its data_offsets are [{begin}, {end}]"
+        )
+    if data_start + end > file_size:
+        raise ValueError(
+            f"{path}: truncated safetensors file: tensor {name} ends at byte {data_start + end:,} but the file has "
+            f"{file_size:,} bytes"
+        )
+    return TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
+
+
+def _byte_view(tensor: Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint directory: ``model.safetensors`` or a sharded index.
+
+    Only headers are read on construction; ``read(name)`` reads one tensor.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX_FILE
+        single_path = self.directory / SINGLE_FILE
+        self.tensors: dict[str, TensorInfo] = {}
+        if index_path.exists():
+            self.source = index_path
+            self._read_index(index_path)
+        elif single_path.exists():
+            self.source = single_path
+            self.tensors, self.metadata = read_header(single_path)
+        else:
+            others = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+                p.name for p in self.directory.glob("*.pt")
+            )
+            hint = f" (found {', '.join(others)}: only safetensors weights are read)" if others else ""
+            raise FileNotFoundError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        self._handles: dict[Path, object] = {}
+
+    def _read_index(self, index_path: Path) -> None:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_path}: not a safetensors index (needs a 'weight_map' object): {error}") from error
+        by_file: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            by_file.setdefault(file_name, []).append(name)
+        self.metadata = {}
+        for file_name, names in by_file.items():
+            shard = self.directory / file_name
+            if not shard.exists():
+                raise FileNotFoundError(
+                    f"{index_path}: shard {file_name} is missing; it should hold {len(names)} tensors, e.g. {names[0]}"
+                )
+            header, _ = read_header(shard)
+            absent = [n for n in names if n not in header]
+            if absent:
+                raise ValueError(
+                    f"{shard}: tensor {absent[0]} is listed for this shard in {INDEX_FILE} but the shard lacks it "
+                    f"({len(absent)} such tensors)"
+                )
+            for name in names:
+                self.tensors[name] = header[name]
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        """The tensor ``name`` as stored; read straight into ``out`` when it is a contiguous CPU tensor of
+        the stored dtype and shape (then ``out`` is returned)."""
+        info = self.tensors[name]
+        is_direct = (
+            out is not None
+            and out.device.type == "cpu"
+            and out.dtype == info.dtype
+            and tuple(out.shape) == info.shape
+            and out.is_contiguous()
+        )
+        target = out if is_direct else torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            self._read_into(info, _byte_view(target))
+        return target
+
+    def _read_into(self, info: TensorInfo, buffer: memoryview) -> None:
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        handle.seek(info.offset)
+        filled = 0
+        while filled < info.nbytes:
+            count = handle.readinto(buffer[filled:])
+            if not count:
+                raise ValueError(
+                    f"{info.file}: truncated while reading tensor {info.name}: got {filled:,} of {info.nbytes:,} bytes "
+                    "(was the file changed after its header was read?)"
+                )
+            filled += count
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, dtype and shape, known before its data is produced."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+def write_safetensors(
+    path: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, Tensor]], metadata: Mapping[str, str]
+) -> None:
+    """Write ``specs`` in order, pulling each tensor's data from ``tensors`` (same order) as it goes."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for spec in specs:
+            name, tensor = next(tensors)
+            if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise RuntimeError(
+                    f"writer got {name} {tensor.dtype} {tuple(tensor.shape)}, expected {spec.name} {spec.dtype} "
+                    f"{spec.shape}"
+                )
+            tensor = tensor.detach().to("cpu").contiguous()
+            if spec.nbytes:
+                f.write(_byte_view(tensor))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _shard_groups(specs: list[TensorSpec], max_shard_bytes: int | None) -> list[list[TensorSpec]]:
+    if max_shard_bytes is None:
+        return [specs]
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return groups
+
+
+def write_checkpoint_dir(
+    target: str | os.PathLike,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, Tensor]],
+    files: Mapping[str, str | bytes | Path],
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically: weights (one file, or shards + index) plus ``files``
+    (name -> text, bytes, or a path to copy). An existing ``target`` is replaced only once the new
+    directory is complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        groups = _shard_groups(specs, max_shard_bytes)
+        metadata = {"format": "pt"}
+        if len(groups) == 1:
+            write_safetensors(staging / SINGLE_FILE, groups[0], tensors, metadata)
+        else:
+            weight_map = {}
+            for number, group in enumerate(groups, start=1):
+                file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+                write_safetensors(staging / file_name, group, tensors, metadata)
+                weight_map.update({spec.name: file_name for spec in group})
+            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+            _write_file(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, staging / name)
+            else:
+                _write_file(staging / name, content)
+        _fsync_dir(staging)
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_file(path: Path, content: str | bytes) -> None:
+    data = content.encode() if isinstance(content, str) else content
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and deleted after."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
+def existing_files(directory: Path, names: Iterable[str]) -> dict[str, Path]:
+    """The files among ``names`` that exist in ``directory`` (tokenizer files to carry over)."""
+    return {name: directory / name for name in names if (directory / name).is_file()}
