@@ -6,13 +6,11 @@ import gzip
 import json
 import sqlite3
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from hybridlm.trace.classify import classify_kernel, parse_block_range, parse_step_range
-
-FIXTURES = Path("/work/shared/fixtures")
+from tests.helpers import FIXTURES
 
 # fmt: off
 NAMES = [

@@ -4,12 +4,12 @@ import gzip
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+from tests.helpers import FIXTURES
+
 KINETO = FIXTURES / "kineto" / "sampled_rank-1.json.gz"
 QUERY = (
     "SELECT name, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_us) AS p50, "

@@ -14,8 +14,8 @@ import pytest
 from hybridlm.trace.importers import detect_format, import_trace, innermost_enclosing
 from hybridlm.trace.schema import TraceError
 from hybridlm.trace.store import TraceStore, open_readonly
+from tests.helpers import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
 KINETO = FIXTURES / "kineto/sampled_rank-1.json.gz"
 NSIGHT = FIXTURES / "nsight/saxpy-mpi-cuda_nsys_perlmutter0.sqlite"
 INGERO = sorted((FIXTURES / "ingero").glob("*.db"))

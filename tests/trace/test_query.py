@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from hybridlm.trace.importers import import_trace
 from hybridlm.trace.query import format_table, format_value, run_query
 from hybridlm.trace.schema import TraceError
 from hybridlm.trace.store import TraceStore
+from tests.helpers import FIXTURES
 
-KINETO = Path("/work/shared/fixtures/kineto/sampled_rank-1.json.gz")
+KINETO = FIXTURES / "kineto" / "sampled_rank-1.json.gz"
 
 P99_QUERY = (
     "SELECT name, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_us) AS p50, "
