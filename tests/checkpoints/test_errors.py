@@ -108,9 +108,6 @@ def test_unknown_model_type(checkpoint):
     _edit_config(checkpoint, model_type="llama")
     with pytest.raises(ValueError, match=r"ckpt/config\.json: model_type 'llama' is not supported; known"):
         hybridlm.from_pretrained(checkpoint)
-    _edit_config(checkpoint, model_type="falcon_h1")
-    with pytest.raises(ValueError, match=r"model_type 'falcon_h1' is not supported: .*in parallel"):
-        hybridlm.from_pretrained(checkpoint)
 
 
 def test_unsupported_options(checkpoint, tmp_path):

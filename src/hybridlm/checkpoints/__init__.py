@@ -80,8 +80,9 @@ def save_pretrained(
 
     format "hybridlm": config.json + model.safetensors under our parameter names.
     format "hf": a Hugging Face checkpoint of ``family`` (nemotron_h, qwen3_next, qwen3_5_moe,
-    granitemoehybrid, jamba); by default the family the model was read from, else the first whose
-    block types cover the pattern (M * - E: nemotron_h; G * - E: qwen3_next; m * - E: jamba).
+    granitemoehybrid, jamba, falcon_h1); by default the family the model was read from, else the first
+    whose block types cover the pattern (M * - E: nemotron_h; G * - E: qwen3_next; m * - E: jamba;
+    P -: falcon_h1).
     ``max_shard_bytes`` splits the weights into shards with an index; ``extra_files`` (name -> path)
     are copied in (tokenizer files).
     """

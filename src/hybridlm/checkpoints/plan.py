@@ -91,6 +91,41 @@ def split_rows(ours: Sequence[str], disk: str, sizes: Sequence[int]) -> Rule:
     return Rule(tuple(ours), (layout,))
 
 
+def scaled(ours: str, disk: str, factors: float | Sequence[tuple[int, float]]) -> Rule:
+    """Our ``ours`` is the disk tensor ``disk`` times ``factors``: one scalar, or one scalar per block of
+    rows along dim 0 (``[(rows, factor), ...]``, covering every row).
+
+    This is how a checkpoint's multipliers on linear maps are folded into the weights at load and
+    divided back out at save. The product is taken in at least fp32 and rounded once, to the model
+    dtype at load and to the parameter dtype at save. All factors 1 is a plain rename.
+    """
+    if isinstance(factors, (int, float)):
+        blocks: list[tuple[int | None, float]] = [(None, float(factors))]
+    else:
+        blocks = [(int(rows), float(factor)) for rows, factor in factors]
+    if all(factor == 1.0 for _, factor in blocks):
+        return rename(ours, disk)
+
+    def factor_like(tensor: Tensor, wide: torch.dtype) -> Tensor | float:
+        if blocks[0][0] is None:
+            return blocks[0][1]
+        total = sum(rows for rows, _ in blocks)
+        if total != tensor.shape[0]:
+            raise ValueError(f"{disk}: scale blocks cover {total} rows, the tensor has {tensor.shape[0]}")
+        column = torch.cat([torch.full((rows,), factor, dtype=torch.float64) for rows, factor in blocks])
+        return column.to(device=tensor.device, dtype=wide).view(-1, *([1] * (tensor.ndim - 1)))
+
+    def to_ours(ts: list[Tensor]) -> list[Tensor]:  # left wide: the copy into the parameter rounds once
+        wide = torch.promote_types(ts[0].dtype, torch.float32)
+        return [ts[0].to(wide) * factor_like(ts[0], wide)]
+
+    def to_disk(ts: list[Tensor]) -> list[Tensor]:
+        wide = torch.promote_types(ts[0].dtype, torch.float32)
+        return [(ts[0].to(wide) / factor_like(ts[0], wide)).to(ts[0].dtype)]
+
+    return Rule((ours,), (Layout((disk,), to_ours, to_disk),))
+
+
 def identity_plan(model: HybridLM) -> Plan:
     """Every parameter under its own name (hybridlm's native format)."""
     return Plan([rename(name, name) for name, _ in model.named_parameters()])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hybridlm.checkpoints.hf import granitemoehybrid, jamba, nemotron_h, qwen3_next
+from hybridlm.checkpoints.hf import falcon_h1, granitemoehybrid, jamba, nemotron_h, qwen3_next
 from hybridlm.checkpoints.hf.common import Family, HFConfig, encode_floats
 from hybridlm.checkpoints.plan import load_with_plan, plan_tensors
 from hybridlm.checkpoints.safetensors_io import CheckpointReader, write_checkpoint_dir
@@ -25,16 +25,21 @@ from hybridlm.model import HybridLM
 
 __all__ = ["FAMILIES", "FAMILY_NAMES", "Family", "choose_family", "load_hf", "read_hf_config", "save_hf"]
 
-_ALL = (nemotron_h.FAMILY, qwen3_next.QWEN3_NEXT, qwen3_next.QWEN3_5_MOE, granitemoehybrid.FAMILY, jamba.FAMILY)
+_ALL = (
+    nemotron_h.FAMILY,
+    qwen3_next.QWEN3_NEXT,
+    qwen3_next.QWEN3_5_MOE,
+    granitemoehybrid.FAMILY,
+    jamba.FAMILY,
+    falcon_h1.FAMILY,
+)
 FAMILIES: dict[str, Family] = {model_type: family for family in _ALL for model_type in family.model_types}
 FAMILY_NAMES: dict[str, Family] = {family.name: family for family in _ALL}
 # the export order when nothing says which family: the first whose block types cover the pattern
-_AUTO_ORDER = (nemotron_h.FAMILY, qwen3_next.QWEN3_NEXT, jamba.FAMILY)
+_AUTO_ORDER = (nemotron_h.FAMILY, qwen3_next.QWEN3_NEXT, jamba.FAMILY, falcon_h1.FAMILY)
 
-UNSUPPORTED = {
-    "falcon_h1": "its layer runs Mamba-2 and attention in parallel on one normalised input, which no hybridlm "
-    "block type expresses (docs/hf-families.md, section 3)",
-}
+# model types known not to fit, with the reason (none at present; a clearer error than "unknown")
+UNSUPPORTED: dict[str, str] = {}
 
 
 def family_of(data: dict[str, Any], config_file: Path) -> Family:
@@ -89,7 +94,7 @@ def choose_family(config: HybridConfig, family: str | None = None) -> Family:
     raise ValueError(
         f"no Hugging Face family holds every block type of pattern {config.pattern!r}: it has "
         f"{', '.join(defining)}. Export a pattern within one family's block types (nemotron_h and "
-        "granitemoehybrid: M * - E; qwen3_next and qwen3_5_moe: G * - E; jamba: m * - E)"
+        "granitemoehybrid: M * - E; qwen3_next and qwen3_5_moe: G * - E; jamba: m * - E; falcon_h1: P -)"
     )
 
 
