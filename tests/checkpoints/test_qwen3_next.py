@@ -1,34 +1,59 @@
-"""qwen3_next: hybridlm against transformers' Qwen3NextForCausalLM (docs/hf-families.md §2.2)."""
+"""qwen3_next and qwen3_5_moe (both in hf/qwen3_next.py): hybridlm against transformers'
+Qwen3NextForCausalLM and Qwen3_5MoeForCausalLM (docs/hf-families.md §2.2-2.3).
+
+The parity checks run on both families; a test for one family alone picks it with
+``@pytest.mark.parametrize("pair", [...], indirect=True)``.
+"""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import hybridlm
 from hybridlm.checkpoints import read_config
 from hybridlm.checkpoints.hf.qwen3_next import _ba_layout, _qkvz_layout
 from hybridlm.config import GatedDeltaNetConfig
-from tests.checkpoints.hf_tiny import build_qwen3_next, save_tiny
-from tests.checkpoints.parity import check_chunked_decode, check_greedy, check_logits, check_round_trip, prompts
+from tests.checkpoints.hf_tiny import build_qwen3_5_moe, build_qwen3_next, save_tiny
+from tests.checkpoints.parity import (
+    check_chunked_decode,
+    check_greedy,
+    check_logits,
+    check_round_trip,
+    hf_logits,
+    max_diff,
+    ours_logits,
+    prompts,
+)
 
 pytestmark = pytest.mark.hf
 
+BUILDERS = {"qwen3_next": build_qwen3_next, "qwen3_5_moe": build_qwen3_5_moe}
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf_model = build_qwen3_next()
-    path = save_tiny(hf_model, tmp_path_factory.mktemp("qwen3_next") / "tiny")
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def pair(request, tmp_path_factory):
+    hf_model = BUILDERS[request.param]()
+    path = save_tiny(hf_model, tmp_path_factory.mktemp(request.param) / "tiny")
     return hf_model, hybridlm.from_pretrained(path), path
 
 
-def test_config(pair):
+@pytest.mark.parametrize("pair", ["qwen3_next"], indirect=True)
+def test_qwen3_next_config(pair):
     config = pair[1].config
     assert config.pattern == "GEGEG-*E" and config.num_hidden_layers == 4
     assert config.is_norm_zero_centered and config.norm_eps == 1e-6
     a = config.attention
     assert (a.head_dim, a.rotary_dim, a.has_qk_norm, a.has_output_gate) == (32, 8, True, True)
     assert config.moe.has_shared_expert_gate and config.moe.norm_topk_prob and config.mlp.intermediate_size == 96
+
+
+@pytest.mark.parametrize("pair", ["qwen3_5_moe"], indirect=True)
+def test_qwen3_5_moe_config(pair):
+    config = pair[1].config
+    assert config.pattern == "GEGEGE*E" and config.extra["hf_model_type"] == "qwen3_5_moe_text"
+    assert config.is_norm_zero_centered and config.attention.rotary_dim == 8 and config.moe.norm_topk_prob
 
 
 @pytest.mark.parametrize("length", [20, 80])  # 80 crosses the DeltaNet's 64-token chunk
@@ -72,6 +97,7 @@ def test_interleaved_projection_conversion_is_exact():
     assert torch.equal(_ba_layout("k", gdn).to_disk([b, a])[0], ba)
 
 
+@pytest.mark.parametrize("pair", ["qwen3_next"], indirect=True)
 def test_old_config_spellings(pair, tmp_path):
     """transformers 4.x config.json: top-level rope_theta / partial_rotary_factor, no layer_types."""
     _, model, path = pair
@@ -83,3 +109,28 @@ def test_old_config_spellings(pair, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     config = read_config(tmp_path)
     assert config.pattern == model.config.pattern and config.attention == model.config.attention
+
+
+@pytest.mark.parametrize("pair", ["qwen3_5_moe"], indirect=True)
+def test_composite_checkpoint(pair, tmp_path):
+    """A Qwen3_5MoeForConditionalGeneration directory: text_config, model.language_model. prefix, fused
+    experts, and model.visual.* / mtp.* tensors that are ignored."""
+    hf_model, _, path = pair
+    text = json.loads((path / "config.json").read_text())
+    composite = {
+        "model_type": "qwen3_5_moe",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": {"depth": 1},
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(composite))
+    state = {}
+    for name, tensor in hf_model.state_dict().items():  # in-memory names: experts.gate_up_proj [E, 2I, H]
+        state[name.replace("model.", "model.language_model.", 1)] = tensor.contiguous()
+    state["model.visual.patch_embed.proj.weight"] = torch.zeros(4, 3)
+    state["mtp.layers.0.mlp.experts.0.up_proj.weight"] = torch.zeros(4, 3)
+    save_file(state, tmp_path / "model.safetensors")
+    model = hybridlm.from_pretrained(tmp_path)
+    ids = prompts()
+    assert max_diff(ours_logits(model, ids), hf_logits(hf_model, ids)) < 1e-4

@@ -1,6 +1,7 @@
 """What the Hugging Face families share: reading config.json fields, RoPE and layer-type spellings,
-and the tensor rules of the blocks several families have in common (attention, Mamba-2, Mamba-1,
-MLPs, stacked experts).
+the Bamba-style ``mamba_*`` fields, the tensor rules of the blocks several families have in common
+(attention, Mamba-2, Mamba-1, MLPs, stacked experts), and the decoder-layer skeleton of the families
+whose layer is a mixer block then an FFN block.
 
 Rule builders take our module prefix (``layers.3.mixer``) and the checkpoint's (``model.layers.1.mamba``);
 the porting spec they follow is ``docs/hf-families.md``.
@@ -9,7 +10,7 @@ the porting spec they follow is ``docs/hf-families.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,39 @@ def common_to_hf(config: HybridConfig, model_type: str, architecture: str) -> di
     return out
 
 
+def mamba2_from_hf(cfg: HFConfig, inner: int, inner_source: str, **fields: Any) -> Mamba2Config:
+    """The Mamba-2 of granitemoehybrid and falcon_h1, which spell it as Bamba does (``mamba_n_heads``,
+    ``mamba_d_head``, ...) with the same defaults. ``inner`` is the family's channel count and
+    ``inner_source`` says where it came from (for the error); ``fields`` are the family's own."""
+    num_heads = cfg.get("mamba_n_heads", 128)
+    head_dim = cfg.get("mamba_d_head", "auto")
+    head_dim = inner // num_heads if head_dim == "auto" else head_dim
+    if num_heads * head_dim != inner:
+        raise ValueError(f"{cfg.path}: mamba_n_heads x mamba_d_head = {num_heads} x {head_dim} != {inner_source}")
+    limit = cfg.get("time_step_limit", (0.0, math.inf))
+    return Mamba2Config(
+        num_heads=num_heads,
+        head_dim=head_dim,
+        state_size=cfg.get("mamba_d_state", 256),
+        num_groups=cfg.get("mamba_n_groups", 1),
+        conv_kernel=cfg.get("mamba_d_conv", 4),
+        chunk_size=cfg.get("mamba_chunk_size", 256),
+        use_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
+        use_bias=bool(cfg.get("mamba_proj_bias", False)),
+        time_step_limit=(float(limit[0]), float(limit[1])),
+        **fields,
+    )
+
+
 def cannot_export(family: str, option: str, why: str) -> ValueError:
     return ValueError(f"cannot export to {family}: {option} — {why}")
+
+
+def check_no_multipliers(config: HybridConfig, family: str) -> None:
+    """Families without embedding, residual or logit multipliers."""
+    for option in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(config, option) != 1.0:
+            raise cannot_export(family, f"{option} = {getattr(config, option)}", f"{family} has no multipliers")
 
 
 def check_pairs(config: HybridConfig, family: str, mixers: str, ffns: str) -> None:
@@ -239,3 +271,64 @@ def expert_rules(ours: str, disk: str, moe: MoEConfig) -> list[Rule]:
         return [gate_up, down]
     up = stacked(f"{ours}.up_proj", [f"{disk}.{e}.up_proj.weight" for e in experts], f"{disk}.up_proj")
     return [up, down]
+
+
+# -- the decoder layers of the paired families (qwen3_next, granitemoehybrid, jamba, falcon_h1) --------
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """Decoder layer ``index`` of a family whose layer is a mixer block then an FFN block
+    (:func:`check_pairs`): our blocks 2i and 2i + 1, under ``model.layers.{index}`` on disk."""
+
+    index: int
+    mixer_char: str  # pattern[2i]
+    ffn_char: str  # pattern[2i + 1]
+    disk: str  # model.layers.{i}
+    mixer: str  # layers.{2i}.mixer
+    ffn: str  # layers.{2i + 1}.mixer
+    input_norm: Rule  # layers.{2i}.norm.weight = {disk}.input_layernorm.weight
+    pre_ffn_norm: Rule  # layers.{2i + 1}.norm.weight = {disk}.{the family's pre-FFN norm}.weight
+
+
+def paired_layers(config: HybridConfig, pre_ffn_norm: str) -> Iterator[DecoderLayer]:
+    """The decoder layers of a paired family; ``pre_ffn_norm`` is its name for the norm before the FFN
+    (``post_attention_layernorm``, ``pre_ff_layernorm``)."""
+    pattern = config.pattern
+    for index in range(len(pattern) // 2):
+        disk, mixer_block, ffn_block = f"model.layers.{index}", f"layers.{2 * index}", f"layers.{2 * index + 1}"
+        yield DecoderLayer(
+            index=index,
+            mixer_char=pattern[2 * index],
+            ffn_char=pattern[2 * index + 1],
+            disk=disk,
+            mixer=f"{mixer_block}.mixer",
+            ffn=f"{ffn_block}.mixer",
+            input_norm=rename(f"{mixer_block}.norm.weight", f"{disk}.input_layernorm.weight"),
+            pre_ffn_norm=rename(f"{ffn_block}.norm.weight", f"{disk}.{pre_ffn_norm}.weight"),
+        )
+
+
+def outer_rules(config: HybridConfig, final_norm: str) -> list[Rule]:
+    """The rules around a paired family's decoder layers: ``model.embed_tokens``, the final norm
+    (``model.{final_norm}``: ``norm``, ``final_layernorm``) and, unless tied, ``lm_head``."""
+    rules = [
+        rename("embeddings.weight", "model.embed_tokens.weight"),
+        rename("norm_f.weight", f"model.{final_norm}.weight"),
+    ]
+    if not config.tie_word_embeddings:
+        rules.append(rename("lm_head.weight", "lm_head.weight"))
+    return rules
+
+
+def ignoring_tied_head(
+    config: HybridConfig, canonical: Callable[[str], str | None] = lambda key: key
+) -> Callable[[str], str | None]:
+    """``canonical`` (a plan's disk name -> plan name), except that with tied embeddings a stored
+    ``lm_head.weight`` is ignored: some writers store the tied head anyway, and transformers ignores it."""
+    is_tied = config.tie_word_embeddings
+
+    def canonical_key(key: str) -> str | None:
+        return None if is_tied and key == "lm_head.weight" else canonical(key)
+
+    return canonical_key

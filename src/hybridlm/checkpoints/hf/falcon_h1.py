@@ -56,10 +56,14 @@ from hybridlm.checkpoints.hf.common import (
     check_pairs,
     common_fields,
     common_to_hf,
+    ignoring_tied_head,
+    mamba2_from_hf,
+    outer_rules,
+    paired_layers,
     rope,
 )
-from hybridlm.checkpoints.plan import Plan, Rule, rename, scaled
-from hybridlm.config import AttentionConfig, HybridConfig, Mamba2Config, MLPConfig
+from hybridlm.checkpoints.plan import Plan, scaled
+from hybridlm.config import AttentionConfig, HybridConfig, MLPConfig
 from hybridlm.model import HybridLM
 
 NAME = "falcon_h1"
@@ -111,27 +115,12 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
     )
 
     inner = cfg.get("mamba_d_ssm") or int(cfg.get("mamba_expand", 2) * hidden)
-    num_heads = cfg.get("mamba_n_heads", 128)
-    head_dim = cfg.get("mamba_d_head", "auto")
-    head_dim = inner // num_heads if head_dim == "auto" else head_dim
-    if num_heads * head_dim != inner:
-        raise ValueError(
-            f"{cfg.path}: mamba_n_heads x mamba_d_head = {num_heads} x {head_dim} != the Mamba inner size {inner} "
-            "(mamba_d_ssm, else mamba_expand x hidden_size)"
-        )
-    limit = cfg.get("time_step_limit", (0.0, math.inf))
-    mamba2 = Mamba2Config(
-        num_heads=num_heads,
-        head_dim=head_dim,
-        state_size=cfg.get("mamba_d_state", 256),
-        num_groups=cfg.get("mamba_n_groups", 1),
-        conv_kernel=cfg.get("mamba_d_conv", 4),
-        chunk_size=cfg.get("mamba_chunk_size", 256),
-        use_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
-        use_bias=in_bias,
+    mamba2 = mamba2_from_hf(
+        cfg,
+        inner,
+        f"the Mamba inner size {inner} (mamba_d_ssm, else mamba_expand x hidden_size)",
         has_gated_norm=bool(cfg.get("mamba_rms_norm", False)),
         norm_before_gate=bool(cfg.get("mamba_norm_before_gate", True)),
-        time_step_limit=(float(limit[0]), float(limit[1])),
     )
     lm_head_multiplier = float(cfg.get("lm_head_multiplier", 1.0))
     if lm_head_multiplier == 0.0:
@@ -228,30 +217,23 @@ def plan(model: HybridLM) -> Plan:
     attention.append(("o_proj", mult["attention_out_multiplier"], mult["attention_out_multiplier"]))
     feed_forward = [("gate_proj", gate), ("up_proj", 1.0), ("down_proj", down)]
 
-    rules: list[Rule] = [
-        rename("embeddings.weight", "model.embed_tokens.weight"),
-        rename("norm_f.weight", "model.final_layernorm.weight"),
-    ]
-    if not config.tie_word_embeddings:
-        rules.append(rename("lm_head.weight", "lm_head.weight"))
-    for layer in range(len(config.pattern) // 2):
-        disk = f"model.layers.{layer}"
-        parallel, ffn = f"layers.{2 * layer}", f"layers.{2 * layer + 1}"
-        rules.append(rename(f"{parallel}.norm.weight", f"{disk}.input_layernorm.weight"))
-        rules += [scaled(f"{parallel}.mixer.mamba.{n}", f"{disk}.mamba.{n}", f) for n, f in mamba_weights]
+    rules = outer_rules(config, final_norm="final_layernorm")
+    for layer in paired_layers(config, pre_ffn_norm="pre_ff_layernorm"):
+        disk, parallel, ffn = layer.disk, layer.mixer, layer.ffn
+        rules.append(layer.input_norm)
+        rules += [scaled(f"{parallel}.mamba.{n}", f"{disk}.mamba.{n}", f) for n, f in mamba_weights]
         for proj, weight_factor, bias_factor in attention:
-            ours, theirs = f"{parallel}.mixer.self_attn.{proj}", f"{disk}.self_attn.{proj}"
+            ours, theirs = f"{parallel}.self_attn.{proj}", f"{disk}.self_attn.{proj}"
             rules.append(scaled(f"{ours}.weight", f"{theirs}.weight", weight_factor))
             if a.bias:
                 rules.append(scaled(f"{ours}.bias", f"{theirs}.bias", bias_factor))
-        rules.append(rename(f"{ffn}.norm.weight", f"{disk}.pre_ff_layernorm.weight"))
+        rules.append(layer.pre_ffn_norm)
         for proj, factor in feed_forward:
-            ours, theirs = f"{ffn}.mixer.{proj}", f"{disk}.feed_forward.{proj}"
+            ours, theirs = f"{ffn}.{proj}", f"{disk}.feed_forward.{proj}"
             rules.append(scaled(f"{ours}.weight", f"{theirs}.weight", factor))
             if config.mlp.bias:
                 rules.append(scaled(f"{ours}.bias", f"{theirs}.bias", factor))
-    is_tied = config.tie_word_embeddings
-    return Plan(rules, lambda key: None if is_tied and key == "lm_head.weight" else key)
+    return Plan(rules, ignoring_tied_head(config))
 
 
 FAMILY = Family(NAME, (NAME,), ARCHITECTURE, "P-", config_from_hf, config_to_hf, plan)

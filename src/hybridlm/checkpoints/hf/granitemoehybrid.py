@@ -10,7 +10,6 @@ logits are divided by ``logits_scaling``. Experts are 3-D on disk under legacy n
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from hybridlm.checkpoints.hf.common import (
@@ -23,12 +22,16 @@ from hybridlm.checkpoints.hf.common import (
     check_plain_moe,
     common_fields,
     common_to_hf,
+    ignoring_tied_head,
     layer_types,
+    mamba2_from_hf,
     mamba2_rules,
+    outer_rules,
+    paired_layers,
     rope,
 )
 from hybridlm.checkpoints.plan import Plan, rename, split_rows
-from hybridlm.config import AttentionConfig, HybridConfig, Mamba2Config, MLPConfig, MoEConfig
+from hybridlm.config import AttentionConfig, HybridConfig, MLPConfig, MoEConfig
 from hybridlm.model import HybridLM
 
 NAME = "granitemoehybrid"
@@ -71,26 +74,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         )
     if "M" in pattern:
         inner = int(cfg.get("mamba_expand", 2) * hidden)
-        num_heads = cfg.get("mamba_n_heads", 128)
-        head_dim = cfg.get("mamba_d_head", "auto")
-        head_dim = inner // num_heads if head_dim == "auto" else head_dim
-        if num_heads * head_dim != inner:
-            raise ValueError(
-                f"{cfg.path}: mamba_n_heads x mamba_d_head = {num_heads} x {head_dim} != mamba_expand x hidden_size "
-                f"= {inner}"
-            )
-        limit = cfg.get("time_step_limit", (0.0, math.inf))
-        mamba2 = Mamba2Config(
-            num_heads=num_heads,
-            head_dim=head_dim,
-            state_size=cfg.get("mamba_d_state", 256),
-            num_groups=cfg.get("mamba_n_groups", 1),
-            conv_kernel=cfg.get("mamba_d_conv", 4),
-            chunk_size=cfg.get("mamba_chunk_size", 256),
-            use_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
-            use_bias=bool(cfg.get("mamba_proj_bias", False)),
-            time_step_limit=(float(limit[0]), float(limit[1])),
-        )
+        mamba2 = mamba2_from_hf(cfg, inner, f"mamba_expand x hidden_size = {inner}")
     if num_experts > 0:
         if shared_size <= 0:
             raise cfg.unsupported("shared_intermediate_size", "hybridlm's E block needs the shared MLP")
@@ -194,21 +178,16 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 
 def plan(model: HybridLM) -> Plan:
     config = model.config
-    rules = [rename("embeddings.weight", "model.embed_tokens.weight"), rename("norm_f.weight", "model.norm.weight")]
-    if not config.tie_word_embeddings:
-        rules.append(rename("lm_head.weight", "lm_head.weight"))
-    for layer in range(len(config.pattern) // 2):
-        mixer_char, ffn_char = config.pattern[2 * layer], config.pattern[2 * layer + 1]
-        disk = f"model.layers.{layer}"
-        mixer, ffn = f"layers.{2 * layer}.mixer", f"layers.{2 * layer + 1}.mixer"
-        rules.append(rename(f"layers.{2 * layer}.norm.weight", f"{disk}.input_layernorm.weight"))
-        rules.append(rename(f"layers.{2 * layer + 1}.norm.weight", f"{disk}.post_attention_layernorm.weight"))
-        if mixer_char == "M":
+    rules = outer_rules(config, final_norm="norm")
+    for layer in paired_layers(config, pre_ffn_norm="post_attention_layernorm"):
+        disk, mixer, ffn = layer.disk, layer.mixer, layer.ffn
+        rules += [layer.input_norm, layer.pre_ffn_norm]
+        if layer.mixer_char == "M":
             rules += mamba2_rules(mixer, f"{disk}.mamba", config.mamba2)
         else:
             rules += attention_rules(mixer, f"{disk}.self_attn", config.attention)
         moe = f"{disk}.block_sparse_moe"
-        if ffn_char == "E":
+        if layer.ffn_char == "E":
             shared, size = f"{ffn}.shared_experts", config.moe.num_shared_experts * config.moe.shared_intermediate_size
             rules += [
                 rename(f"{ffn}.gate.weight", f"{moe}.router.layer.weight", f"{moe}.router.weight"),
@@ -225,8 +204,7 @@ def plan(model: HybridLM) -> Plan:
             ),
             rename(f"{shared}.down_proj.weight", f"{disk}.shared_mlp.output_linear.weight"),
         ]
-    is_tied = config.tie_word_embeddings
-    return Plan(rules, lambda key: None if is_tied and key == "lm_head.weight" else key)
+    return Plan(rules, ignoring_tied_head(config))
 
 
 FAMILY = Family(NAME, (NAME,), ARCHITECTURE, "M*E-", config_from_hf, config_to_hf, plan)

@@ -18,13 +18,17 @@ from hybridlm.checkpoints.hf.common import (
     attention_rules,
     cannot_export,
     check_attention,
+    check_no_multipliers,
     check_pairs,
     check_plain_moe,
     common_fields,
     common_to_hf,
     expert_rules,
+    ignoring_tied_head,
     mamba_rules,
     mlp_rules,
+    outer_rules,
+    paired_layers,
 )
 from hybridlm.checkpoints.plan import Plan, rename
 from hybridlm.config import AttentionConfig, HybridConfig, MambaConfig, MLPConfig, MoEConfig
@@ -103,9 +107,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     check_pairs(config, NAME, "m*", "E-")
     if config.is_norm_zero_centered:
         raise cannot_export(NAME, "is_norm_zero_centered = True", "jamba norms scale by w")
-    for option in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        if getattr(config, option) != 1.0:
-            raise cannot_export(NAME, f"{option} = {getattr(config, option)}", "jamba has no multipliers")
+    check_no_multipliers(config, NAME)
     mixers, ffns = config.pattern[0::2], config.pattern[1::2]
     is_attention = [c == "*" for c in mixers]
     is_moe = [c == "E" for c in ffns]
@@ -167,29 +169,20 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
 
 def plan(model: HybridLM) -> Plan:
     config = model.config
-    rules = [
-        rename("embeddings.weight", "model.embed_tokens.weight"),
-        rename("norm_f.weight", "model.final_layernorm.weight"),
-    ]
-    if not config.tie_word_embeddings:
-        rules.append(rename("lm_head.weight", "lm_head.weight"))
-    for layer in range(len(config.pattern) // 2):
-        mixer_char, ffn_char = config.pattern[2 * layer], config.pattern[2 * layer + 1]
-        disk = f"model.layers.{layer}"
-        mixer, ffn = f"layers.{2 * layer}.mixer", f"layers.{2 * layer + 1}.mixer"
-        rules.append(rename(f"layers.{2 * layer}.norm.weight", f"{disk}.input_layernorm.weight"))
-        rules.append(rename(f"layers.{2 * layer + 1}.norm.weight", f"{disk}.pre_ff_layernorm.weight"))
-        if mixer_char == "m":
+    rules = outer_rules(config, final_norm="final_layernorm")
+    for layer in paired_layers(config, pre_ffn_norm="pre_ff_layernorm"):
+        disk, mixer, ffn = layer.disk, layer.mixer, layer.ffn
+        rules += [layer.input_norm, layer.pre_ffn_norm]
+        if layer.mixer_char == "m":
             rules += mamba_rules(mixer, f"{disk}.mamba", config.mamba)
         else:
             rules += attention_rules(mixer, f"{disk}.self_attn", config.attention)
-        if ffn_char == "E":
+        if layer.ffn_char == "E":
             rules.append(rename(f"{ffn}.gate.weight", f"{disk}.feed_forward.router.weight"))
             rules += expert_rules(f"{ffn}.experts", f"{disk}.feed_forward.experts", config.moe)
         else:
             rules += mlp_rules(ffn, f"{disk}.feed_forward", config.mlp)
-    is_tied = config.tie_word_embeddings
-    return Plan(rules, lambda key: None if is_tied and key == "lm_head.weight" else key)
+    return Plan(rules, ignoring_tied_head(config))
 
 
 FAMILY = Family(NAME, (NAME,), ARCHITECTURE, "m*E-", config_from_hf, config_to_hf, plan)

@@ -17,6 +17,7 @@ from hybridlm.checkpoints.hf.common import (
     HFConfig,
     attention_rules,
     cannot_export,
+    check_no_multipliers,
     common_fields,
     common_to_hf,
     expert_rules,
@@ -135,9 +136,7 @@ def config_to_hf(config: HybridConfig) -> dict[str, Any]:
     unsupported = sorted(set(config.pattern) - set(TYPE_OF_CHAR))
     if unsupported:
         raise cannot_export(NAME, f"block type(s) {', '.join(unsupported)}", "nemotron_h has only M * - E blocks")
-    for option, neutral in (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("logits_scaling", 1.0)):
-        if getattr(config, option) != neutral:
-            raise cannot_export(NAME, f"{option} = {getattr(config, option)}", "nemotron_h has no multipliers")
+    check_no_multipliers(config, NAME)
     if config.is_norm_zero_centered:
         raise cannot_export(NAME, "is_norm_zero_centered = True", "nemotron_h norms scale by w, not 1 + w")
     out = common_to_hf(config, NAME, ARCHITECTURE)

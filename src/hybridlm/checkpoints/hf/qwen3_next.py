@@ -24,13 +24,17 @@ from hybridlm.checkpoints.hf.common import (
     attention_rules,
     cannot_export,
     check_attention,
+    check_no_multipliers,
     check_pairs,
     check_plain_moe,
     common_fields,
     common_to_hf,
     expert_rules,
+    ignoring_tied_head,
     layer_types,
     mlp_rules,
+    outer_rules,
+    paired_layers,
     rope,
 )
 from hybridlm.checkpoints.plan import Layout, Plan, Rule, rename
@@ -135,9 +139,7 @@ def _config_to_hf(config: HybridConfig, family: str, architecture: str) -> dict[
     check_pairs(config, family, "G*", "E" if is_qwen3_5 else "E-")
     if not config.is_norm_zero_centered:
         raise cannot_export(family, "is_norm_zero_centered = False", f"{family} norms scale by 1 + w")
-    for option in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        if getattr(config, option) != 1.0:
-            raise cannot_export(family, f"{option} = {getattr(config, option)}", f"{family} has no multipliers")
+    check_no_multipliers(config, family)
     model_type = "qwen3_5_moe_text" if is_qwen3_5 else family
     out = common_to_hf(config, model_type, architecture)
     mixers = config.pattern[0::2]
@@ -263,20 +265,15 @@ def _gdn_rules(ours: str, disk: str, gdn: GatedDeltaNetConfig, is_qwen3_5: bool)
 
 def _plan(model: HybridLM, is_qwen3_5: bool) -> Plan:
     config = model.config
-    rules = [rename("embeddings.weight", "model.embed_tokens.weight"), rename("norm_f.weight", "model.norm.weight")]
-    if not config.tie_word_embeddings:
-        rules.append(rename("lm_head.weight", "lm_head.weight"))
-    for layer in range(len(config.pattern) // 2):
-        mixer_char, ffn_char = config.pattern[2 * layer], config.pattern[2 * layer + 1]
-        disk = f"model.layers.{layer}"
-        mixer, ffn = f"layers.{2 * layer}.mixer", f"layers.{2 * layer + 1}.mixer"
-        rules.append(rename(f"layers.{2 * layer}.norm.weight", f"{disk}.input_layernorm.weight"))
-        rules.append(rename(f"layers.{2 * layer + 1}.norm.weight", f"{disk}.post_attention_layernorm.weight"))
-        if mixer_char == "G":
+    rules = outer_rules(config, final_norm="norm")
+    for layer in paired_layers(config, pre_ffn_norm="post_attention_layernorm"):
+        disk, mixer, ffn = layer.disk, layer.mixer, layer.ffn
+        rules += [layer.input_norm, layer.pre_ffn_norm]
+        if layer.mixer_char == "G":
             rules += _gdn_rules(mixer, f"{disk}.linear_attn", config.gdn, is_qwen3_5)
         else:
             rules += attention_rules(mixer, f"{disk}.self_attn", config.attention)
-        if ffn_char == "E":
+        if layer.ffn_char == "E":
             rules += [
                 rename(f"{ffn}.gate.weight", f"{disk}.mlp.gate.weight"),
                 *expert_rules(f"{ffn}.experts", f"{disk}.mlp.experts", config.moe),
@@ -285,18 +282,15 @@ def _plan(model: HybridLM, is_qwen3_5: bool) -> Plan:
             ]
         else:
             rules += mlp_rules(ffn, f"{disk}.mlp", config.mlp)
-    is_tied = config.tie_word_embeddings
+    return Plan(rules, ignoring_tied_head(config, _canonical))
 
-    def canonical(key: str) -> str | None:
-        if key.startswith(("mtp.", "model.visual.")):  # multi-token prediction; the vision tower
-            return None
-        if is_tied and key == "lm_head.weight":  # a tied head some writers store anyway: transformers ignores it
-            return None
-        if key.startswith("model.language_model."):  # composite Qwen3.5 checkpoints
-            return "model." + key.removeprefix("model.language_model.")
-        return key
 
-    return Plan(rules, canonical)
+def _canonical(key: str) -> str | None:
+    if key.startswith(("mtp.", "model.visual.")):  # multi-token prediction; the vision tower
+        return None
+    if key.startswith("model.language_model."):  # composite Qwen3.5 checkpoints
+        return "model." + key.removeprefix("model.language_model.")
+    return key
 
 
 QWEN3_NEXT = Family(
