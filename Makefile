@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/hybridlm info debug-small --context 32768
 	$(BIN)/hybridlm generate debug-small --prompt "Hybrid models keep state, not a cache: " --max-new-tokens 24
+	rm -f out/demo.duckdb
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/hybridlm profile debug-small --db out/demo.duckdb
+	$(BIN)/hybridlm report out/demo.duckdb --plot out/demo.png --perfetto out/demo.perfetto.json > /dev/null
+	@echo "wrote out/demo.duckdb, out/demo.png and out/demo.perfetto.json (open it in ui.perfetto.dev)"
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -27,7 +31,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_ops.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_ops
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_trace_overhead
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_load_memory
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache out
