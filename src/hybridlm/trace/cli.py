@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 
+from hybridlm.trace.analysis import P50_THRESHOLD, P99_THRESHOLD
 from hybridlm.trace.schema import TraceError
 
 
@@ -55,6 +56,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot=args.plot,
         perfetto=args.perfetto,
         as_json=args.json,
+        source=args.source,
+        p50_threshold=args.p50_threshold,
+        p99_threshold=args.p99_threshold,
     )
 
 
@@ -102,6 +106,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, help="write a PNG of latency distributions and a decode timeline")
     p.add_argument("--perfetto", default=None, help="write a Chrome/Perfetto trace JSON")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--source", default=None, help="events to decompose: layer, cuda, cpu, ... (default: best available)"
+    )
+    p.add_argument(
+        "--p50-threshold",
+        type=float,
+        default=P50_THRESHOLD,
+        help=f"flag a p50 rise above this fraction (default {P50_THRESHOLD:g}, i.e. +{P50_THRESHOLD * 100:.0f}%%)",
+    )
+    p.add_argument("--p99-threshold", type=float, default=P99_THRESHOLD,
+                   help=f"flag a p99 rise above this fraction (default {P99_THRESHOLD:g})")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("query", help="run SQL on a trace database and print the result")
