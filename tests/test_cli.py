@@ -54,3 +54,13 @@ def test_unknown_model_is_a_clear_error():
     result = run("info", "no-such-model")
     assert result.returncode == 2
     assert "neither a preset" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "profile", "report", "query", "import", "convert"])
+def test_every_subcommand_has_working_help(command, capsys):
+    from hybridlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert command in capsys.readouterr().out
