@@ -2,7 +2,7 @@
 
 from hybridlm.accounting import cache_bytes, count_params, flops_per_token
 from hybridlm.cache import HybridCache
-from hybridlm.checkpoints import from_pretrained, save_pretrained
+from hybridlm.checkpoints import from_pretrained, load_tokenizer, save_pretrained
 from hybridlm.config import (
     AttentionConfig,
     GatedDeltaNetConfig,
@@ -32,6 +32,7 @@ __all__ = [
     "flops_per_token",
     "from_pretrained",
     "generate",
+    "load_tokenizer",
     "save_pretrained",
     "stream_generate",
 ]

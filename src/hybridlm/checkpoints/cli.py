@@ -6,10 +6,10 @@ import argparse
 import re
 from pathlib import Path
 
+from hybridlm.checkpoints.hf import FAMILY_NAMES
 from hybridlm.checkpoints.safetensors_io import existing_files
 from hybridlm.checkpoints.tokenizer import TOKENIZER_FILES
 
-FAMILY_CHOICES = ("nemotron_h", "qwen3_next", "qwen3_5_moe", "granitemoehybrid", "jamba")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=("hf", "hybridlm"), required=True, help="format to write")
     p.add_argument(
         "--family",
-        choices=FAMILY_CHOICES,
+        choices=tuple(FAMILY_NAMES),
         default=None,
         help="Hugging Face family for --to hf (default: the source's family, else chosen from the block types)",
     )
