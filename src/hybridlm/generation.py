@@ -125,10 +125,9 @@ def generate(
 ) -> Tensor:
     """Prompt ids (a [B, T] tensor or a list of token lists) -> [B, T + new] ids (left-padded rows
     keep their padding). Greedy (temperature 0) is deterministic; sampling is with ``seed``."""
-    ids, _ = pad_prompts(input_ids)
-    tokens = list(
-        stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask)
-    )
+    ids, padded_mask = pad_prompts(input_ids)
+    mask = attention_mask if attention_mask is not None else padded_mask
+    tokens = list(stream_generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, mask))
     if not tokens:
         return ids
     return torch.cat([ids.to(tokens[0].device), torch.stack(tokens, dim=1)], dim=1)
