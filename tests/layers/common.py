@@ -1,4 +1,5 @@
-"""Helpers shared by the layer tests: contexts, comparisons, parameter noise, gradient checks.
+"""Helpers shared by the layer tests: contexts, comparisons, parameter noise, gradient checks, and the
+mechanics of the state, left-padding and gradient tests that several mixers repeat.
 
 The truths in the test files are written in float64 from the layer's own parameters; a float32
 layer is compared with them at rtol 1e-5, a float64 layer at rtol 1e-10.
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hybridlm.cache import ForwardContext
+from hybridlm.cache import BlockState, ForwardContext, RecurrentState
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -68,6 +69,51 @@ def assert_finite_grads(module: nn.Module, loss: Tensor, skip: tuple[str, ...] =
             continue
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+
+
+def assert_finite_grads_of_call(layer: nn.Module, x: Tensor) -> None:
+    """layer(x) over a whole (B, T, ...) sequence, then a random projection of the output backpropagated:
+    every trainable parameter gets a finite gradient (``x.grad`` is left for the caller to check)."""
+    y = layer(x, context(*x.shape[:2]))
+    assert_finite_grads(layer, (y * torch.randn_like(y)).sum())
+
+
+def run_in_pieces(layer: nn.Module, x: Tensor, splits: tuple[int, ...], state: BlockState) -> Tensor:
+    """layer over x (B, T, ...) in consecutive pieces of splits[0], splits[1], ... tokens (the last length
+    repeats until T is covered), each with its past length and all carrying ``state``; the outputs joined."""
+    batch, seq_len = x.shape[:2]
+    outputs: list[Tensor] = []
+    past = 0
+    while past < seq_len:
+        length = splits[min(len(outputs), len(splits) - 1)]
+        outputs.append(layer(x[:, past : past + length], context(batch, length, past_len=past), state))
+        past += length
+    return torch.cat(outputs, dim=1)
+
+
+def random_state(layer: nn.Module, batch: int, max_len: int) -> tuple[RecurrentState, Tensor, Tensor]:
+    """A float32 RecurrentState filled with noise, with copies of its conv and recurrent tensors as they start."""
+    state = layer.new_state(batch, max_len, torch.device("cpu"), torch.float32)
+    state.conv.copy_(torch.randn_like(state.conv))
+    state.recurrent.copy_(torch.randn_like(state.recurrent))
+    return state, state.conv.clone(), state.recurrent.clone()
+
+
+def assert_state_close(state: RecurrentState, conv: Tensor, recurrent: Tensor, recurrent_name: str) -> None:
+    assert_close(state.conv, conv, name="conv state")
+    assert_close(state.recurrent, recurrent, name=recurrent_name)
+
+
+def left_padded_call(layer: nn.Module, x: Tensor, pads: list[int]) -> tuple[Tensor, Tensor]:
+    """layer over x (len(pads), T, ...) with the first pads[b] tokens of row b as padding: (y, token mask)."""
+    token_mask = left_padding_mask(x.shape[1], pads)
+    return layer(x, context(len(pads), x.shape[1], token_mask=token_mask, key_padding=token_mask)), token_mask
+
+
+def assert_rows_match_alone(y: Tensor, x: Tensor, pads: list[int], alone: Callable[[Tensor], Tensor]) -> None:
+    """Each row's real part, y[b, pads[b]:], equals alone(x[b : b + 1, pads[b]:]), its sequence without padding."""
+    for b, pad in enumerate(pads):
+        assert_close(y[b : b + 1, pad:], alone(x[b : b + 1, pad:]), name=f"row {b}")
 
 
 class _Call(nn.Module):

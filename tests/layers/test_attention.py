@@ -11,12 +11,15 @@ from hybridlm.config import AttentionConfig
 from hybridlm.layers.attention import Attention
 from tests.layers.common import (
     assert_close,
-    assert_finite_grads,
+    assert_finite_grads_of_call,
+    assert_rows_match_alone,
     context,
     gradcheck_layer,
+    left_padded_call,
     left_padding_mask,
     params64,
     perturb_,
+    run_in_pieces,
 )
 
 EPS = 1e-5
@@ -151,9 +154,8 @@ def test_attention_left_padding(name):
     """Padded query rows stay finite; each real row equals the call on its unpadded sequence alone."""
     layer = make_layer(name)
     T, pads = 13, [0, 4, 12]
-    token_mask = left_padding_mask(T, pads)
     x = torch.randn(len(pads), T, HIDDEN)
-    y = layer(x, context(len(pads), T, token_mask=token_mask, key_padding=token_mask))
+    y, _ = left_padded_call(layer, x, pads)
     assert torch.isfinite(y).all()
     for b, pad in enumerate(pads):
         alone = x[b : b + 1, pad:]
@@ -171,12 +173,7 @@ def test_attention_cache_prefill_then_steps_equals_full(name, splits):
     x = torch.randn(B, T, HIDDEN)
     full = layer(x, context(B, T))
     state = layer.new_state(B, T + 3, torch.device("cpu"), torch.float32)
-    outputs, past = [], 0
-    while past < T:
-        length = splits[min(len(outputs), len(splits) - 1)]
-        outputs.append(layer(x[:, past : past + length], context(B, length, past_len=past), state))
-        past += length
-    assert_close(torch.cat(outputs, dim=1), full)
+    assert_close(run_in_pieces(layer, x, splits, state), full)
     assert_close(full, attention_truth(layer, x, context(B, T).positions))
 
 
@@ -198,17 +195,14 @@ def test_attention_cache_with_left_padding():
         outputs.append(layer(x[:, past : past + 1], ctx, state))
     y = torch.cat(outputs, dim=1)
     assert torch.isfinite(y).all()
-    for b, pad in enumerate(pads):
-        expected = attention_truth(layer, x[b : b + 1, pad:], torch.arange(T - pad)[None])
-        assert_close(y[b : b + 1, pad:], expected, name=f"row {b}")
+    assert_rows_match_alone(y, x, pads, lambda row: attention_truth(layer, row, torch.arange(row.shape[1])[None]))
 
 
 @pytest.mark.parametrize("name", ["qwen3-next-like", "mqa-H4-KV1-D60-bias", "partial-rope-D60-R24"])
 def test_attention_gradients_are_finite(name):
     layer = make_layer(name)
     x = torch.randn(2, 13, HIDDEN, requires_grad=True)
-    y = layer(x, context(2, 13))
-    assert_finite_grads(layer, (y * torch.randn_like(y)).sum())
+    assert_finite_grads_of_call(layer, x)
     assert torch.isfinite(x.grad).all()
 
 

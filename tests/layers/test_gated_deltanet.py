@@ -9,12 +9,16 @@ from hybridlm.config import GatedDeltaNetConfig
 from hybridlm.layers.gated_deltanet import GatedDeltaNetMixer
 from tests.layers.common import (
     assert_close,
-    assert_finite_grads,
+    assert_finite_grads_of_call,
+    assert_rows_match_alone,
+    assert_state_close,
     context,
     gradcheck_layer,
-    left_padding_mask,
+    left_padded_call,
     params64,
     perturb_,
+    random_state,
+    run_in_pieces,
 )
 
 EPS = 1e-5
@@ -124,53 +128,40 @@ def test_gated_deltanet_state_prefill_then_steps_equals_full(name, splits):
     x = torch.randn(B, T, HIDDEN)
     full = layer(x, context(B, T))
     state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    outputs, past = [], 0
-    while past < T:
-        length = splits[min(len(outputs), len(splits) - 1)]
-        outputs.append(layer(x[:, past : past + length], context(B, length, past_len=past), state))
-        past += length
-    assert_close(torch.cat(outputs, dim=1), full)
+    assert_close(run_in_pieces(layer, x, splits, state), full)
     expected, conv_state, recurrent_state = gated_deltanet_truth(layer, x)
     assert_close(full, expected)
-    assert_close(state.conv, conv_state, name="conv state")
-    assert_close(state.recurrent, recurrent_state, name="recurrent state")
+    assert_state_close(state, conv_state, recurrent_state, "recurrent state")
 
 
 def test_gated_deltanet_continues_from_given_state():
     layer = make_layer("Hk2-Hv4-K12-V8-L5")
     B, T = 2, 13
-    state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    state.conv.copy_(torch.randn_like(state.conv))
-    state.recurrent.copy_(torch.randn_like(state.recurrent))
-    conv0, recurrent0 = state.conv.clone(), state.recurrent.clone()
+    state, conv0, recurrent0 = random_state(layer, B, T)
     x = torch.randn(B, T, HIDDEN)
     y = layer(x, context(B, T, past_len=5), state)
     expected, conv_state, recurrent_state = gated_deltanet_truth(layer, x, conv_state=conv0, recurrent_state=recurrent0)
     assert_close(y, expected)
-    assert_close(state.conv, conv_state, name="conv state")
-    assert_close(state.recurrent, recurrent_state, name="recurrent state")
+    assert_state_close(state, conv_state, recurrent_state, "recurrent state")
 
 
 @pytest.mark.parametrize("name", ["Hk2-Hv4-K12-V8-L5", "Hk3-Hv3-K6-V10-conv3-L4"])
 def test_gated_deltanet_left_padding(name):
     """Left padding leaks nothing: each real row equals the call on its unpadded sequence alone."""
     layer = make_layer(name)
-    T, pads = 13, [0, 4, 12]
-    token_mask = left_padding_mask(T, pads)
-    x = torch.randn(len(pads), T, HIDDEN)
-    y = layer(x, context(len(pads), T, token_mask=token_mask, key_padding=token_mask))
+    pads = [0, 4, 12]
+    x = torch.randn(len(pads), 13, HIDDEN)
+    y, token_mask = left_padded_call(layer, x, pads)
     assert torch.isfinite(y).all()
     assert_close(y, gated_deltanet_truth(layer, x, token_mask=token_mask)[0])
-    for b, pad in enumerate(pads):
-        assert_close(y[b : b + 1, pad:], gated_deltanet_truth(layer, x[b : b + 1, pad:])[0], name=f"row {b}")
+    assert_rows_match_alone(y, x, pads, lambda row: gated_deltanet_truth(layer, row)[0])
 
 
 @pytest.mark.parametrize("name", ["Hk2-Hv4-K12-V8-L5", "Hk1-Hv3-K60-V12-L6"])
 def test_gated_deltanet_gradients_are_finite(name):
     layer = make_layer(name)
     x = torch.randn(2, 13, HIDDEN, requires_grad=True)
-    y = layer(x, context(2, 13))
-    assert_finite_grads(layer, (y * torch.randn_like(y)).sum())
+    assert_finite_grads_of_call(layer, x)
     assert torch.isfinite(x.grad).all()
 
 

@@ -9,12 +9,14 @@ from hybridlm.config import MambaConfig
 from hybridlm.layers.mamba import MambaMixer
 from tests.layers.common import (
     assert_close,
-    assert_finite_grads,
+    assert_finite_grads_of_call,
+    assert_rows_match_alone,
     context,
     gradcheck_layer,
-    left_padding_mask,
+    left_padded_call,
     params64,
     perturb_,
+    run_in_pieces,
 )
 
 EPS = 1e-6
@@ -105,30 +107,22 @@ def test_mamba_state_prefill_then_steps_equals_full(name, splits):
     x = torch.randn(B, T, HIDDEN)
     full = layer(x, context(B, T))
     state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    outputs, past = [], 0
-    while past < T:
-        length = splits[min(len(outputs), len(splits) - 1)]
-        outputs.append(layer(x[:, past : past + length], context(B, length, past_len=past), state))
-        past += length
-    assert_close(torch.cat(outputs, dim=1), full)
+    assert_close(run_in_pieces(layer, x, splits, state), full)
     assert_close(state.recurrent, mamba_truth(layer, x)[1], name="ssm state")
 
 
 def test_mamba_left_padding():
     layer = make_layer("I24-N8-R4-K4-L5")
-    T, pads = 13, [0, 5, 12]
-    token_mask = left_padding_mask(T, pads)
-    x = torch.randn(len(pads), T, HIDDEN)
-    y = layer(x, context(len(pads), T, token_mask=token_mask, key_padding=token_mask))
-    for b, pad in enumerate(pads):
-        assert_close(y[b : b + 1, pad:], mamba_truth(layer, x[b : b + 1, pad:])[0], name=f"row {b}")
+    pads = [0, 5, 12]
+    x = torch.randn(len(pads), 13, HIDDEN)
+    y, _ = left_padded_call(layer, x, pads)
+    assert_rows_match_alone(y, x, pads, lambda row: mamba_truth(layer, row)[0])
 
 
 def test_mamba_gradients_are_finite():
     layer = make_layer("I24-N8-R4-K4-L5")
     x = torch.randn(2, 13, HIDDEN, requires_grad=True)
-    y = layer(x, context(2, 13))
-    assert_finite_grads(layer, (y * torch.randn_like(y)).sum())
+    assert_finite_grads_of_call(layer, x)
 
 
 def test_mamba_gradcheck():

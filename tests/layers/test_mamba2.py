@@ -11,12 +11,16 @@ from hybridlm.config import Mamba2Config
 from hybridlm.layers.mamba2 import Mamba2Mixer
 from tests.layers.common import (
     assert_close,
-    assert_finite_grads,
+    assert_finite_grads_of_call,
+    assert_rows_match_alone,
+    assert_state_close,
     context,
     gradcheck_layer,
-    left_padding_mask,
+    left_padded_call,
     params64,
     perturb_,
+    random_state,
+    run_in_pieces,
 )
 
 EPS = 1e-5
@@ -146,54 +150,41 @@ def test_mamba2_state_prefill_then_steps_equals_full(name, splits):
     x = torch.randn(B, T, HIDDEN)
     full = layer(x, context(B, T))
     state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    outputs, past = [], 0
-    while past < T:
-        length = splits[min(len(outputs), len(splits) - 1)]
-        outputs.append(layer(x[:, past : past + length], context(B, length, past_len=past), state))
-        past += length
-    assert_close(torch.cat(outputs, dim=1), full)
+    assert_close(run_in_pieces(layer, x, splits, state), full)
     expected, conv_state, ssm_state = mamba2_truth(layer, x)
     assert_close(full, expected)
-    assert_close(state.conv, conv_state, name="conv state")
-    assert_close(state.recurrent, ssm_state, name="ssm state")
+    assert_state_close(state, conv_state, ssm_state, "ssm state")
 
 
 def test_mamba2_continues_from_given_state():
     """Starting from a non-zero state matches the truth started from the same state."""
     layer = make_layer("H4-P12-N8-G2-K4-L5")
     B, T = 2, 13
-    state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    state.conv.copy_(torch.randn_like(state.conv))
-    state.recurrent.copy_(torch.randn_like(state.recurrent))
-    conv0, ssm0 = state.conv.clone(), state.recurrent.clone()
+    state, conv0, ssm0 = random_state(layer, B, T)
     x = torch.randn(B, T, HIDDEN)
     y = layer(x, context(B, T, past_len=5), state)
     expected, conv_state, ssm_state = mamba2_truth(layer, x, conv_state=conv0, ssm_state=ssm0)
     assert_close(y, expected)
-    assert_close(state.conv, conv_state, name="conv state")
-    assert_close(state.recurrent, ssm_state, name="ssm state")
+    assert_state_close(state, conv_state, ssm_state, "ssm state")
 
 
 @pytest.mark.parametrize("name", ["H4-P12-N8-G2-K4-L5", "H3-P6-N5-G1-K3-L4-bias"])
 def test_mamba2_left_padding(name):
     """Left padding leaks nothing: each real row equals the call on its unpadded sequence alone."""
     layer = make_layer(name)
-    T, pads = 13, [0, 4, 12]
-    token_mask = left_padding_mask(T, pads)
-    x = torch.randn(len(pads), T, HIDDEN)
-    y = layer(x, context(len(pads), T, token_mask=token_mask, key_padding=token_mask))
+    pads = [0, 4, 12]
+    x = torch.randn(len(pads), 13, HIDDEN)
+    y, token_mask = left_padded_call(layer, x, pads)
     assert torch.isfinite(y).all()
     assert_close(y, mamba2_truth(layer, x, token_mask=token_mask)[0])
-    for b, pad in enumerate(pads):
-        assert_close(y[b : b + 1, pad:], mamba2_truth(layer, x[b : b + 1, pad:])[0], name=f"row {b}")
+    assert_rows_match_alone(y, x, pads, lambda row: mamba2_truth(layer, row)[0])
 
 
 @pytest.mark.parametrize("name", ["H4-P12-N8-G2-K4-L5", "H3-P6-N5-G1-K3-L4-bias"])
 def test_mamba2_gradients_are_finite(name):
     layer = make_layer(name)
     x = torch.randn(2, 13, HIDDEN, requires_grad=True)
-    y = layer(x, context(2, 13))
-    assert_finite_grads(layer, (y * torch.randn_like(y)).sum())
+    assert_finite_grads_of_call(layer, x)
     assert torch.isfinite(x.grad).all()
 
 
