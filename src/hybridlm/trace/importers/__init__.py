@@ -96,6 +96,17 @@ def run_for_import(store: TraceStore, run_id: str | None, **run_info: Any) -> st
     return run_id
 
 
+def import_sqlite(path: str | os.PathLike, kind: str, read: Callable[[sqlite3.Connection, Path], str]) -> str:
+    """Open ``path`` read-only, run ``read(con, path)``, close; SQLite errors become one TraceError."""
+    con = open_sqlite(path)
+    try:
+        return read(con, Path(path))
+    except sqlite3.DatabaseError as e:
+        raise TraceError(f"{path}: unreadable {kind} ({e}); expected {ACCEPTED}") from None
+    finally:
+        con.close()
+
+
 def open_sqlite(path: str | os.PathLike) -> sqlite3.Connection:
     """Open a SQLite file read-only (also from a read-only folder); TraceError if it is not SQLite."""
     uri = Path(path).resolve().as_uri()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridlm.trace.classify import classify_kernel
-from hybridlm.trace.importers import ACCEPTED, int32_or_none, open_sqlite, run_for_import, sqlite_tables
+from hybridlm.trace.importers import ACCEPTED, import_sqlite, int32_or_none, run_for_import, sqlite_tables
 from hybridlm.trace.schema import TraceError
 
 if TYPE_CHECKING:
@@ -39,13 +39,7 @@ def import_ingero(
     path: str | os.PathLike, store: TraceStore, *, command: str | None = None, run_id: str | None = None
 ) -> str:
     """Import an Ingero SQLite trace as a new run; returns its run_id."""
-    con = open_sqlite(path)
-    try:
-        return _import(con, Path(path), store, command, run_id)
-    except sqlite3.DatabaseError as e:
-        raise TraceError(f"{path}: unreadable Ingero SQLite trace ({e}); expected {ACCEPTED}") from None
-    finally:
-        con.close()
+    return import_sqlite(path, "Ingero SQLite trace", lambda con, file: _import(con, file, store, command, run_id))
 
 
 def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str | None, run_id: str | None) -> str:

@@ -40,7 +40,7 @@ from hybridlm.trace.importers import (
     ACCEPTED,
     attribute_by_timeline,
     fallback_layer_type,
-    open_sqlite,
+    import_sqlite,
     run_for_import,
     sqlite_tables,
 )
@@ -110,13 +110,7 @@ def import_nsight(
     path: str | os.PathLike, store: TraceStore, *, command: str | None = None, run_id: str | None = None
 ) -> str:
     """Import an Nsight Systems SQLite export as a new run; returns its run_id."""
-    con = open_sqlite(path)
-    try:
-        return _import(con, Path(path), store, command, run_id)
-    except sqlite3.DatabaseError as e:
-        raise TraceError(f"{path}: unreadable Nsight SQLite export ({e}); expected {ACCEPTED}") from None
-    finally:
-        con.close()
+    return import_sqlite(path, "Nsight SQLite export", lambda con, file: _import(con, file, store, command, run_id))
 
 
 def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str | None, run_id: str | None) -> str:
