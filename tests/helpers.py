@@ -1,6 +1,5 @@
 """Shared test helpers."""
 
-import os
 from pathlib import Path
 
 from hybridlm.config import HybridConfig
@@ -12,14 +11,8 @@ def tiny_config(pattern: str = "MEGm*-EM", **overrides) -> HybridConfig:
 
 
 def fixtures_dir() -> Path:
-    """The shared real-trace fixtures: $HYBRIDLM_FIXTURES, else shared/fixtures beside the checkout or /work."""
-    candidates = [os.environ.get("HYBRIDLM_FIXTURES")]
-    candidates += [str(parent / "shared" / "fixtures") for parent in Path(__file__).resolve().parents]
-    candidates.append("/work/shared/fixtures")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "kineto").is_dir():
-            return Path(candidate)
-    return Path(__file__).resolve().parents[2] / "shared" / "fixtures"  # missing: the tests that need it fail
+    """The real-trace fixtures kept in the repository: tests/fixtures, beside this file."""
+    return Path(__file__).resolve().parent / "fixtures"
 
 
 FIXTURES = fixtures_dir()
