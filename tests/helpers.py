@@ -2,12 +2,66 @@
 
 from pathlib import Path
 
+import torch
+
 from hybridlm.config import HybridConfig
 
 
 def tiny_config(pattern: str = "MEGm*-EM", **overrides) -> HybridConfig:
     """debug-tiny with another pattern: every sub-config present, so any pattern is valid."""
     return HybridConfig.from_preset("debug-tiny", pattern=pattern, **overrides)
+
+
+# Default relative tolerance by the dtype of the result under test: a few units of its rounding error
+# accumulated over the short reductions these tests run.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    rtol: float | None = None,
+    *,
+    name: str = "tensor",
+    scale: float | None = None,
+) -> None:
+    """|actual - expected| <= rtol * (|expected| + scale) everywhere, scale defaulting to max |expected|.
+
+    The ``scale`` term makes the error relative to the reference's magnitude: near-zero entries of a
+    sum that cancels are held to the error of its largest entries, not to their own tiny size. Pass
+    ``scale`` when a whole family of tensors shares one magnitude (gradients with structural zeros).
+    ``rtol`` defaults by ``actual``'s dtype (RTOL). The comparison runs in float64, so a float64 truth
+    may check a float32 result; otherwise the dtypes must match. Non-finite entries must be equal
+    infinities; a NaN anywhere fails. The message names ``name`` and reports the max abs and rel error.
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype and expected.dtype != torch.float64:
+        raise AssertionError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
+    rtol = RTOL[actual.dtype] if rtol is None else rtol
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if a.isnan().any() or e.isnan().any():
+        raise AssertionError(f"{name}: NaN in {'actual' if a.isnan().any() else 'expected'}")
+    infinite = a.isinf() | e.isinf()
+    if not torch.equal(a[infinite], e[infinite]):
+        raise AssertionError(f"{name}: infinities differ at {infinite.nonzero()[:5].tolist()}")
+    a, e = a[~infinite], e[~infinite]
+    if e.numel() == 0:
+        return
+    if scale is None:
+        scale = e.abs().max().item()
+    error = (a - e).abs()
+    bound = rtol * (e.abs() + scale)
+    failing = error > bound
+    if failing.any():
+        worst = int(error.argmax())
+        relative = (error / (e.abs() + scale)).max().item() if scale > 0 else float("inf")
+        raise AssertionError(
+            f"{name}: {int(failing.sum())} of {e.numel()} entries off by more than rtol {rtol:.1e} x "
+            f"(|expected| + {scale:.3g}); max abs error {error.max().item():.3e} "
+            f"(actual {a[worst].item():.6g}, expected {e[worst].item():.6g}), max rel error {relative:.3e}"
+        )
 
 
 def fixtures_dir() -> Path:

@@ -1,8 +1,8 @@
-"""Helpers shared by the layer tests: contexts, comparisons, parameter noise, gradient checks, and the
-mechanics of the state, left-padding and gradient tests that several mixers repeat.
+"""Helpers shared by the layer tests: contexts, parameter noise, gradient checks, and the mechanics of
+the state, left-padding and gradient tests that several mixers repeat.
 
-The truths in the test files are written in float64 from the layer's own parameters; a float32
-layer is compared with them at rtol 1e-5, a float64 layer at rtol 1e-10.
+The truths in the test files are written in float64 from the layer's own parameters and compared with
+tests.helpers.assert_close: a float32 layer at rtol 1e-5, a float64 layer at rtol 1e-10.
 """
 
 from __future__ import annotations
@@ -13,21 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridlm.cache import BlockState, ForwardContext, RecurrentState
-
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def assert_close(actual: Tensor, expected: Tensor, rtol: float | None = None, name: str = "") -> None:
-    """rtol on each element, atol the same fraction of the largest |expected| (for near-zero entries).
-
-    ``expected`` may be float64 while ``actual`` is float32: the comparison is done in float64.
-    """
-    rtol = RTOL[actual.dtype] if rtol is None else rtol
-    expected = expected.detach().double()
-    atol = rtol * max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(
-        actual.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}" if name else m
-    )
+from tests.helpers import assert_close
 
 
 def params64(module: nn.Module) -> dict[str, Tensor]:

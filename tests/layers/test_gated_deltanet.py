@@ -7,8 +7,8 @@ import torch
 
 from hybridlm.config import GatedDeltaNetConfig
 from hybridlm.layers.gated_deltanet import GatedDeltaNetMixer
+from tests.helpers import assert_close
 from tests.layers.common import (
-    assert_close,
     assert_finite_grads_of_call,
     assert_rows_match_alone,
     assert_state_close,

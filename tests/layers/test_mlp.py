@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hybridlm.layers.mlp import MLP
-from tests.layers.common import assert_close, assert_finite_grads, gradcheck_layer, params64, perturb_
+from tests.helpers import assert_close
+from tests.layers.common import assert_finite_grads, gradcheck_layer, params64, perturb_
 
 CASES = [
     pytest.param(1, 1, 12, 20, False, id="T1-D12-I20"),

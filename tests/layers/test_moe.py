@@ -11,7 +11,8 @@ import torch
 from hybridlm.config import MoEConfig
 from hybridlm.layers.moe import MoE
 from hybridlm.ops.moe import grouped_mm_supported
-from tests.layers.common import assert_close, assert_finite_grads, gradcheck_layer, params64
+from tests.helpers import assert_close
+from tests.layers.common import assert_finite_grads, gradcheck_layer, params64
 
 HIDDEN = 12
 

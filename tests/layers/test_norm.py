@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hybridlm.layers.norm import GatedRMSNorm, RMSNorm
-from tests.layers.common import assert_close, assert_finite_grads, gradcheck_layer, perturb_
+from tests.helpers import assert_close
+from tests.layers.common import assert_finite_grads, gradcheck_layer, perturb_
 
 EPS = 1e-5
 SHAPES = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
-from tests.layers.common import assert_close
+from tests.helpers import assert_close
 
 # (batch, seq_len, heads, head_dim, rotary_dim, theta)
 CASES = [

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference, causal_conv1d_step
+from tests.helpers import assert_close
 
 BATCH = 2
 
@@ -38,13 +39,6 @@ def make_inputs(seq_len, channels, kernel_width, *, with_state, with_bias, dtype
     }
 
 
-def assert_close_scaled(actual, expected, rtol=1e-5):
-    """rtol on each element, atol relative to the tensor's largest magnitude (for near-zero elements)."""
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    atol = rtol * max(scale, 1e-6)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
 def run_with_grads(fn, inputs, activation):
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in inputs}
@@ -68,10 +62,10 @@ def test_conv_matches_reference(seq_len, channels, kernel_width, with_state, wit
 
     assert y.shape == (BATCH, seq_len, channels)
     assert state.shape == (BATCH, channels, kernel_width - 1)
-    assert_close_scaled(y, y_ref)
+    assert_close(y, y_ref)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
     for name, grad_ref in grads_ref.items():
-        assert_close_scaled(grads[name], grad_ref)
+        assert_close(grads[name], grad_ref)
 
 
 @pytest.mark.parametrize("with_state", WITH_STATE)
@@ -102,8 +96,8 @@ def test_step_loop_matches_reference(seq_len, channels, kernel_width, with_state
     for t in range(seq_len):
         y_t, state = causal_conv1d_step(inputs["x"][:, t], state, inputs["weight"], inputs["bias"])
         ys.append(y_t)
-    assert_close_scaled(torch.stack(ys, dim=1), y_ref)
-    assert_close_scaled(state, state_ref)
+    assert_close(torch.stack(ys, dim=1), y_ref)
+    assert_close(state, state_ref)
 
 
 def test_step_does_not_modify_state():
@@ -124,7 +118,7 @@ def test_split_sequence_matches_one_call(fn, split):
     x = inputs["x"]
     y_a, state_a = fn(x[:, :split], inputs["weight"], inputs["bias"], inputs["initial_state"])
     y_b, state_b = fn(x[:, split:], inputs["weight"], inputs["bias"], state_a)
-    assert_close_scaled(torch.cat([y_a, y_b], dim=1), y_full)
+    assert_close(torch.cat([y_a, y_b], dim=1), y_full)
     torch.testing.assert_close(state_b, state_full, rtol=0, atol=0)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_reference, gated_delta_step
+from tests.helpers import assert_close
 
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 # Per-step log-decay scales: "mild" keeps most of the state across a 64-token chunk, "strong"
@@ -60,21 +61,6 @@ def make_inputs(
     return {name: None if x is None else x.to(dtype) for name, x in inputs.items()}
 
 
-def assert_close_scaled(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, scale: float | None = None
-) -> None:
-    """assert_close with ``rtol`` and an atol of ``rtol * scale``.
-
-    ``scale`` defaults to the largest entry of ``expected``. Gradients pass the largest entry over
-    all gradients instead: some are structurally zero (with a zero initial state the first decay
-    g[:, 0] multiplies nothing), and the chunked form computes those zeros as sums of cancelling
-    terms of gradient size, so a tensor-local scale of 0 would demand exact cancellation.
-    """
-    if scale is None:
-        scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
 def outputs_and_grads(op, inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run ``op`` and backpropagate a fixed random-weighted sum of its output and final state."""
     leaves = {name: x.clone().requires_grad_() for name, x in inputs.items() if x is not None}
@@ -99,12 +85,15 @@ def test_chunked_matches_reference(seq_len, chunk_size, key_dim, value_dim, num_
 
     assert o.shape == (2, seq_len, num_heads, value_dim)
     assert state.shape == (2, num_heads, key_dim, value_dim)
-    assert_close_scaled(o, o_ref)
-    assert_close_scaled(state, state_ref)
+    assert_close(o, o_ref)
+    assert_close(state, state_ref)
     assert grads.keys() == grads_ref.keys()
+    # One scale for all gradients: some are structurally zero (with a zero initial state the first decay
+    # g[:, 0] multiplies nothing), and the chunked form computes those zeros as sums of cancelling terms
+    # of gradient size, so a tensor-local scale of 0 would demand exact cancellation.
     grad_scale = max(grad.abs().max().item() for grad in grads_ref.values())
     for name in grads:
-        assert_close_scaled(grads[name], grads_ref[name], scale=grad_scale)
+        assert_close(grads[name], grads_ref[name], scale=grad_scale)
 
 
 @pytest.mark.parametrize("has_initial_state", [False, True], ids=["zero_state", "initial_state"])
@@ -123,8 +112,8 @@ def test_step_loop_matches_reference(has_initial_state):
         outputs.append(o_t)
         state = new_state
 
-    assert_close_scaled(torch.stack(outputs, dim=1), o_ref)
-    assert_close_scaled(state, state_ref)
+    assert_close(torch.stack(outputs, dim=1), o_ref)
+    assert_close(state, state_ref)
 
 
 @pytest.mark.parametrize("op", [gated_delta_reference, gated_delta_chunked], ids=["reference", "chunked"])
@@ -141,8 +130,8 @@ def test_state_carried_across_calls_equals_one_call(op):
     second["initial_state"] = state_mid
     o_second, state_end = op(**second, **kwargs)
 
-    assert_close_scaled(torch.cat([o_first, o_second], dim=1), o_full)
-    assert_close_scaled(state_end, state_full)
+    assert_close(torch.cat([o_first, o_second], dim=1), o_full)
+    assert_close(state_end, state_full)
 
 
 def test_custom_scale_is_used_by_all_forms():
@@ -154,9 +143,9 @@ def test_custom_scale_is_used_by_all_forms():
     )
     o_default, _ = gated_delta_reference(**inputs)
 
-    assert_close_scaled(o_chunked, o_ref)
-    assert_close_scaled(o_step, o_ref[:, 0])
-    assert_close_scaled(o_ref, o_default * 0.3 * 16**0.5)
+    assert_close(o_chunked, o_ref)
+    assert_close(o_step, o_ref[:, 0])
+    assert_close(o_ref, o_default * 0.3 * 16**0.5)
 
 
 def test_chunked_gradcheck_float64():
@@ -219,7 +208,7 @@ def test_reference_matches_transformers_qwen3_next(decay, has_initial_state):
     o_ref, state_ref = gated_delta_reference(**inputs)
     o_chunked, state_chunked = gated_delta_chunked(**inputs, chunk_size=16)
 
-    assert_close_scaled(o_ref, o_hf)
-    assert_close_scaled(state_ref, state_hf)
-    assert_close_scaled(o_chunked, o_hf)
-    assert_close_scaled(state_chunked, state_hf)
+    assert_close(o_ref, o_hf)
+    assert_close(state_ref, state_hf)
+    assert_close(o_chunked, o_hf)
+    assert_close(state_chunked, state_hf)

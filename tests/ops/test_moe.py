@@ -15,6 +15,7 @@ from hybridlm.ops.moe import (
     route,
     tokens_per_expert,
 )
+from tests.helpers import assert_close
 
 NUM_EXPERTS = 8
 USED_EXPERTS = 6  # experts 6 and 7 never receive a token
@@ -45,12 +46,6 @@ def grouped_mm_calls(monkeypatch):
 
         monkeypatch.setattr(F, "grouped_mm", counting)
     return calls
-
-
-def assert_close(actual, expected, rtol=1e-5, name=""):
-    # atol relative to the largest entry: sums of K expert outputs can cancel to near zero elementwise
-    atol = rtol * expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 SHAPES = list(itertools.product([1, 37], [60, 64], [20, 24], [1, 2, 6], ["swiglu", "relu2"]))

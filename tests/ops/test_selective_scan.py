@@ -9,6 +9,7 @@ from hybridlm.ops.selective_scan import (
     selective_scan_reference,
     selective_scan_step,
 )
+from tests.helpers import assert_close
 
 BATCH, CHANNELS = 2, 60
 
@@ -31,11 +32,6 @@ def make_scan_inputs(T, N, use_D=True, use_z=True, use_initial_state=True, use_d
     if not use_delta_bias:  # without softplus delta must already be positive
         inputs["delta"] = inputs["delta"].abs() + 0.05
     return inputs
-
-
-def assert_close(actual, expected, name="", rtol=1e-5):
-    atol = rtol * max(expected.abs().max().item(), 1.0)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 CASES = [
@@ -61,15 +57,15 @@ def test_chunked_matches_reference(T, chunk_size, N, use_D, use_z, use_h0, use_b
     y_ref, state_ref = selective_scan_reference(**inputs)
     y, state = selective_scan_chunked(**inputs, chunk_size=chunk_size)
     assert y.shape == (BATCH, T, CHANNELS) and state.shape == (BATCH, CHANNELS, N)
-    assert_close(y, y_ref, "y")
-    assert_close(state, state_ref, "final_state")
+    assert_close(y, y_ref, name="y")
+    assert_close(state, state_ref, name="final_state")
 
     g = torch.Generator().manual_seed(1)
     grad_y, grad_state = torch.randn(y.shape, generator=g), torch.randn(state.shape, generator=g)
     grads_ref = torch.autograd.grad((y_ref, state_ref), list(leaves.values()), (grad_y, grad_state))
     grads = torch.autograd.grad((y, state), list(leaves.values()), (grad_y, grad_state))
     for name, a, e in zip(leaves, grads, grads_ref, strict=True):
-        assert_close(a, e, f"grad {name}")
+        assert_close(a, e, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("use_options", [True, False])
@@ -93,8 +89,8 @@ def test_step_loop_matches_reference(use_options):
             delta_softplus=inputs["delta_softplus"],
         )
         ys.append(y_t)
-    assert_close(torch.stack(ys, dim=1), y_ref, "y")
-    assert_close(state, state_ref, "final_state")
+    assert_close(torch.stack(ys, dim=1), y_ref, name="y")
+    assert_close(state, state_ref, name="final_state")
 
 
 @pytest.mark.parametrize("scan", [selective_scan_reference, selective_scan_chunked])
@@ -105,8 +101,8 @@ def test_split_in_two_equals_one_call(scan):
     second = {k: v[:, 20:] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
     y_first, state_mid = scan(**first)
     y_second, state_end = scan(**{**second, "initial_state": state_mid})
-    assert_close(torch.cat([y_first, y_second], dim=1), y_full, "y")
-    assert_close(state_end, state_full, "final_state")
+    assert_close(torch.cat([y_first, y_second], dim=1), y_full, name="y")
+    assert_close(state_end, state_full, name="final_state")
 
 
 def test_bf16_inputs_return_bf16_output_and_fp32_state():
@@ -115,8 +111,8 @@ def test_bf16_inputs_return_bf16_output_and_fp32_state():
     y, state = selective_scan_chunked(**bf16, chunk_size=8)
     y_ref, state_ref = selective_scan_reference(**bf16)
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
-    assert_close(y.float(), y_ref.float(), "y", rtol=2e-2)
-    assert_close(state, state_ref, "final_state")
+    assert_close(y.float(), y_ref.float(), rtol=2e-2, name="y")
+    assert_close(state, state_ref, name="final_state")
 
 
 def test_chunked_stays_accurate_after_a_large_decay():
@@ -128,8 +124,8 @@ def test_chunked_stays_accurate_after_a_large_decay():
     inputs["delta"][:, 3] = 1000.0
     y_ref, state_ref = selective_scan_reference(**inputs)
     y, state = selective_scan_chunked(**inputs, chunk_size=64)
-    assert_close(y, y_ref, "y")
-    assert_close(state, state_ref, "final_state")
+    assert_close(y, y_ref, name="y")
+    assert_close(state, state_ref, name="final_state")
 
 
 @pytest.mark.hf
@@ -153,8 +149,8 @@ def test_reference_matches_transformers_jamba_scan():
         delta_softplus=True,
         return_last_state=True,
     )
-    assert_close(y, channels_first(hf_y), "y")
-    assert_close(state, hf_state, "final_state")
+    assert_close(y, channels_first(hf_y), name="y")
+    assert_close(state, hf_state, name="final_state")
 
     # one decode step against transformers' in-place state update
     step = {k: inputs[k][:, 0] for k in ("u", "delta", "B", "C", "z")}
@@ -175,5 +171,5 @@ def test_reference_matches_transformers_jamba_scan():
         dt_softplus=True,
         z=step["z"],
     )
-    assert_close(y_step, hf_y_step, "step y")
-    assert_close(state_step, hf_state_1, "step state")
+    assert_close(y_step, hf_y_step, name="step y")
+    assert_close(state_step, hf_state_1, name="step state")

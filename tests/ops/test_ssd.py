@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference, ssd_step
+from tests.helpers import assert_close
 
 BATCH = 2
 HEAD_DIM = 60
@@ -54,12 +55,6 @@ def make_inputs(
     }
 
 
-def assert_close_scaled(actual, expected, rtol=1e-5):
-    """rtol on each element, atol relative to the tensor's largest magnitude (for near-zero elements)."""
-    atol = rtol * max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
 def run_with_grads(fn, inputs, **kwargs):
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in inputs}
@@ -82,11 +77,11 @@ def test_chunked_matches_reference(seq_len, chunk_size, num_heads, num_groups, s
 
     assert y.shape == (BATCH, seq_len, num_heads, HEAD_DIM)
     assert state.shape == (BATCH, num_heads, HEAD_DIM, state_size)
-    assert_close_scaled(y, y_ref)
-    assert_close_scaled(state, state_ref)
+    assert_close(y, y_ref)
+    assert_close(state, state_ref)
     assert set(grads) == set(grads_ref)
     for name, grad_ref in grads_ref.items():
-        assert_close_scaled(grads[name], grad_ref)
+        assert_close(grads[name], grad_ref)
 
 
 @pytest.mark.parametrize("with_d", WITH_D)
@@ -104,8 +99,8 @@ def test_step_loop_matches_reference(seq_len, chunk_size, num_heads, num_groups,
         x, dt, B, C = (inputs[k][:, t] for k in ("x", "dt", "B", "C"))
         y_t, state = ssd_step(x, dt, inputs["A"], B, C, inputs["D"], state)
         ys.append(y_t)
-    assert_close_scaled(torch.stack(ys, dim=1), y_ref)
-    assert_close_scaled(state, state_ref)
+    assert_close(torch.stack(ys, dim=1), y_ref)
+    assert_close(state, state_ref)
 
 
 def test_step_does_not_modify_state():
@@ -134,8 +129,8 @@ def test_split_sequence_matches_one_call(fn, split):
     y_a, state_a = fn(**first)
     second = {k: v[:, split:] if k in ("x", "dt", "B", "C") else v for k, v in inputs.items()}
     y_b, state_b = fn(**{**second, "initial_state": state_a})
-    assert_close_scaled(torch.cat([y_a, y_b], dim=1), y_full)
-    assert_close_scaled(state_b, state_full)
+    assert_close(torch.cat([y_a, y_b], dim=1), y_full)
+    assert_close(state_b, state_full)
 
 
 def test_gradcheck_chunked():
@@ -160,7 +155,7 @@ def test_half_precision_computes_in_fp32(dtype):
         y, state = fn(**half)
         assert y.dtype == dtype
         assert state.dtype == torch.float32
-        assert_close_scaled(state, state_ref, rtol=1e-4)
+        assert_close(state, state_ref, rtol=1e-4)
         torch.testing.assert_close(y, y_ref.to(dtype))
 
 
@@ -169,7 +164,7 @@ def test_chunked_padding_leaves_final_state_untouched():
     inputs = make_inputs(48, 3, 1, 7, with_state=True, with_d=False)
     _, state_even = ssd_chunked(**inputs, chunk_size=16)
     _, state_padded = ssd_chunked(**inputs, chunk_size=20)
-    assert_close_scaled(state_padded, state_even)
+    assert_close(state_padded, state_even)
 
 
 def test_rejects_heads_not_divisible_by_groups():
