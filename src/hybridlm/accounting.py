@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybridlm.config import BLOCK_TYPES, AttentionConfig, HybridConfig, layer_type_name
+from hybridlm.blocks import BLOCKS, block_spec
+from hybridlm.config import AttentionConfig, HybridConfig
 
 
 @dataclass
@@ -50,65 +51,11 @@ class ParamCount:
         }
 
 
-def _linear(fan_in: int, fan_out: int, bias: bool = False) -> int:
-    return fan_in * fan_out + (fan_out if bias else 0)
-
-
-def _mlp_params(hidden: int, intermediate: int, activation: str, bias: bool = False) -> int:
-    num_proj = 3 if activation == "swiglu" else 2
-    biases = (num_proj - 1) * intermediate + hidden if bias else 0
-    return num_proj * hidden * intermediate + biases
-
-
 def block_params(char: str, cfg: HybridConfig) -> BlockParams:
-    """Parameters of one block (its pre-norm included); ``active`` differs from ``total`` only for MoE."""
-    d = cfg.hidden_size
-    norm = d
-    if char == "M":
-        m = cfg.mamba2
-        n = _linear(d, m.intermediate_size + m.conv_dim + m.num_heads, m.use_bias)
-        n += m.conv_dim * m.conv_kernel + (m.conv_dim if m.use_conv_bias else 0)
-        n += 3 * m.num_heads + (m.intermediate_size if m.has_gated_norm else 0)  # dt_bias, A_log, D; gated norm
-        n += _linear(m.intermediate_size, d, m.use_bias)
-        return BlockParams(n + norm, n + norm)
-    if char == "G":
-        g = cfg.gdn
-        n = d * (g.conv_dim + g.value_dim + 2 * g.num_value_heads)  # qkv, z, b, a projections
-        n += g.conv_dim * g.conv_kernel + 2 * g.num_value_heads + g.value_head_dim
-        n += g.value_dim * d
-        return BlockParams(n + norm, n + norm)
-    if char == "*":
-        a = cfg.attention
-        q_out = a.num_heads * a.head_dim * (2 if a.has_output_gate else 1)
-        kv_out = a.num_kv_heads * a.head_dim
-        n = _linear(d, q_out, a.bias) + 2 * _linear(d, kv_out, a.bias) + _linear(a.num_heads * a.head_dim, d, a.bias)
-        n += 2 * a.head_dim if a.has_qk_norm else 0
-        return BlockParams(n + norm, n + norm)
-    if char == "P":
-        both = block_params("M", cfg).total + block_params("*", cfg).total - norm
-        return BlockParams(both, both)
-    if char == "m":
-        m = cfg.mamba
-        inner = m.intermediate_size
-        n = _linear(d, 2 * inner, m.use_bias) + inner * m.conv_kernel + (inner if m.use_conv_bias else 0)
-        n += inner * (m.dt_rank + 2 * m.state_size) + (m.dt_rank + 2 * m.state_size if m.has_inner_norms else 0)
-        n += _linear(m.dt_rank, inner, True) + inner * m.state_size + inner  # dt_proj, A_log, D
-        n += _linear(inner, d, m.use_bias)
-        return BlockParams(n + norm, n + norm)
-    if char == "-":
-        n = _mlp_params(d, cfg.mlp.intermediate_size, cfg.mlp.activation, cfg.mlp.bias)
-        return BlockParams(n + norm, n + norm)
-    if char == "E":
-        e = cfg.moe
-        router = e.num_experts * d + (e.num_experts if e.use_expert_bias else 0)
-        per_expert = _mlp_params(d, e.intermediate_size, e.activation)
-        shared = 0
-        if e.num_shared_experts:
-            shared = _mlp_params(d, e.num_shared_experts * e.shared_intermediate_size, e.activation)
-            shared += d if e.has_shared_expert_gate else 0
-        fixed = norm + router + shared
-        return BlockParams(fixed + e.num_experts * per_expert, fixed + e.num_experts_per_tok * per_expert)
-    raise ValueError(f"no block type for pattern character {char!r}")
+    """Parameters of one block, its pre-norm included; ``active`` differs from ``total`` only for MoE."""
+    module = block_spec(char).module.count_params(cfg)
+    norm = cfg.hidden_size
+    return BlockParams(module.total + norm, module.active + norm)
 
 
 def count_params(cfg: HybridConfig) -> ParamCount:
@@ -117,12 +64,12 @@ def count_params(cfg: HybridConfig) -> ParamCount:
     lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
     total = active = embedding + lm_head + cfg.hidden_size
     by_type: dict[str, dict[str, int]] = {}
-    for char in BLOCK_TYPES:
+    for char, spec in BLOCKS.items():
         num_blocks = cfg.pattern.count(char)
         if not num_blocks:
             continue
         block = block_params(char, cfg)
-        by_type[layer_type_name(char)] = {
+        by_type[spec.layer_type] = {
             "blocks": num_blocks,
             "total": num_blocks * block.total,
             "active": num_blocks * block.active,
@@ -159,27 +106,14 @@ def kv_bytes_per_token(attention: AttentionConfig, num_blocks: int, dtype: torch
 def cache_bytes(cfg: HybridConfig, batch_size: int, context: int, dtype: torch.dtype = torch.bfloat16) -> CacheBytes:
     """Bytes of the HybridCache for ``batch_size`` sequences of ``context`` tokens.
 
-    KV and conv states are held in ``dtype``; SSM and DeltaNet recurrent states in fp32, as
-    HybridLM.new_cache allocates them.
+    KV and conv states are held in ``dtype``; SSM and DeltaNet recurrent states in fp32 (at least),
+    exactly the tensors ``HybridLM.new_cache`` allocates: both read the blocks' ``state_tensors``.
     """
-    width = _dtype_bytes(dtype)
-    kv = conv = recurrent = 0
-    if cfg.attention is not None:
-        num_attention = cfg.pattern.count("*") + cfg.pattern.count("P")
-        kv = batch_size * context * kv_bytes_per_token(cfg.attention, num_attention, dtype)
-    if cfg.mamba2 is not None:
-        m, n = cfg.mamba2, cfg.pattern.count("M") + cfg.pattern.count("P")
-        conv += n * batch_size * m.conv_dim * (m.conv_kernel - 1) * width
-        recurrent += n * batch_size * m.num_heads * m.head_dim * m.state_size * 4
-    if cfg.gdn is not None and "G" in cfg.pattern:
-        g, n = cfg.gdn, cfg.pattern.count("G")
-        conv += n * batch_size * g.conv_dim * (g.conv_kernel - 1) * width
-        recurrent += n * batch_size * g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
-    if cfg.mamba is not None and "m" in cfg.pattern:
-        m, n = cfg.mamba, cfg.pattern.count("m")
-        conv += n * batch_size * m.intermediate_size * (m.conv_kernel - 1) * width
-        recurrent += n * batch_size * m.intermediate_size * m.state_size * 4
-    return CacheBytes(kv, conv, recurrent)
+    by_kind = {"kv": 0, "conv": 0, "recurrent": 0}
+    for char in cfg.pattern:
+        for tensor in block_spec(char).module.state_tensors(cfg, batch_size, context):
+            by_kind[tensor.kind] += tensor.nbytes(dtype)
+    return CacheBytes(**by_kind)
 
 
 def pure_attention_kv_bytes(
@@ -200,12 +134,5 @@ def pure_attention_kv_bytes(
 
 def flops_per_token(cfg: HybridConfig, context: int) -> int:
     """Forward FLOPs to generate one token at ``context``: 2 x active matmul parameters + attention scores."""
-    params = count_params(cfg)
-    matmul = 2 * params.active_without_embedding
-    attention = 0
-    if cfg.attention is not None:
-        a = cfg.attention
-        attention = (
-            (cfg.pattern.count("*") + cfg.pattern.count("P")) * 4 * a.num_heads * a.head_dim * context
-        )  # QK^T and PV
-    return matmul + attention
+    matmul = 2 * count_params(cfg).active_without_embedding
+    return matmul + sum(block_spec(char).module.context_flops(cfg, context) for char in cfg.pattern)

@@ -8,16 +8,11 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from hybridlm.blocks import block_spec
 from hybridlm.cache import ForwardContext, HybridCache
-from hybridlm.config import MIXER_CHARS, HybridConfig, layer_type_name
-from hybridlm.layers.attention import Attention
-from hybridlm.layers.gated_deltanet import GatedDeltaNetMixer
-from hybridlm.layers.mamba import MambaMixer
-from hybridlm.layers.mamba2 import Mamba2Mixer
-from hybridlm.layers.mlp import MLP
-from hybridlm.layers.moe import Experts, MoE
+from hybridlm.config import HybridConfig
+from hybridlm.layers.moe import Experts
 from hybridlm.layers.norm import RMSNorm
-from hybridlm.layers.parallel import ParallelMixer
 
 
 class BlockObserver(Protocol):
@@ -27,29 +22,9 @@ class BlockObserver(Protocol):
     not synchronised), None for other blocks.
     """
 
-    def before_block(self, index: int, block_type: str, hidden: Tensor) -> None: ...
+    def before_block(self, index: int, layer_type: str, hidden: Tensor) -> None: ...
 
-    def after_block(self, index: int, block_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None: ...
-
-
-def build_mixer(char: str, config: HybridConfig) -> nn.Module:
-    """The module for one pattern character (one entry per block type, as vLLM's nemotron_h does)."""
-    eps, zero_centered = config.norm_eps, config.is_norm_zero_centered
-    if char == "M":
-        return Mamba2Mixer(config.hidden_size, config.mamba2, eps)
-    if char == "G":
-        return GatedDeltaNetMixer(config.hidden_size, config.gdn, eps)
-    if char == "*":
-        return Attention(config.hidden_size, config.attention, eps, zero_centered)
-    if char == "-":
-        return MLP(config.hidden_size, config.mlp.intermediate_size, config.mlp.activation, config.mlp.bias)
-    if char == "E":
-        return MoE(config.hidden_size, config.moe)
-    if char == "m":
-        return MambaMixer(config.hidden_size, config.mamba, eps)
-    if char == "P":
-        return ParallelMixer(config)
-    raise ValueError(f"no block for pattern character {char!r}")
+    def after_block(self, index: int, layer_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None: ...
 
 
 class Block(nn.Module):
@@ -57,13 +32,15 @@ class Block(nn.Module):
 
     def __init__(self, index: int, char: str, config: HybridConfig) -> None:
         super().__init__()
+        spec = block_spec(char)
         self.index = index
-        self.block_type = char
-        self.layer_type = layer_type_name(char)
-        self.is_sequence_mixer = char in MIXER_CHARS
+        self.char = char
+        self.layer_type = spec.layer_type
+        self.is_sequence_mixer = spec.mixes_sequence
+        self.routes_experts = spec.routes_experts
         self.residual_multiplier = config.residual_multiplier
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
-        self.mixer = build_mixer(char, config)
+        self.mixer = spec.module.from_config(config)
 
     def forward(self, x: Tensor, context: ForwardContext, cache: HybridCache | None) -> Tensor:
         h = self.norm(x)
@@ -157,11 +134,10 @@ class HybridLM(nn.Module):
             if observer is not None:
                 observer.before_block(block.index, block.layer_type, hidden)
             hidden = block(hidden, context, cache)
-            is_moe = block.block_type == "E"
             if observer is not None:
-                counts = block.mixer.last_tokens_per_expert if is_moe else None
+                counts = block.mixer.last_tokens_per_expert if block.routes_experts else None
                 observer.after_block(block.index, block.layer_type, hidden, counts)
-            if is_moe and self.training:
+            if block.routes_experts and self.training:
                 aux_losses.append(block.mixer.last_aux_loss)
         if cache is not None:
             cache.advance(T, token_mask)

@@ -7,17 +7,22 @@ query and the gate of each head side by side).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import AttentionState, ForwardContext
-from hybridlm.config import AttentionConfig
+from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
 
+if TYPE_CHECKING:
+    from hybridlm.config import AttentionConfig, HybridConfig
 
-class Attention(nn.Module):
+
+class Attention(BlockModule):
     def __init__(
         self,
         hidden_size: int,
@@ -39,11 +44,31 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta) if c.rotary_dim else None
         self.scale = c.softmax_scale if c.softmax_scale is not None else c.head_dim**-0.5
 
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> Attention:
+        return cls(config.hidden_size, config.attention, config.norm_eps, config.is_norm_zero_centered)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        d, a = config.hidden_size, config.attention
+        q_out = a.num_heads * a.head_dim * (2 if a.has_output_gate else 1)  # the output gate rides on q_proj
+        kv_out = a.num_kv_heads * a.head_dim
+        n = linear_params(d, q_out, a.bias) + 2 * linear_params(d, kv_out, a.bias)
+        n += linear_params(a.num_heads * a.head_dim, d, a.bias)  # o_proj
+        n += 2 * a.head_dim if a.has_qk_norm else 0
+        return ParamCount(n, n)
+
+    @staticmethod
+    def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+        return _state_tensors(config.attention, batch_size, max_seq_len)
+
+    @staticmethod
+    def context_flops(config: HybridConfig, context: int) -> int:
+        a = config.attention
+        return 4 * a.num_heads * a.head_dim * context  # QK^T and PV against every cached key
+
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
-        shape = (batch_size, max_seq_len, self.config.num_kv_heads, self.config.head_dim)
-        return AttentionState(
-            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        )
+        return AttentionState(**allocate(_state_tensors(self.config, batch_size, max_seq_len), device, dtype))
 
     def forward(self, x: Tensor, context: ForwardContext, state: AttentionState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; appends this call's keys and values to ``state``."""
@@ -99,3 +124,8 @@ class Attention(nn.Module):
             # A padded query would see no key at all (and SDPA would return NaN): let it see itself.
             allowed = (allowed & key_padding[:, None, None, :]) | (key_pos == query_pos)
         return allowed, False
+
+
+def _state_tensors(c: AttentionConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+    shape = (batch_size, max_seq_len, c.num_kv_heads, c.head_dim)
+    return [StateTensor("key", "kv", shape), StateTensor("value", "kv", shape)]

@@ -7,16 +7,21 @@ the gated delta rule; RMSNorm per head gated by silu(z); out_proj.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.config import GatedDeltaNetConfig
+from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_step
-from hybridlm.ops.precision import state_dtype, upcast
+from hybridlm.ops.precision import upcast
+
+if TYPE_CHECKING:
+    from hybridlm.config import GatedDeltaNetConfig, HybridConfig
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -24,7 +29,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-class GatedDeltaNetMixer(nn.Module):
+class GatedDeltaNetMixer(BlockModule):
     def __init__(self, hidden_size: int, config: GatedDeltaNetConfig, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.config = c = config
@@ -38,11 +43,24 @@ class GatedDeltaNetMixer(nn.Module):
         self.norm = GatedRMSNorm(c.value_head_dim, c.value_head_dim, norm_eps, norm_before_gate=True)
         self.out_proj = nn.Linear(c.value_dim, hidden_size, bias=False)
 
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> GatedDeltaNetMixer:
+        return cls(config.hidden_size, config.gdn, config.norm_eps)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        d, g = config.hidden_size, config.gdn
+        n = d * (g.conv_dim + g.value_dim + 2 * g.num_value_heads)  # in_proj_qkv, _z, _b, _a
+        n += g.conv_dim * g.conv_kernel + 2 * g.num_value_heads + g.value_head_dim  # conv, dt_bias, A_log, norm
+        n += g.value_dim * d  # out_proj
+        return ParamCount(n, n)
+
+    @staticmethod
+    def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+        return _state_tensors(config.gdn, batch_size)
+
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
-        c = self.config
-        conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
-        shape = (batch_size, c.num_value_heads, c.key_head_dim, c.value_head_dim)
-        return RecurrentState(conv, torch.zeros(shape, device=device, dtype=state_dtype(dtype)))
+        return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
@@ -85,3 +103,10 @@ class GatedDeltaNetMixer(nn.Module):
         z = self.in_proj_z(x).view(B, T, c.num_value_heads, c.value_head_dim)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, c.value_dim))
+
+
+def _state_tensors(c: GatedDeltaNetConfig, batch_size: int) -> list[StateTensor]:
+    return [
+        StateTensor("conv", "conv", (batch_size, c.conv_dim, c.conv_kernel - 1)),
+        StateTensor("recurrent", "recurrent", (batch_size, c.num_value_heads, c.key_head_dim, c.value_head_dim)),
+    ]

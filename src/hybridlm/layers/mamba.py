@@ -7,19 +7,24 @@ per-channel A = -exp(A_log) [I, N]; the selective scan; y * silu(z); out_proj.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.config import MambaConfig
+from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
-from hybridlm.ops.precision import state_dtype, upcast
+from hybridlm.ops.precision import upcast
 from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
 
+if TYPE_CHECKING:
+    from hybridlm.config import HybridConfig, MambaConfig
 
-class MambaMixer(nn.Module):
+
+class MambaMixer(BlockModule):
     def __init__(self, hidden_size: int, config: MambaConfig, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.config = c = config
@@ -37,11 +42,26 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(inner))
         self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
 
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> MambaMixer:
+        return cls(config.hidden_size, config.mamba, config.norm_eps)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        d, m = config.hidden_size, config.mamba
+        inner, R, N = m.intermediate_size, m.dt_rank, m.state_size
+        n = linear_params(d, 2 * inner, m.use_bias) + inner * m.conv_kernel + (inner if m.use_conv_bias else 0)
+        n += inner * (R + 2 * N) + (R + 2 * N if m.has_inner_norms else 0)  # x_proj; dt/B/C norms
+        n += linear_params(R, inner, True) + inner * N + inner  # dt_proj, A_log, D
+        n += linear_params(inner, d, m.use_bias)  # out_proj
+        return ParamCount(n, n)
+
+    @staticmethod
+    def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+        return _state_tensors(config.mamba, batch_size)
+
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
-        c = self.config
-        conv = torch.zeros(batch_size, c.intermediate_size, c.conv_kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch_size, c.intermediate_size, c.state_size, device=device, dtype=state_dtype(dtype))
-        return RecurrentState(conv, ssm)
+        return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
@@ -81,3 +101,10 @@ class MambaMixer(nn.Module):
             state.conv.copy_(conv_state)
             state.recurrent.copy_(ssm_state)
         return self.out_proj(y)
+
+
+def _state_tensors(c: MambaConfig, batch_size: int) -> list[StateTensor]:
+    return [
+        StateTensor("conv", "conv", (batch_size, c.intermediate_size, c.conv_kernel - 1)),
+        StateTensor("recurrent", "recurrent", (batch_size, c.intermediate_size, c.state_size)),
+    ]

@@ -7,20 +7,24 @@ dt = softplus(dt + dt_bias) and A = -exp(A_log); gated group-wise RMSNorm with z
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.config import Mamba2Config
+from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
-from hybridlm.ops.precision import state_dtype, upcast
+from hybridlm.ops.precision import upcast
 from hybridlm.ops.ssd import ssd_chunked, ssd_step
 
+if TYPE_CHECKING:
+    from hybridlm.config import HybridConfig, Mamba2Config
 
-class Mamba2Mixer(nn.Module):
+
+class Mamba2Mixer(BlockModule):
     def __init__(self, hidden_size: int, config: Mamba2Config, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.config = c = config
@@ -35,11 +39,25 @@ class Mamba2Mixer(nn.Module):
         )
         self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
 
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> Mamba2Mixer:
+        return cls(config.hidden_size, config.mamba2, config.norm_eps)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        d, m = config.hidden_size, config.mamba2
+        n = linear_params(d, m.intermediate_size + m.conv_dim + m.num_heads, m.use_bias)  # in_proj
+        n += m.conv_dim * m.conv_kernel + (m.conv_dim if m.use_conv_bias else 0)
+        n += 3 * m.num_heads + (m.intermediate_size if m.has_gated_norm else 0)  # dt_bias, A_log, D; gated norm
+        n += linear_params(m.intermediate_size, d, m.use_bias)  # out_proj
+        return ParamCount(n, n)
+
+    @staticmethod
+    def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+        return _state_tensors(config.mamba2, batch_size)
+
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
-        c = self.config
-        conv = torch.zeros(batch_size, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch_size, c.num_heads, c.head_dim, c.state_size, device=device, dtype=state_dtype(dtype))
-        return RecurrentState(conv, ssm)
+        return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
@@ -92,3 +110,10 @@ def _init_dt_bias(c: Mamba2Config) -> Tensor:
         torch.rand(c.num_heads) * (math.log(c.time_step_max) - math.log(c.time_step_min)) + math.log(c.time_step_min)
     ).clamp(min=c.time_step_floor)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def _state_tensors(c: Mamba2Config, batch_size: int) -> list[StateTensor]:
+    return [
+        StateTensor("conv", "conv", (batch_size, c.conv_dim, c.conv_kernel - 1)),
+        StateTensor("recurrent", "recurrent", (batch_size, c.num_heads, c.head_dim, c.state_size)),
+    ]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridlm.config import Activation
+from hybridlm.layers.base import BlockModule, ParamCount, mlp_params
+
+if TYPE_CHECKING:
+    from hybridlm.config import Activation, HybridConfig
 
 
-class MLP(nn.Module):
+class MLP(BlockModule):
     """swiglu: down(silu(gate(x)) * up(x)); relu2: down(relu(up(x)) ** 2)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation, bias: bool = False) -> None:
@@ -20,6 +25,17 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> MLP:
+        m = config.mlp
+        return cls(config.hidden_size, m.intermediate_size, m.activation, m.bias)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        m = config.mlp
+        n = mlp_params(config.hidden_size, m.intermediate_size, m.activation, m.bias)
+        return ParamCount(n, n)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":

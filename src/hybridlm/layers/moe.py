@@ -9,14 +9,19 @@ Legend: N tokens, D hidden, E experts, K experts per token, I expert intermediat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridlm.config import MoEConfig
+from hybridlm.layers.base import BlockModule, ParamCount, mlp_params
 from hybridlm.layers.mlp import MLP
 from hybridlm.ops.moe import moe_experts_grouped, route, tokens_per_expert
 from hybridlm.ops.precision import upcast
+
+if TYPE_CHECKING:
+    from hybridlm.config import HybridConfig, MoEConfig
 
 
 class Router(nn.Module):
@@ -59,7 +64,7 @@ class Experts(nn.Module):
         )
 
 
-class MoE(nn.Module):
+class MoE(BlockModule):
     """After a forward: ``last_tokens_per_expert`` [E] and, in training, ``last_aux_loss`` (a scalar)."""
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
@@ -75,6 +80,23 @@ class MoE(nn.Module):
             self.shared_experts = None
         self.last_tokens_per_expert: Tensor | None = None
         self.last_aux_loss: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> MoE:
+        return cls(config.hidden_size, config.moe)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        """Active per token: the router, the shared experts and ``num_experts_per_tok`` routed experts."""
+        d, e = config.hidden_size, config.moe
+        router = e.num_experts * d + (e.num_experts if e.use_expert_bias else 0)
+        per_expert = mlp_params(d, e.intermediate_size, e.activation)
+        shared = 0
+        if e.num_shared_experts:
+            shared = mlp_params(d, e.num_shared_experts * e.shared_intermediate_size, e.activation)
+            shared += d if e.has_shared_expert_gate else 0
+        fixed = router + shared
+        return ParamCount(fixed + e.num_experts * per_expert, fixed + e.num_experts_per_tok * per_expert)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, D] -> [B, T, D]."""

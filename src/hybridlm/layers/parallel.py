@@ -7,20 +7,44 @@ is the plain sum.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hybridlm.cache import ForwardContext, ParallelState
-from hybridlm.config import HybridConfig
 from hybridlm.layers.attention import Attention
+from hybridlm.layers.base import BlockModule, ParamCount, StateTensor
 from hybridlm.layers.mamba2 import Mamba2Mixer
 
+if TYPE_CHECKING:
+    from hybridlm.config import HybridConfig
 
-class ParallelMixer(nn.Module):
+
+class ParallelMixer(BlockModule):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.mamba = Mamba2Mixer(config.hidden_size, config.mamba2, config.norm_eps)
         self.self_attn = Attention(config.hidden_size, config.attention, config.norm_eps, config.is_norm_zero_centered)
+
+    @classmethod
+    def from_config(cls, config: HybridConfig) -> ParallelMixer:
+        return cls(config)
+
+    @staticmethod
+    def count_params(config: HybridConfig) -> ParamCount:
+        n = Mamba2Mixer.count_params(config).total + Attention.count_params(config).total
+        return ParamCount(n, n)
+
+    @staticmethod
+    def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
+        return Mamba2Mixer.state_tensors(config, batch_size, max_seq_len) + Attention.state_tensors(
+            config, batch_size, max_seq_len
+        )
+
+    @staticmethod
+    def context_flops(config: HybridConfig, context: int) -> int:
+        return Attention.context_flops(config, context)
 
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> ParallelState:
         return ParallelState(
