@@ -68,3 +68,19 @@ def test_bad_sql_and_bad_files_are_one_line_errors(kineto_db, tmp_path):
     junk.write_text("not a trace")
     result = hybridlm("import", str(junk), "--db", str(tmp_path / "x.duckdb"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "junk.txt" in result.stderr
+
+
+def test_query_prints_values_literally_and_as_json_or_csv_for_scripts(kineto_db):
+    sql = "SELECT '[true, false]' AS a, '[/]' AS b, NULL AS c, 0.1 + 0.2 AS d"
+    result = hybridlm("query", str(kineto_db), sql)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2].split() == ["[true,", "false]", "[/]", "NULL", "0.3000"]
+    result = hybridlm("query", str(kineto_db), sql, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"a": "[true, false]", "b": "[/]", "c": None, "d": 0.1 + 0.2}]
+    result = hybridlm("query", str(kineto_db), sql, "--csv")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["a,b,c,d", f'"[true, false]",[/],,{0.1 + 0.2!r}']
+    result = hybridlm("query", str(kineto_db), "SELECT 1; DROP TABLE events")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "got 2 statements" in result.stderr

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import hashlib
+import io
 import json
 
+import duckdb
 import numpy as np
 import pytest
 
 from hybridlm.trace.importers import import_trace
-from hybridlm.trace.query import format_table, format_value, run_query
+from hybridlm.trace.query import format_csv, format_json, format_table, format_value, run_query
 from hybridlm.trace.schema import TraceError
 from hybridlm.trace.store import TraceStore
 from tests.helpers import FIXTURES
@@ -113,3 +117,87 @@ def test_format_table_aligns_numbers_and_spells_null():
 )
 def test_format_value(value, text):
     assert format_value(value) == text
+
+
+# Values that are rich markup, or look like it: printed literally, never interpreted.
+MARKUP_SQL = "SELECT '[true, false]' AS a, '[/]' AS b, '[bold]x[/bold]' AS c, ':smile:' AS \"[red]d\""
+
+
+def test_cells_and_headers_are_printed_literally(kineto_db):
+    columns, rows = run_query(kineto_db, MARKUP_SQL)
+    assert rows == [("[true, false]", "[/]", "[bold]x[/bold]", ":smile:")]
+    lines = format_table(columns, rows).splitlines()
+    assert lines[0].split() == ["a", "b", "c", "[red]d"]
+    assert lines[2].split() == ["[true,", "false]", "[/]", "[bold]x[/bold]", ":smile:"]
+
+
+def test_several_statements_are_refused_by_name(kineto_db):
+    with pytest.raises(TraceError, match=r"got 2 statements \(SELECT, SELECT\); give one statement per query"):
+        run_query(kineto_db, "SELECT 1; SELECT 2")
+    columns, rows = run_query(kineto_db, "SELECT 2 AS two;")  # a trailing semicolon is one statement
+    assert (columns, rows) == (["two"], [(2,)])
+
+
+def test_queries_never_write_the_trace_or_any_file(kineto_db, tmp_path):
+    before = hashlib.sha256(kineto_db.read_bytes()).hexdigest()
+    target = tmp_path / "out.csv"
+    for sql in (
+        f"COPY (SELECT 1) TO '{target}'",
+        f"COPY (SELECT 1) TO '{kineto_db}'",  # would replace the trace itself
+        "CREATE TABLE t AS SELECT 1",
+        f"ATTACH '{tmp_path / 'other.duckdb'}' AS other",
+        "INSERT INTO runs (run_id) VALUES ('x')",
+    ):
+        with pytest.raises(TraceError, match="read-only"):
+            run_query(kineto_db, sql)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert hashlib.sha256(kineto_db.read_bytes()).hexdigest() == before
+    missing = tmp_path / "missing.duckdb"
+    with pytest.raises(TraceError, match="no such file"):
+        run_query(missing, "SELECT 1")
+    assert not missing.exists()
+
+
+SCRIPT_SQL = (
+    "SELECT name, count(*) AS n, avg(duration_us) AS mean_us, max(range_name) AS range_name, "
+    "list(DISTINCT layer_type ORDER BY layer_type) AS types FROM events WHERE source = 'cuda' "
+    "GROUP BY name ORDER BY n DESC, name LIMIT 15"
+)
+
+
+def reference_rows(db, sql: str) -> list[tuple]:
+    """The same query through a plain read-only DuckDB connection."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_json_output_is_a_list_of_row_objects_with_every_value(kineto_db):
+    expected = reference_rows(kineto_db, SCRIPT_SQL)
+    doc = json.loads(format_json(*run_query(kineto_db, SCRIPT_SQL)))
+    assert [list(obj) for obj in doc] == [["name", "n", "mean_us", "range_name", "types"]] * len(expected)
+    assert [tuple(obj.values()) for obj in doc] == [(a, b, c, d, list(e)) for a, b, c, d, e in expected]
+    markup = json.loads(format_json(*run_query(kineto_db, MARKUP_SQL)))
+    assert markup == [{"a": "[true, false]", "b": "[/]", "c": "[bold]x[/bold]", "[red]d": ":smile:"}]
+    special = json.loads(
+        format_json(*run_query(kineto_db, "SELECT 'nan'::DOUBLE AS x, NULL AS y, DATE '2024-02-29' AS d"))
+    )
+    assert special == [{"x": None, "y": None, "d": "2024-02-29"}]
+    with pytest.raises(TraceError, match=r"repeated column names \['x'\]"):
+        format_json(*run_query(kineto_db, "SELECT 1 AS x, 2 AS x"))
+
+
+def test_csv_output_reads_back_with_the_csv_module(kineto_db):
+    expected = reference_rows(kineto_db, SCRIPT_SQL)
+    text = format_csv(*run_query(kineto_db, SCRIPT_SQL))
+    assert text.startswith("name,n,mean_us,range_name,types\r\n") and text.endswith("\r\n")  # CRLF, as RFC 4180
+    header, *records = list(csv.reader(io.StringIO(text, newline="")))
+    assert header == ["name", "n", "mean_us", "range_name", "types"]
+    assert len(records) == len(expected)
+    for record, (name, n, mean, range_name, types) in zip(records, expected, strict=True):
+        assert record[0] == name and int(record[1]) == n and float(record[2]) == mean  # every digit kept
+        assert record[3] == (range_name or "") and json.loads(record[4]) == list(types)
+    tricky = format_csv(*run_query(kineto_db, "SELECT 'a,\"b\"' AS x, NULL AS y, 'two\nlines' AS z"))
+    assert list(csv.reader(io.StringIO(tricky, newline=""))) == [["x", "y", "z"], ['a,"b"', "", "two\nlines"]]

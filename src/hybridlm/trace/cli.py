@@ -63,10 +63,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from hybridlm.trace.query import format_table, run_query
+    from hybridlm.trace.query import format_csv, format_json, format_table, run_query
 
     columns, rows = run_query(args.db, args.sql)
-    print(format_table(columns, rows))
+    if args.json:
+        print(format_json(columns, rows))
+    elif args.csv:
+        sys.stdout.write(format_csv(columns, rows))
+    else:
+        print(format_table(columns, rows))
     return 0
 
 
@@ -119,9 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"flag a p99 rise above this fraction (default {P99_THRESHOLD:g})")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("query", help="run SQL on a trace database and print the result")
-    p.add_argument("db")
-    p.add_argument("sql")
+    p = sub.add_parser("query", help="run one read-only SQL statement on a trace database and print the result")
+    p.add_argument("db", help="trace database (DuckDB file); opened read-only, never created")
+    p.add_argument("sql", help="one statement: SELECT, SHOW, DESCRIBE, EXPLAIN, PRAGMA or CALL")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+    output.add_argument("--csv", action="store_true", help="print CSV (RFC 4180, header row, NULL as empty field)")
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("import", help="import a Kineto JSON, Nsight Systems SQLite or Ingero SQLite trace")
