@@ -20,23 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# char -> (layer type name used in traces and reports, HybridConfig fields holding its sub-configs)
-BLOCK_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "M": ("mamba2", ("mamba2",)),
-    "G": ("gdn", ("gdn",)),
-    "*": ("attention", ("attention",)),
-    "-": ("mlp", ("mlp",)),
-    "E": ("moe", ("moe",)),
-    "m": ("mamba", ("mamba",)),
-    "P": ("parallel", ("mamba2", "attention")),
-}
-MIXER_CHARS = frozenset("MG*mP")  # blocks that mix along the sequence
-FFN_CHARS = frozenset("-E")  # blocks that act on each token alone
-
-
-def layer_type_name(char: str) -> str:
-    """'M' -> 'mamba2', 'E' -> 'moe', ... (the names traces and reports use)."""
-    return BLOCK_TYPES[char][0]
+from hybridlm.blocks import BLOCKS, layer_type_name
 
 
 @dataclass
@@ -193,14 +177,14 @@ class HybridConfig:
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise ValueError(f"pattern is empty: give one character per block, from {''.join(BLOCK_TYPES)!r}")
+            raise ValueError(f"pattern is empty: give one character per block, from {''.join(BLOCKS)!r}")
         for index, char in enumerate(self.pattern):
-            if char not in BLOCK_TYPES:
+            if char not in BLOCKS:
                 raise ValueError(
                     f"pattern[{index}] = {char!r} is not a block type; expected one of "
-                    f"{', '.join(repr(c) for c in BLOCK_TYPES)} in pattern {self.pattern!r}"
+                    f"{', '.join(repr(c) for c in BLOCKS)} in pattern {self.pattern!r}"
                 )
-            for sub_config in BLOCK_TYPES[char][1]:
+            for sub_config in BLOCKS[char].sub_configs:
                 if getattr(self, sub_config) is None:
                     raise ValueError(
                         f"pattern[{index}] = {char!r} ({layer_type_name(char)}) needs the "
@@ -247,7 +231,7 @@ class HybridConfig:
 
     def block_counts(self) -> dict[str, int]:
         """Blocks per layer type name, in pattern-grammar order: {'mamba2': 23, 'moe': 23, ...}."""
-        return {layer_type_name(c): self.pattern.count(c) for c in BLOCK_TYPES if c in self.pattern}
+        return {layer_type_name(c): self.pattern.count(c) for c in BLOCKS if c in self.pattern}
 
     # -- constructors and serialisation ------------------------------------------------------------
     @classmethod

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, generate
-from hybridlm.config import layer_type_name
+from hybridlm.blocks import layer_type_name
 from hybridlm.trace import analysis
 from hybridlm.trace.analysis import ALL_LAYERS, ALL_PHASES, OTHER
 from hybridlm.trace.importers import import_trace

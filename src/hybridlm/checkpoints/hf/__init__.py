@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from hybridlm.blocks import SEQUENCE_MIXER_CHARS, layer_type_name
 from hybridlm.checkpoints.hf import falcon_h1, granitemoehybrid, jamba, nemotron_h, qwen3_next
 from hybridlm.checkpoints.hf.common import Family, HFConfig, encode_floats
 from hybridlm.checkpoints.plan import load_with_plan, plan_tensors
 from hybridlm.checkpoints.safetensors_io import CheckpointReader, write_checkpoint_dir
-from hybridlm.config import MIXER_CHARS, HybridConfig, layer_type_name
+from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
 
 __all__ = ["FAMILIES", "FAMILY_NAMES", "Family", "choose_family", "load_hf", "read_hf_config", "save_hf"]
@@ -89,7 +90,7 @@ def choose_family(config: HybridConfig, family: str | None = None) -> Family:
         if chars <= set(candidate.block_types):
             return candidate
     # the recurrent mixers tie a pattern to its families (attention and the FFNs fit most)
-    holders = {c: [f.name for f in _ALL if c in f.block_types] for c in sorted(chars & MIXER_CHARS - {"*"})}
+    holders = {c: [f.name for f in _ALL if c in f.block_types] for c in sorted(chars & SEQUENCE_MIXER_CHARS - {"*"})}
     defining = [f"{c} ({layer_type_name(c)}: {', '.join(names) or 'no family'})" for c, names in holders.items()]
     raise ValueError(
         f"no Hugging Face family holds every block type of pattern {config.pattern!r}: it has "
