@@ -184,14 +184,14 @@ def test_attention_cache_with_left_padding():
     B, T = len(pads), prompt_len + num_steps
     x = torch.randn(B, T, HIDDEN)
     prompt_mask = left_padding_mask(prompt_len, pads)
-    key_padding = torch.cat([prompt_mask, torch.ones(B, num_steps, dtype=torch.bool)], dim=1)
+    token_mask = torch.cat([prompt_mask, torch.ones(B, num_steps, dtype=torch.bool)], dim=1)
     state = layer.new_state(B, T, torch.device("cpu"), torch.float32)
-    outputs = [layer(x[:, :prompt_len], context(B, prompt_len, token_mask=prompt_mask, key_padding=prompt_mask), state)]
+    outputs = [layer(x[:, :prompt_len], context(B, prompt_len, token_mask=prompt_mask), state)]
     num_real = prompt_mask.sum(-1)
     for step in range(num_steps):
         past = prompt_len + step
-        ctx = context(B, 1, past_len=past, key_padding=key_padding[:, : past + 1])
-        ctx.positions = (num_real + step)[:, None]
+        ctx = context(B, 1, past_len=past, token_mask=token_mask[:, : past + 1])
+        assert torch.equal(ctx.positions, (num_real + step)[:, None])
         outputs.append(layer(x[:, past : past + 1], ctx, state))
     y = torch.cat(outputs, dim=1)
     assert torch.isfinite(y).all()

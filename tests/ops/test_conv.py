@@ -133,7 +133,9 @@ def test_half_precision_matches_fp32():
     y_ref, _ = causal_conv1d_reference(**inputs)
     y, state = causal_conv1d(**{k: v.to(torch.bfloat16) for k, v in inputs.items()})
     assert y.dtype == state.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+    # bf16 inputs (rounded by 2^-9 each) against the fp32 truth on unrounded ones: measured 3.1e-3 of the
+    # largest |y|; one bf16 step (2^-7) allows for that input rounding while a bf16 accumulation would not fit.
+    assert_close(y.float(), y_ref, rtol=2**-7, name="y")
 
 
 def test_rejects_unknown_activation():

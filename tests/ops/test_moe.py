@@ -104,6 +104,8 @@ def test_bf16_grouped_mm_close_to_fp32_reference(grouped_mm_calls):
         expected = moe_experts_reference(*inputs, "relu2")
     assert len(grouped_mm_calls) == 2
     assert actual.dtype == torch.bfloat16
+    # bf16 inputs, bf16 matmuls and a bf16 intermediate against the fp32 truth: measured 6.1e-3 of the
+    # largest entry; 3e-2 is five times that.
     assert_close(actual.float(), expected, rtol=3e-2)
 
 
@@ -189,7 +191,7 @@ def test_route_matches_plain_rederivation(scoring, top_k, num_groups, topk_group
     assert ids.shape == weights.shape == (29, top_k)
     assert weights.dtype == scores.dtype == torch.float32
     plain_scores = logits_NE.softmax(-1) if scoring == "softmax" else logits_NE.sigmoid()
-    torch.testing.assert_close(scores, plain_scores)
+    assert_close(scores, plain_scores, name="scores")
     bias = bias_E.tolist() if use_bias else [0.0] * 16
     expected = [route_one_token(s, top_k, bias, num_groups, topk_groups, norm, scale) for s in plain_scores.tolist()]
     assert_same_routing(ids, weights, expected)
@@ -199,7 +201,7 @@ def test_route_keeps_weights_in_fp32_for_bf16_logits():
     logits = torch.randn(5, 8).bfloat16()
     _, weights, scores = route(logits, 2)
     assert weights.dtype == scores.dtype == torch.float32
-    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+    assert_close(weights.sum(-1), torch.ones(5), name="weight sums")
 
 
 def test_route_rejects_impossible_groups():

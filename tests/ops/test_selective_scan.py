@@ -111,7 +111,7 @@ def test_bf16_inputs_return_bf16_output_and_fp32_state():
     y, state = selective_scan_chunked(**bf16, chunk_size=8)
     y_ref, state_ref = selective_scan_reference(**bf16)
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
-    assert_close(y.float(), y_ref.float(), rtol=2e-2, name="y")
+    assert_close(y, y_ref, name="y")  # both fp32 math rounded once to bf16: one rounding step apart at most
     assert_close(state, state_ref, name="final_state")
 
 

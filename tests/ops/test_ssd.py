@@ -155,8 +155,9 @@ def test_half_precision_computes_in_fp32(dtype):
         y, state = fn(**half)
         assert y.dtype == dtype
         assert state.dtype == torch.float32
-        assert_close(state, state_ref, rtol=1e-4)
-        torch.testing.assert_close(y, y_ref.to(dtype))
+        assert_close(state, state_ref, name="state")  # fp32, measured 5e-8 of its largest entry
+        # y is computed in fp32 and rounded once: it may differ from the rounded truth by one rounding step.
+        assert_close(y, y_ref.to(dtype), name="y")
 
 
 def test_chunked_padding_leaves_final_state_untouched():
