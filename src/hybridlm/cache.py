@@ -61,14 +61,18 @@ class ForwardContext:
     """What every block of one forward call shares.
 
     positions: [B, T] position of each new token among its sequence's real tokens (RoPE).
-    token_mask: [B, T] bool, False at left padding; None when there is no padding anywhere.
-    key_padding: [B, past_len + T] bool over all cached + new positions; None when no padding.
+    token_mask: [B, past_len + T] bool over every cached and new position, True at a real token and
+        False at left padding (the model's ``attention_mask``, transformers' name for it); None when
+        there is no padding anywhere. Recurrent blocks read the last T columns, attention all of them.
     """
 
     positions: Tensor
     past_len: int
     token_mask: Tensor | None = None
-    key_padding: Tensor | None = None
+
+    def new_token_mask(self, num_new: int) -> Tensor | None:
+        """[B, num_new]: the mask of this call's tokens (None when there is no padding)."""
+        return None if self.token_mask is None else self.token_mask[:, -num_new:]
 
 
 class HybridCache:
@@ -87,7 +91,7 @@ class HybridCache:
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.seq_len = 0  # positions filled (the same for every row: prompts are left-padded)
-        self.key_padding = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.token_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.num_real_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.has_padding = False
 
@@ -112,7 +116,7 @@ class HybridCache:
     def reset(self) -> None:
         """Empty the cache so it can serve new sequences (states are overwritten, not reallocated)."""
         self.seq_len = 0
-        self.key_padding.fill_(True)
+        self.token_mask.fill_(True)
         self.num_real_tokens.zero_()
         self.has_padding = False
         for state in _leaf_states(self.states):
@@ -127,22 +131,20 @@ class HybridCache:
                 f"sequence too long for the cache: {self.seq_len} cached + {num_new} new tokens > "
                 f"max_seq_len {self.max_seq_len}; create the cache with a larger max_seq_len"
             )
-        device = self.key_padding.device
+        device = self.token_mask.device
         start, end = self.seq_len, self.seq_len + num_new
         if token_mask is None:
             offsets = torch.arange(num_new, device=device)
             positions = self.num_real_tokens[:, None] + offsets
         else:
-            self.key_padding[:, start:end] = token_mask
+            self.token_mask[:, start:end] = token_mask
             positions = self.num_real_tokens[:, None] + token_mask.long().cumsum(-1) - 1
             positions = positions.clamp_min(0)
             self.has_padding = self.has_padding or not bool(token_mask.all())
-        key_padding = self.key_padding[:, :end] if self.has_padding else None
         return ForwardContext(
             positions=positions,
             past_len=start,
-            token_mask=token_mask if self.has_padding else None,
-            key_padding=key_padding,
+            token_mask=self.token_mask[:, :end] if self.has_padding else None,
         )
 
     def advance(self, num_new: int, token_mask: Tensor | None) -> None:

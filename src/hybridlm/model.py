@@ -186,4 +186,4 @@ def _context_without_cache(B: int, T: int, token_mask: Tensor | None, device: to
         positions = torch.arange(T, device=device).expand(B, T)
         return ForwardContext(positions=positions, past_len=0)
     positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return ForwardContext(positions=positions, past_len=0, token_mask=token_mask, key_padding=token_mask)
+    return ForwardContext(positions=positions, past_len=0, token_mask=token_mask)

@@ -94,7 +94,7 @@ class Attention(BlockModule):
             state.value[:, past : past + T] = v
             k, v = state.key[:, : past + T], state.value[:, : past + T]
 
-        mask, is_causal = self._mask(T, past, context.key_padding, x.device)
+        mask, is_causal = self._mask(T, past, context.token_mask, x.device)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, H, T, D)
             k.transpose(1, 2),  # (B, H_kv, S, D)
@@ -110,9 +110,9 @@ class Attention(BlockModule):
         return self.o_proj(out)
 
     @staticmethod
-    def _mask(T: int, past: int, key_padding: Tensor | None, device: torch.device) -> tuple[Tensor | None, bool]:
+    def _mask(T: int, past: int, token_mask: Tensor | None, device: torch.device) -> tuple[Tensor | None, bool]:
         """A boolean mask [B, 1, T, past + T] (True = may attend), or the is_causal shortcut."""
-        if key_padding is None:
+        if token_mask is None:
             if past == 0:
                 return None, T > 1
             if T == 1:
@@ -120,9 +120,9 @@ class Attention(BlockModule):
         query_pos = torch.arange(past, past + T, device=device)[:, None]
         key_pos = torch.arange(past + T, device=device)[None, :]
         allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
-        if key_padding is not None:
+        if token_mask is not None:
             # A padded query would see no key at all (and SDPA would return NaN): let it see itself.
-            allowed = (allowed & key_padding[:, None, None, :]) | (key_pos == query_pos)
+            allowed = (allowed & token_mask[:, None, None, :]) | (key_pos == query_pos)
         return allowed, False
 
 

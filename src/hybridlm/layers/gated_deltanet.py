@@ -67,7 +67,7 @@ class GatedDeltaNetMixer(BlockModule):
         c = self.config
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x)
-        mask = context.token_mask
+        mask = context.new_token_mask(x.shape[1])
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)

@@ -68,7 +68,7 @@ class MambaMixer(BlockModule):
         c = self.config
         T = x.shape[1]
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # x first, gate second (the opposite of Mamba-2)
-        mask = context.token_mask
+        mask = context.new_token_mask(x.shape[1])
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)

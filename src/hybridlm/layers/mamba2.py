@@ -65,7 +65,7 @@ class Mamba2Mixer(BlockModule):
         B, T, _ = x.shape
         inner, conv_dim = c.intermediate_size, c.conv_dim
         z, xBC, dt = self.in_proj(x).split([inner, conv_dim, c.num_heads], dim=-1)
-        mask = context.token_mask
+        mask = context.new_token_mask(x.shape[1])
         if mask is not None:  # left padding must not leak into the state: zero it before and after the conv
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
