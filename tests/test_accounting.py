@@ -40,10 +40,10 @@ def test_nemotron_3_nano_matches_published_counts():
     assert params.total == pytest.approx(31.6e9, rel=0.02)
     # NVIDIA's "3.2B active" counts the LM head but not the input embedding (REFERENCE.md).
     assert params.active_without_embedding == pytest.approx(3.2e9, rel=0.02)
-    assert params.by_block_type["mamba2"]["per_block_total"] == pytest.approx(38.74e6, rel=1e-3)
-    assert params.by_block_type["attention"]["per_block_total"] == pytest.approx(23.40e6, rel=1e-3)
-    assert params.by_block_type["moe"]["per_block_total"] == pytest.approx(1297.5e6, rel=1e-3)
-    assert params.by_block_type["moe"]["per_block_active"] == pytest.approx(80.17e6, rel=1e-3)
+    assert params.by_layer_type["mamba2"]["per_block_total"] == pytest.approx(38.74e6, rel=1e-3)
+    assert params.by_layer_type["attention"]["per_block_total"] == pytest.approx(23.40e6, rel=1e-3)
+    assert params.by_layer_type["moe"]["per_block_total"] == pytest.approx(1297.5e6, rel=1e-3)
+    assert params.by_layer_type["moe"]["per_block_active"] == pytest.approx(80.17e6, rel=1e-3)
 
 
 def test_qwen3_next_matches_published_counts():

@@ -123,7 +123,7 @@ def test_a_new_block_type_is_one_entry_and_one_module(monkeypatch):
     config = get_preset("debug-tiny").replace(pattern="SD*D")
     model = HybridLM(config).eval()
     assert count_params(config).total == sum(p.numel() for p in model.parameters())
-    assert count_params(config).by_block_type["decay"]["blocks"] == 2
+    assert count_params(config).by_layer_type["decay"]["blocks"] == 2
     assert cache_bytes(config, 2, 9, torch.float32).recurrent == 2 * 2 * config.hidden_size * 4
     ids = torch.randint(0, config.vocab_size, (2, 9))
     full = model(ids).logits

@@ -28,7 +28,7 @@ class ParamCount:
     embedding: int
     lm_head: int  # 0 when tied to the embedding
     final_norm: int
-    by_block_type: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> blocks/total/active
+    by_layer_type: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> blocks/total/active
 
     @property
     def active_without_embedding(self) -> int:
@@ -47,7 +47,7 @@ class ParamCount:
             "active_without_embedding_and_head": self.active_without_embedding_and_head,
             "embedding": self.embedding,
             "lm_head": self.lm_head,
-            "by_block_type": self.by_block_type,
+            "by_layer_type": self.by_layer_type,
         }
 
 
