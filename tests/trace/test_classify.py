@@ -9,18 +9,29 @@ from collections import Counter
 
 import pytest
 
-from hybridlm.trace.classify import classify_kernel, parse_block_range, parse_step_range
+from hybridlm.trace.classify import (
+    RULE_OWN_NAME,
+    RULE_RANGE_NAME,
+    attribute_by_name,
+    classify_kernel,
+    parse_block_range,
+    parse_step_range,
+)
+from hybridlm.trace.schema import LAYER_TYPES
 from tests.helpers import FIXTURES
 
 # fmt: off
 NAMES = [
     # from the Kineto fixture (a recommender training step on an A100)
     ("ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclDevComm*, unsigned long, ncclWork*)", "comm"),
-    ("nccl:all_to_all", "moe_a2a"),
+    ("nccl:all_to_all", "comm"),  # TorchRec's embedding all-to-all: not MoE
+    ("c10d::alltoall_base_", "comm"),
+    ("All2All_Pooled_Req", "comm"),
     ("nccl:all_reduce", "comm"),
     ("nccl:_all_gather_base", "comm"),
-    ("## alltoall_fwd_single ##", "moe_a2a"),
-    ("## all2all_data:kjt splits ##", "moe_a2a"),
+    ("## alltoall_fwd_single ##", "comm"),
+    ("## all2all_data:kjt splits ##", "comm"),
+    ("## KJTAllToAllSplitsAwaitable wait() ##", "comm"),
     ("ampere_sgemm_32x128_tn", None),
     ("void cutlass::Kernel<cutlass_80_tensorop_s1688gemm_64x64_32x6_tn_align1>(cutlass_80_tensorop_s1688gemm_64x64_32x6_tn_align1::Params)", None),  # noqa: E501
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, at::detail::Array<char*, 1> >(int, at::native::FillFunctor<int>, at::detail::Array<char*, 1>)", None),  # noqa: E501
@@ -70,7 +81,9 @@ NAMES = [
     ("aten::_grouped_mm", "moe"),
     ("cutlass_grouped_gemm_kernel", "moe"),
     ("deep_ep::intranode::dispatch<8, 768>", "moe_a2a"),
-    ("ncclDevKernel_AllToAll_RING_LL", "moe_a2a"),
+    ("MoEAlltoAllTokenDispatcher.token_permutation", "moe_a2a"),  # Megatron's MoE dispatcher
+    ("expert_all_to_all", "moe_a2a"),
+    ("ncclDevKernel_AllToAll_RING_LL", "comm"),  # an all-to-all, but nothing says MoE
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "comm"),
     ("", None),
     (None, None),
@@ -90,7 +103,7 @@ def test_every_fixture_kernel_classifies_to_a_known_type():
     con = sqlite3.connect(FIXTURES / "nsight/saxpy-mpi-cuda_nsys_perlmutter0.sqlite")
     names |= {r[0] for r in con.execute("SELECT value FROM StringIds")}
     found = Counter(classify_kernel(n) for n in names)
-    assert set(found) <= {None, "mamba2", "gdn", "attention", "moe", "moe_a2a", "comm"}
+    assert set(found) - {None} <= set(LAYER_TYPES)
     # a recommender and an MPI saxpy: their kernels carry no hybrid layer names
     assert found["mamba2"] == found["gdn"] == found["attention"] == 0
     assert found["comm"] >= 1
@@ -132,3 +145,27 @@ def test_parse_block_range(name, expected):
 )
 def test_parse_step_range(name, expected):
     assert parse_step_range(name) == expected
+
+
+SENDRECV = "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclDevComm*, unsigned long, ncclWork*)"
+
+
+@pytest.mark.parametrize(
+    ("name", "range_name", "expected"),
+    [
+        (SENDRECV, "nccl:all_reduce", ("comm", RULE_RANGE_NAME)),
+        (SENDRECV, "nccl:all_to_all", ("comm", RULE_RANGE_NAME)),
+        (SENDRECV, "MoELayer.forward", ("moe_a2a", RULE_RANGE_NAME)),  # a collective an MoE range launched
+        ("flash_fwd_kernel", "nccl:all_reduce", ("comm", RULE_RANGE_NAME)),  # the range first, not the name
+        ("_chunk_scan_fwd_kernel", "## encoder fp8 None ##", ("mamba2", RULE_OWN_NAME)),  # the range says nothing
+        ("fused_moe_kernel", None, ("moe", RULE_OWN_NAME)),
+        ("ampere_sgemm_32x128_tn", "## forward ##", (None, None)),
+    ],
+)
+def test_the_launching_range_speaks_before_the_kernel_name(name, range_name, expected):
+    assert attribute_by_name(name, range_name) == expected
+
+
+def test_every_rule_gives_a_known_layer_type():
+    for name, expected in NAMES:
+        assert expected is None or expected in LAYER_TYPES, name

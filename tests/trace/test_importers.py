@@ -99,17 +99,26 @@ def test_kineto_kernels_take_the_range_and_thread_of_their_launch(kineto_raw, ki
     assert sum(r is not None for r, _, _ in expected.values()) > 500
 
 
-def test_kineto_nccl_kernels_split_into_all_to_all_and_other_collectives(kineto_db):
+def test_kineto_collectives_of_a_recommender_are_comm_not_moe(kineto_raw, kineto_db):
+    """The fixture is a TorchRec training step: its all-to-alls move KeyedJaggedTensor embeddings, not
+    MoE tokens. Nothing in it is MoE, so nothing may be labelled moe_a2a; every collective is 'comm'."""
     con, _ = kineto_db
     rows = con.execute(
-        "SELECT range_name, layer_type, count(*) FROM events "
+        "SELECT range_name, layer_type, layer_rule, count(*) FROM events "
         "WHERE source = 'cuda' AND name LIKE 'ncclKernel_SendRecv%' GROUP BY ALL ORDER BY 1"
     ).fetchall()
     assert rows == [
-        ("nccl:_all_gather_base", "comm", 2),
-        ("nccl:all_reduce", "comm", 4),
-        ("nccl:all_to_all", "moe_a2a", 4),
+        ("nccl:_all_gather_base", "comm", "enclosing range name", 2),
+        ("nccl:all_reduce", "comm", "enclosing range name", 4),
+        ("nccl:all_to_all", "comm", "enclosing range name", 4),
     ]
+    names = " ".join(e.get("name", "") for e in kineto_raw["traceEvents"]).lower()
+    assert "moe" not in names and "expert" not in names and "kjt" in names  # the raw trace: no MoE anywhere
+    assert con.execute("SELECT count(*) FROM events WHERE layer_type = 'moe_a2a'").fetchone() == (0,)
+    all_to_all = con.execute(
+        "SELECT DISTINCT layer_type FROM events WHERE regexp_matches(lower(name), 'all_?to_?all|all2all')"
+    ).fetchall()
+    assert all_to_all == [("comm",)]
 
 
 def test_kineto_steps_come_from_profiler_step_ranges(kineto_raw, kineto_db):

@@ -192,7 +192,7 @@ def test_old_file_gains_the_extra_columns(tmp_path):
     con.close()
     with TraceStore(path) as store:
         columns = [r[0] for r in store.connection.execute("DESCRIBE events").fetchall()]
-    assert columns[-4:] == ["device_id", "correlation", "range_name", "bytes"]
+    assert columns[-5:] == ["device_id", "correlation", "range_name", "bytes", "layer_rule"]
 
 
 # -- open_readonly -----------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ ALL_PHASES = "all"  # phase of the rows over every phase of a run
 OTHER = "other"  # layer_type of kernels no rule or range attributed to a layer
 # Kernel sources tried, in order, for a run without hybridlm block events.
 KERNEL_SOURCES = ("cuda", "cpu")
-_TYPE_ORDER = (*LAYER_TYPES, "parallel", "comm")
 
 # -- regression thresholds ---------------------------------------------------------------------------
 # A (layer type, phase) regresses when the candidate's p50 rose by more than P50_THRESHOLD
@@ -240,8 +239,8 @@ def _type_key(layer_type: str) -> tuple:
         return (3, "")
     if layer_type == OTHER:
         return (2, "")
-    if layer_type in _TYPE_ORDER:
-        return (0, _TYPE_ORDER.index(layer_type))
+    if layer_type in LAYER_TYPES:
+        return (0, LAYER_TYPES.index(layer_type))
     return (1, layer_type)
 
 

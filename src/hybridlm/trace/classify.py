@@ -1,15 +1,24 @@
-"""Kernel / operator name -> layer type, for events no `L{index}.{type}` range attributes.
+"""Which layer type a kernel or operator belongs to, and which rule said so.
 
-Name rules are the fallback: a kernel launched inside one of hybridlm's own block ranges
-(`L12.moe`, see `parse_block_range`) takes that block's layer and type, whatever its name. Only a
-kernel outside such ranges (a foreign trace, an unannotated region) is classified by name, and
-then only to a layer type, never to a layer index.
+An imported event's layer type comes from the first of these rules that says anything (the rule
+is stored in `events.layer_rule`, and reports show how much time each rule labelled):
 
-Rules are tried in order, case-insensitively; the first match wins:
+1. 'block range': the event ran inside one of hybridlm's own block ranges (`L12.moe`, see
+   `parse_block_range`), or for a GPU kernel, the CPU call that launched it did: that block's
+   layer index and type, whatever the kernel's name.
+2. 'enclosing range name': the innermost user range (record_function / NVTX) around the event or
+   around its launch names a layer type (`nccl:all_reduce` -> comm). The range that launched a
+   kernel knows more than the kernel's name: a generic SendRecv kernel is the collective its range
+   says. A collective launched inside a range that names MoE is MoE all-to-all traffic.
+3. 'own name': the kernel or operator's own name (`classify_kernel`), only a layer type, never a
+   layer index.
 
-- moe_a2a: all_to_all, alltoall, all2all, a2a (as a word), deep_ep / deepep (DeepEP dispatch and
-  combine)
-- comm: any other nccl kernel, all_reduce, all_gather, reduce_scatter
+`classify_kernel` tries its name rules in order, case-insensitively; the first match wins:
+
+- moe_a2a: DeepEP (deep_ep / deepep, whose dispatch and combine exist only for MoE), or an
+  all-to-all whose name also says MoE (moe, expert: Megatron's MoEAlltoAllTokenDispatcher)
+- comm: any other collective: nccl kernels, all_to_all / alltoall / all2all / a2a (as a word),
+  all_reduce, all_gather, reduce_scatter
 - gdn: chunk_gated_delta, gated_delta, fused_recurrent, delta_rule, deltanet, fla (as a word),
   chunk_scaled_dot_kkt, chunk_local_cumsum, solve_tril
 - mamba2: ssd (at a word start), selective_scan, selective_state, causal_conv1d, conv1d, mamba,
@@ -18,10 +27,12 @@ Rules are tried in order, case-insensitively; the first match wins:
 - moe: fused_moe, moe, topk, grouped_gemm, grouped_mm, expert, router
 
 Choices worth knowing:
-- NCCL all-reduce / all-gather are not MoE traffic (tensor or data parallelism), so only all-to-all
-  names become 'moe_a2a'; other collectives are 'comm'. NCCL runs all-to-all as grouped send/recv,
-  so its kernel is named `ncclKernel_SendRecv_*` / `ncclDevKernel_SendRecv` and classifies as
-  'comm'; the importers then look at the enclosing range (`nccl:all_to_all`) to find 'moe_a2a'.
+- An all-to-all is not MoE traffic by itself: recommenders shuffle embeddings with it (TorchRec's
+  KeyedJaggedTensor all-to-all, `## all2all_data:kjt splits ##`, in the Kineto fixture), sequence
+  parallelism (Ulysses) shuffles heads with it. Only an all-to-all with MoE evidence (its own name,
+  its enclosing range, or an `L{i}.moe` block range) is 'moe_a2a'; any other collective is 'comm'.
+  NCCL runs all-to-all as grouped send/recv (`ncclKernel_SendRecv_*`), so the kernel name alone
+  never tells which collective it is: the enclosing range does.
 - `selective_scan` stays 'mamba2' rather than Mamba-1's 'mamba': Mamba-2's decode step runs
   mamba_ssm's `_selective_scan_update_kernel` (selective_state_update.py), so the name does not
   tell the two apart, and hybridlm's `M` block is Mamba-2. A Mamba-1 model is attributed by its
@@ -42,11 +53,12 @@ from __future__ import annotations
 import functools
 import re
 
+_ALL_TO_ALL = r"(?:all_?to_?all|all2all|(?<![a-z0-9])a2a(?![a-z]))"
 _RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (layer_type, re.compile(pattern, re.IGNORECASE))
     for layer_type, pattern in (
-        ("moe_a2a", r"all_?to_?all|all2all|(?<![a-z0-9])a2a(?![a-z])|deep_?ep"),
-        ("comm", r"nccl|all_?reduce|all_?gather|reduce_?scatter"),
+        ("moe_a2a", rf"deep_?ep|(?:moe|expert).*{_ALL_TO_ALL}|{_ALL_TO_ALL}.*(?:moe|expert)"),
+        ("comm", rf"nccl|{_ALL_TO_ALL}|all_?reduce|all_?gather|reduce_?scatter"),
         (
             "gdn",
             r"gated_delta|fused_recurrent|delta_?rule|deltanet|(?<![a-z])fla(?![a-z])"
@@ -81,6 +93,27 @@ def classify_kernel(name: str | None) -> str | None:
         if pattern.search(name):
             return layer_type
     return None
+
+
+# The rules that attribute an imported event to a layer type, in the order they are tried (see the
+# module docstring); stored in events.layer_rule.
+RULE_BLOCK_RANGE = "block range"
+RULE_RANGE_NAME = "enclosing range name"
+RULE_OWN_NAME = "own name"
+RULES = (RULE_BLOCK_RANGE, RULE_RANGE_NAME, RULE_OWN_NAME)
+_COLLECTIVES = ("comm", "moe_a2a")
+
+
+def attribute_by_name(name: str | None, range_name: str | None) -> tuple[str | None, str | None]:
+    """(layer type, rule) for an event outside any block range: the enclosing range's name first
+    (rule 2), then the event's own name (rule 3); (None, None) when neither says anything."""
+    around = classify_kernel(range_name)
+    if around is not None:
+        if around == "moe" and classify_kernel(name) in _COLLECTIVES:
+            return "moe_a2a", RULE_RANGE_NAME  # a collective that an MoE range launched
+        return around, RULE_RANGE_NAME
+    own = classify_kernel(name)
+    return (own, RULE_OWN_NAME) if own is not None else (None, None)
 
 
 def parse_block_range(name: str | None) -> tuple[int, str] | None:

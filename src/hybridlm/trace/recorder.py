@@ -131,7 +131,7 @@ class Tracer:
                 self._batch, self._tokens, self.rank, None, self.pid, None)  # fmt: skip
 
     # -- the model's hook point --------------------------------------------------------------------
-    def before_block(self, index: int, block_type: str, hidden: Tensor) -> None:
+    def before_block(self, index: int, layer_type: str, hidden: Tensor) -> None:
         if index == 0:
             if self._phase is None:
                 model_is_training = self.model is not None and self.model.training
@@ -139,7 +139,7 @@ class Tracer:
                 self._begin_step(phase, explicit=False)
             self._batch, self._tokens = hidden.shape[0], hidden.shape[0] * hidden.shape[1]
         if self.emit_ranges:
-            self._range = torch.profiler.record_function(f"L{index}.{block_type}")
+            self._range = torch.profiler.record_function(f"L{index}.{layer_type}")
             self._range.__enter__()
         if self._use_cuda_events:
             event = torch.cuda.Event(enable_timing=True)
@@ -148,7 +148,7 @@ class Tracer:
         else:
             self._start = time.perf_counter_ns()
 
-    def after_block(self, index: int, block_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None:
+    def after_block(self, index: int, layer_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None:
         if self._use_cuda_events:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -157,7 +157,7 @@ class Tracer:
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
-        self._pending.append((index, block_type, self._start, end))
+        self._pending.append((index, layer_type, self._start, end))
         if routing_counts is not None:
             self._routing.append((index, routing_counts))
         if index == self._last_block and not self._is_explicit_step:

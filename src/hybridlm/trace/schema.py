@@ -18,9 +18,13 @@ them; a writer that only knows the base columns leaves them NULL.
 
 from __future__ import annotations
 
-# Layer types used in events.layer_type. Importers may also write 'comm' (collectives that are not
-# MoE all-to-all) when a kernel name says so.
-LAYER_TYPES = ("mamba2", "mamba", "gdn", "attention", "mlp", "moe", "moe_a2a")
+from hybridlm.blocks import LAYER_TYPES as BLOCK_LAYER_TYPES
+
+# Layer types in events.layer_type: every block's (from the block registry, in its order), then
+# the two that only kernels have: 'moe_a2a' (MoE all-to-all dispatch / combine) and 'comm' (other
+# collectives), written by the importers.
+KERNEL_ONLY_LAYER_TYPES = ("moe_a2a", "comm")
+LAYER_TYPES: tuple[str, ...] = (*BLOCK_LAYER_TYPES, *KERNEL_ONLY_LAYER_TYPES)
 PHASES = ("prefill", "decode", "train")
 RUN_KINDS = ("recorded", "imported")
 
@@ -65,7 +69,9 @@ EVENT_BASE_COLUMNS: tuple[str, ...] = (
 #   correlation  CUPTI correlation id linking a runtime call to the kernel it launched
 #   range_name   innermost enclosing user range (NVTX push/pop, record_function) of the call
 #   bytes        bytes moved by a memcpy/memset (or allocated, for Ingero allocation ops)
-EVENT_EXTRA_COLUMNS: tuple[str, ...] = ("device_id", "correlation", "range_name", "bytes")
+#   layer_rule   which rule gave layer_type (classify.RULES): 'block range', 'enclosing range name',
+#                'own name'; NULL for hybridlm's own block calls and for events no rule attributed
+EVENT_EXTRA_COLUMNS: tuple[str, ...] = ("device_id", "correlation", "range_name", "bytes", "layer_rule")
 EVENT_COLUMNS: tuple[str, ...] = EVENT_BASE_COLUMNS + EVENT_EXTRA_COLUMNS
 # What one row passed to `TraceStore.add_events` holds: EVENT_COLUMNS without run_id. Rows may stop
 # after `tid` (the extras are then NULL).
@@ -109,6 +115,7 @@ COLUMN_TYPES: dict[str, dict[str, str]] = {
         "correlation": "BIGINT",
         "range_name": "VARCHAR",
         "bytes": "BIGINT",
+        "layer_rule": "VARCHAR",
     },
     "routing": {
         "run_id": "VARCHAR",

@@ -202,27 +202,24 @@ class TraceStore:
     def add_events(self, run_id: str, rows: Iterable[Sequence]) -> None:
         """Buffer event rows: tuples in `EVENT_ROW_COLUMNS` order (EVENT_COLUMNS without run_id).
 
-        A row may stop after `tid` (the base columns); the extra columns are then NULL.
+        A row may stop after `tid` (the base columns) or after any extra column; the extra columns
+        it leaves out are NULL (so rows written before a column was added still fit).
         """
         full = len(EVENT_ROW_COLUMNS)
-        pad = (None,) * (full - EVENT_ROW_BASE_LEN)
         with self._lock:
             self._check_open()
             buffer = self._event_rows
             before = len(buffer)
             for row in rows:
                 n = len(row)
-                if n == EVENT_ROW_BASE_LEN:
-                    buffer.append((run_id, *row, *pad))
-                elif n == full:
-                    buffer.append((run_id, *row))
-                else:
+                if not EVENT_ROW_BASE_LEN <= n <= full:
                     del buffer[before:]
                     raise ValueError(
                         f"an event row has {n} values; expected {EVENT_ROW_BASE_LEN} "
-                        f"({', '.join(EVENT_ROW_COLUMNS[:EVENT_ROW_BASE_LEN])}) or {full} (with "
+                        f"({', '.join(EVENT_ROW_COLUMNS[:EVENT_ROW_BASE_LEN])}) up to {full} (then "
                         f"{', '.join(EVENT_ROW_COLUMNS[EVENT_ROW_BASE_LEN:])}): {tuple(row)!r}"
                     )
+                buffer.append((run_id, *row, *(None,) * (full - n)))
             self._added(len(buffer) - before)
 
     def add_event_columns(self, run_id: str, columns: Mapping[str, Sequence]) -> None:

@@ -9,7 +9,9 @@
 | Ingero | Ingero eBPF trace SQLite (events + sources + ops) | `ingero.import_ingero` |
 
 Every importer attributes what it can to hybridlm's block ranges (`L{index}.{layer_type}`, see
-`classify.parse_block_range`) and falls back to kernel-name classification (`classify.py`).
+`classify.parse_block_range`), then to the name of the range around an event or its launch, then
+to the event's own name (`attribute_layers`; the rules are in classify.py), and stores which rule
+said so in `layer_rule`.
 The helpers below are shared by the three importers.
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hybridlm.trace.classify import classify_kernel
+from hybridlm.trace.classify import RULE_BLOCK_RANGE, attribute_by_name
 from hybridlm.trace.schema import TraceError
 
 if TYPE_CHECKING:
@@ -187,15 +189,26 @@ def innermost_enclosing(
     return result
 
 
-def fallback_layer_type(name: str | None, range_name: str | None) -> str | None:
-    """Layer type by name when no block range encloses a call: the call's own name first, then
-    the name of the range around it when that says more (an NCCL SendRecv kernel is 'comm' by
-    name, 'moe_a2a' inside `nccl:all_to_all`)."""
-    own = classify_kernel(name)
-    if own not in (None, "comm"):
-        return own
-    around = classify_kernel(range_name)
-    return around if around is not None else own
+def attribute_layers(
+    blocks: Sequence[tuple[int, str] | None], names: Sequence[str | None], range_names: Sequence[str | None]
+) -> dict[str, list]:
+    """The `layer`, `layer_type` and `layer_rule` columns of imported events: an event's block range
+    (`L{i}.{type}` around it or around its launch) first, else `classify.attribute_by_name` (the
+    enclosing range's name, then its own name). See classify.py for the rules."""
+    layer: list[int | None] = []
+    layer_type: list[str | None] = []
+    rule: list[str | None] = []
+    for block, name, range_name in zip(blocks, names, range_names, strict=True):
+        if block is not None:
+            layer.append(block[0])
+            layer_type.append(block[1])
+            rule.append(RULE_BLOCK_RANGE)
+        else:
+            found, how = attribute_by_name(name, range_name)
+            layer.append(None)
+            layer_type.append(found)
+            rule.append(how)
+    return {"layer": layer, "layer_type": layer_type, "layer_rule": rule}
 
 
 def group_by(keys: Sequence[T], indices: Sequence[int] | None = None) -> dict[T, list[int]]:

@@ -24,8 +24,14 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybridlm.trace.classify import classify_kernel
-from hybridlm.trace.importers import ACCEPTED, import_sqlite, int32_or_none, run_for_import, sqlite_tables
+from hybridlm.trace.importers import (
+    ACCEPTED,
+    attribute_layers,
+    import_sqlite,
+    int32_or_none,
+    run_for_import,
+    sqlite_tables,
+)
 from hybridlm.trace.schema import TraceError
 
 if TYPE_CHECKING:
@@ -62,13 +68,12 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
     ).fetchall()
     session_rank = int32_or_none(session.get("rank"))
 
-    names = ("source", "name", "layer_type", "start_us", "duration_us", "rank", "pid", "tid", "device_id", "bytes")
+    names = ("source", "name", "start_us", "duration_us", "rank", "pid", "tid", "device_id", "bytes")
     columns: dict[str, list] = {name: [] for name in names}
     for timestamp, duration, source, op, pid, tid, gpu_id, arg0, rank in rows:
         name = op_names.get((source, op), f"op{op}")
         columns["source"].append(source_names.get(source, f"source{source}"))
         columns["name"].append(name)
-        columns["layer_type"].append(classify_kernel(name))
         columns["start_us"].append(timestamp / 1000)
         columns["duration_us"].append(duration / 1000)
         columns["rank"].append(int32_or_none(rank) if rank is not None else session_rank)
@@ -92,6 +97,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
         source_file=str(path.resolve()),
         notes="start_us is Unix-epoch µs; Ingero 'cuda' events are CUDA runtime API calls",
     )
+    columns.update(attribute_layers([None] * len(rows), columns["name"], [None] * len(rows)))  # names only
     store.add_event_columns(run_id, columns)
     store.flush()
     return run_id

@@ -17,12 +17,13 @@ Attribution of a GPU kernel (or copy) to a hybridlm block, first that applies:
 1. its launch: the runtime call with the same `args.correlation`, on a CPU thread, sits inside a
    `L{i}.{type}` record_function range on that thread (innermost wins);
 2. the `L{i}.{type}` gpu_user_annotation range enclosing the kernel on the same GPU stream;
-3. its name (`classify.classify_kernel`), or the enclosing range's name (layer type only).
+3. the name of the innermost record_function range around its launch (else around the kernel on
+   its stream), then its own name (`classify.attribute_by_name`; layer type only).
 CPU events take the innermost `L{i}.{type}` range around them on their thread, else the same name
-fallback. `step` (and `phase`) come from the enclosing step range (`ProfilerStep#N`, or
-`hybridlm.step{N}.{phase}`: see `classify.parse_step_range`), `range_name` is the innermost
-enclosing record_function range, `rank` is `distributedInfo.rank` (0 when the trace has none: a
-process without a process group).
+rules. `layer_rule` records which rule decided. `step` (and `phase`) come from the enclosing
+step range (`ProfilerStep#N`, or `hybridlm.step{N}.{phase}`: see `classify.parse_step_range`),
+`range_name` is the innermost enclosing record_function range, `rank` is `distributedInfo.rank`
+(0 when the trace has none: a process without a process group).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from hybridlm.trace.classify import parse_block_range, parse_step_range
 from hybridlm.trace.importers import (
     attribute_by_timeline,
-    fallback_layer_type,
+    attribute_layers,
     int32_or_none,
     run_for_import,
 )
@@ -195,8 +196,7 @@ def import_kineto(
         else:
             pid[i] = tid[i] = None  # a GPU event's pid/tid are the device and stream
 
-    layer = [b[0] if b is not None else None for b in block]
-    layer_type = [b[1] if b is not None else fallback_layer_type(names[i], range_name[i]) for i, b in enumerate(block)]
+    layers = attribute_layers(block, names, range_name)
     rank = int32_or_none((trace.get("distributedInfo") or {}).get("rank"))
     device_names = sorted(
         {str(d.get("name")) for d in trace.get("deviceProperties") or [] if isinstance(d, dict) and d.get("name")}
@@ -222,8 +222,7 @@ def import_kineto(
         {
             "source": [_SOURCES.get(c, c or "other") for c in cats],
             "name": names,
-            "layer": layer,
-            "layer_type": layer_type,
+            **layers,
             "phase": [sp[1] if sp else None for sp in step_phase],
             "step": [sp[0] if sp else None for sp in step_phase],
             "start_us": starts,

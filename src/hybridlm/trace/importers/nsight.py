@@ -23,7 +23,8 @@ Attribution: a kernel or copy links to the runtime call that launched it (correl
 innermost NVTX push/pop range around that call on the same thread gives `range_name`, an
 `L{i}.{type}` range (record_function under torch's emit_nvtx) gives layer and layer_type, and a
 step range (`classify.parse_step_range`) gives step and phase. Without a block range the layer
-type comes from the name (`classify.py`). `rank` comes from an NVTX thread name like
+type comes from the enclosing range's name, then the kernel's own name (`classify.py`), and
+`layer_rule` says which. `rank` comes from an NVTX thread name like
 'MPI Rank 3' (nsys --trace=mpi writes it) for that process, else 0.
 """
 
@@ -39,7 +40,7 @@ from hybridlm.trace.classify import parse_block_range, parse_step_range
 from hybridlm.trace.importers import (
     ACCEPTED,
     attribute_by_timeline,
-    fallback_layer_type,
+    attribute_layers,
     import_sqlite,
     run_for_import,
     sqlite_tables,
@@ -258,10 +259,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
             rank_of_pid.setdefault(_pid(global_tid), int(m.group(1)))
 
     columns = {name: d[name] for name in _Columns.NAMES if name != "global_tid"}
-    columns["layer"] = [b[0] if b else None for b in block]
-    columns["layer_type"] = [
-        b[1] if b else fallback_layer_type(d["name"][i], range_name[i]) for i, b in enumerate(block)
-    ]
+    columns.update(attribute_layers(block, d["name"], range_name))
     columns["range_name"] = range_name
     columns["step"] = [sp[0] if sp else None for sp in step_phase]
     columns["phase"] = [sp[1] if sp else None for sp in step_phase]
