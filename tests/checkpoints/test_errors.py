@@ -155,6 +155,6 @@ def test_failed_write_leaves_the_old_directory(checkpoint):
 
     specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (2,))]
     with pytest.raises(RuntimeError, match="disk on fire"):
-        write_checkpoint_dir(checkpoint, specs, broken_stream(), {"config.json": "{}"})
+        write_checkpoint_dir(checkpoint, specs, broken_stream(), {"config.json": "{}"}, overwrite=True)
     assert sorted(p.name for p in checkpoint.iterdir()) == before
     assert [p.name for p in checkpoint.parent.iterdir()] == ["ckpt"]  # no staging directory left behind

@@ -3,7 +3,8 @@
 ``from_pretrained(dir)`` reads config.json, picks the format by ``model_type`` (``"hybridlm"`` or a
 family in ``hf.FAMILIES``), builds the model on the meta device and fills it tensor by tensor.
 ``save_pretrained(model, dir, format="hf")`` writes what transformers' own ``save_pretrained``
-writes for the family. Both write atomically (a temporary sibling renamed into place).
+writes for the family. Writing never replaces anything but a previous checkpoint the caller allows
+(``overwrite=True``), through a staging sibling moved into place (``destination.py``).
 """
 
 from __future__ import annotations
@@ -50,15 +51,28 @@ def read_config(path: str | os.PathLike) -> HybridConfig:
     return read_hf_config(path, data)
 
 
+def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype, a name transformers users write ("bfloat16", "bf16", "float32", "auto"), or None."""
+    if isinstance(dtype, str):
+        from hybridlm.loading import parse_dtype
+
+        dtype = parse_dtype(dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
+    return dtype
+
+
 def from_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> HybridLM:
     """Load a checkpoint directory (hybridlm or Hugging Face) into a HybridLM in eval mode.
 
-    ``dtype`` casts the floating-point weights (default: the stored dtype of the embeddings). Every
-    tensor is checked against the config (names, shapes) from the file headers before any is read;
-    a failure raises one ValueError or FileNotFoundError naming the file and the tensor.
+    ``dtype`` casts the floating-point weights: a torch dtype or its name ("bfloat16", "bf16",
+    "float32", ...); None or "auto" keeps the stored dtype of the embeddings. Every tensor is checked
+    against the config (names, shapes, a floating dtype) from the file headers before any is read; a
+    failure raises one ValueError or FileNotFoundError naming the file and the tensor.
     """
+    dtype = _weight_dtype(dtype)
     path = Path(path)
     data = _read_config_json(path)
     if data.get("model_type") == MODEL_TYPE:
@@ -75,6 +89,7 @@ def save_pretrained(
     family: str | None = None,
     max_shard_bytes: int | None = None,
     extra_files: Mapping[str, Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to the directory ``path``.
 
@@ -85,13 +100,17 @@ def save_pretrained(
     P -: falcon_h1).
     ``max_shard_bytes`` splits the weights into shards with an index; ``extra_files`` (name -> path)
     are copied in (tokenizer files).
+
+    ``path`` must not exist, or be an empty directory, or (with ``overwrite=True``) hold a previous
+    checkpoint and nothing else; anything else raises ValueError before a byte is written. A failed
+    write (read-only or full file system) raises OSError naming ``path`` and leaves nothing behind.
     """
     if format == "hybridlm":
         if family is not None:
             raise ValueError("family applies to format='hf' only")
-        return save_native(model, path, max_shard_bytes, extra_files)
+        return save_native(model, path, max_shard_bytes, extra_files, overwrite)
     if format == "hf":
         from hybridlm.checkpoints.hf import save_hf
 
-        return save_hf(model, path, family, max_shard_bytes, extra_files)
+        return save_hf(model, path, family, max_shard_bytes, extra_files, overwrite)
     raise ValueError(f"format must be 'hybridlm' or 'hf', got {format!r}")

@@ -1,4 +1,9 @@
-"""``hybridlm convert``: between hybridlm's checkpoint format and the Hugging Face families'."""
+"""``hybridlm convert``: between hybridlm's checkpoint format and the Hugging Face families'.
+
+Every argument and the destination are checked before the model is loaded, so a typo costs nothing
+and a convert never starts what it cannot finish; the files a user keeps beside the weights
+(tokenizer, chat template, generation config, README, LICENSE) travel along.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,34 @@ import argparse
 import re
 from pathlib import Path
 
+from hybridlm.checkpoints.destination import carried_files, check_destination
 from hybridlm.checkpoints.hf import FAMILY_NAMES
-from hybridlm.checkpoints.safetensors_io import existing_files
-from hybridlm.checkpoints.tokenizer import TOKENIZER_FILES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str | None) -> int | None:
-    """'5GB' -> 5_000_000_000; None -> None."""
+    """'5GB' -> 5_000_000_000; None -> None; anything but a positive size is a ValueError."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
         raise ValueError(f"--max-shard-size {text!r}: give a size like 500MB or 5GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < 1:
+        raise ValueError(f"--max-shard-size {text!r}: must be at least one byte")
+    return size
+
+
+def _check_export(src: str, to: str, family: str | None) -> None:
+    """Whether the source's config can be written as asked, from its config.json alone."""
+    from hybridlm.loading import resolve_config
+
+    config = resolve_config(src)
+    if to == "hf":
+        from hybridlm.checkpoints.hf import choose_family
+
+        choose_family(config, family).config_to_hf(config)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -29,17 +47,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.to == "hybridlm" and args.family is not None:
         raise ValueError("--family applies to --to hf only")
-    model = load_model(args.src, dtype=parse_dtype(args.dtype))
+    max_shard_bytes = parse_size(args.max_shard_size)
+    dtype = parse_dtype(args.dtype)
+    check_destination(args.dst, args.overwrite, source=args.src)
+    _check_export(args.src, args.to, args.family)
     source = Path(args.src)
-    extra = existing_files(source, TOKENIZER_FILES) if source.is_dir() else {}
-    target = save_pretrained(
-        model,
-        args.dst,
-        format=args.to,
-        family=args.family,
-        max_shard_bytes=parse_size(args.max_shard_size),
-        extra_files=extra,
-    )
+    try:
+        model = load_model(args.src, dtype=dtype)
+        target = save_pretrained(
+            model,
+            args.dst,
+            format=args.to,
+            family=args.family,
+            max_shard_bytes=max_shard_bytes,
+            extra_files=carried_files(source) if source.is_dir() else {},
+            overwrite=args.overwrite,
+        )
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a read-only or full disk: the one line says where and why
+        raise ValueError(f"{error.filename}: {error.strerror}" if error.filename else str(error)) from error
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target} ({args.to}, {model.num_parameters():,} parameters, {size / 1e6:,.1f} MB)")
     return 0
@@ -48,7 +75,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between hybridlm's format and a Hugging Face family's")
     p.add_argument("src", help="checkpoint directory (hybridlm or Hugging Face), or a preset name (random weights)")
-    p.add_argument("dst", help="directory to write (replaced atomically if it exists)")
+    p.add_argument(
+        "dst",
+        help="directory to write: new, empty, or (with --overwrite) a previous checkpoint; never anything else",
+    )
     p.add_argument("--to", choices=("hf", "hybridlm"), required=True, help="format to write")
     p.add_argument(
         "--family",
@@ -58,4 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: as stored)")
     p.add_argument("--max-shard-size", default=None, help="split the weights into shards, e.g. 5GB")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace DST when it holds a previous checkpoint (and nothing else)"
+    )
     p.set_defaults(func=cmd_convert)

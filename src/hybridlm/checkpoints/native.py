@@ -1,8 +1,8 @@
 """hybridlm's own checkpoint directory: config.json (model_type "hybridlm") + model.safetensors.
 
 Every parameter is stored under its own name (an identity plan, see ``plan.py``); a tied LM head is
-not stored. Writes go to a temporary sibling directory that is renamed into place, so a crash
-mid-write never leaves a half-written checkpoint under the target name.
+not stored. Writes go to a staging sibling directory moved into place (``destination.py``), so a
+crash mid-write never leaves a half-written checkpoint under the target name.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ def save_native(
     path: str | os.PathLike,
     max_shard_bytes: int | None = None,
     extra_files: Mapping[str, Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     specs, tensors = plan_tensors(model, identity_plan(model))
     config = {"model_type": MODEL_TYPE, "hybridlm": model.config.to_dict()}
     files = {"config.json": json.dumps(config, indent=2, default=str) + "\n", **(extra_files or {})}
-    return write_checkpoint_dir(path, specs, tensors, files, max_shard_bytes)
+    return write_checkpoint_dir(path, specs, tensors, files, max_shard_bytes, overwrite)
 
 
 def read_native_config(data: dict) -> HybridConfig:

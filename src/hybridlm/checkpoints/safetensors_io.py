@@ -11,7 +11,7 @@ toward the process's resident set while the map is open, so reading a whole chec
 
 Writing streams: the header is computed from shapes alone, then each tensor is produced, written
 and dropped, so exporting needs no second copy of the model either. A checkpoint directory is
-written into a temporary sibling, fsynced, and renamed into place.
+written into a staging sibling, fsynced, and moved into place (``destination.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from hybridlm.checkpoints.destination import (
+    check_destination,
+    describe_os_error,
+    fsync_dir,
+    make_staging_dir,
+    move_into_place,
+)
+from hybridlm.progress import progress
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -235,9 +243,14 @@ class TensorSpec:
 
 
 def write_safetensors(
-    path: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, Tensor]], metadata: Mapping[str, str]
+    path: Path,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, Tensor]],
+    metadata: Mapping[str, str],
+    advance: Callable[[int], None] = lambda steps=1: None,
 ) -> None:
-    """Write ``specs`` in order, pulling each tensor's data from ``tensors`` (same order) as it goes."""
+    """Write ``specs`` in order, pulling each tensor's data from ``tensors`` (same order) as it goes;
+    ``advance()`` after each tensor (a progress bar)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for spec in specs:
@@ -264,6 +277,7 @@ def write_safetensors(
             tensor = tensor.detach().to("cpu").contiguous()
             if spec.nbytes:
                 f.write(_byte_view(tensor))
+            advance(1)
         f.flush()
         os.fsync(f.fileno())
 
@@ -288,37 +302,51 @@ def write_checkpoint_dir(
     tensors: Iterator[tuple[str, Tensor]],
     files: Mapping[str, str | bytes | Path],
     max_shard_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint directory atomically: weights (one file, or shards + index) plus ``files``
-    (name -> text, bytes, or a path to copy). An existing ``target`` is replaced only once the new
-    directory is complete."""
+    """Write a checkpoint directory: weights (one file, or shards + index) plus ``files`` (name -> text,
+    bytes, or a path to copy), into a staging directory moved into place when complete (see
+    ``destination.py``: what may be replaced, and how).
+
+    Raises ValueError (before writing) when ``target`` is not free to write, OSError naming ``target``
+    when writing fails (read-only or full file system); either way nothing is left behind."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    check_destination(target, overwrite)
+    staging = None
     try:
-        groups = _shard_groups(specs, max_shard_bytes)
-        metadata = {"format": "pt"}
-        if len(groups) == 1:
-            write_safetensors(staging / SINGLE_FILE, groups[0], tensors, metadata)
-        else:
-            weight_map = {}
-            for number, group in enumerate(groups, start=1):
-                file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-                write_safetensors(staging / file_name, group, tensors, metadata)
-                weight_map.update({spec.name: file_name for spec in group})
-            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-            _write_file(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        staging = make_staging_dir(target)
+        _write_weights(staging, specs, tensors, max_shard_bytes)
         for name, content in files.items():
             if isinstance(content, Path):
                 shutil.copyfile(content, staging / name)
             else:
                 _write_file(staging / name, content)
-        _fsync_dir(staging)
-        _replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        fsync_dir(staging)
+        move_into_place(staging, target, overwrite)
+    except OSError as error:
+        raise OSError(describe_os_error(target, error)) from error
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _write_weights(
+    directory: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int | None
+) -> None:
+    groups = _shard_groups(specs, max_shard_bytes)
+    metadata = {"format": "pt"}
+    with progress("writing weights", total=len(specs)) as advance:
+        if len(groups) == 1:
+            write_safetensors(directory / SINGLE_FILE, groups[0], tensors, metadata, advance)
+            return
+        weight_map = {}
+        for number, group in enumerate(groups, start=1):
+            file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(directory / file_name, group, tensors, metadata, advance)
+            weight_map.update({spec.name: file_name for spec in group})
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+    _write_file(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 def _write_file(path: Path, content: str | bytes) -> None:
@@ -327,28 +355,3 @@ def _write_file(path: Path, content: str | bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-    _fsync_dir(target.parent)
-
-
-def existing_files(directory: Path, names: Iterable[str]) -> dict[str, Path]:
-    """The files among ``names`` that exist in ``directory`` (tokenizer files to carry over)."""
-    return {name: directory / name for name in names if (directory / name).is_file()}

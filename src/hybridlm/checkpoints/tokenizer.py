@@ -9,16 +9,6 @@ from typing import Any
 
 from hybridlm.tokenizer import ByteTokenizer
 
-# what `hybridlm convert` carries from one checkpoint directory to the other
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
-
 
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with the small interface generation needs."""

@@ -105,6 +105,7 @@ def save_hf(
     family: str | None = None,
     max_shard_bytes: int | None = None,
     extra_files: Mapping[str, Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as transformers 5.23's ``save_pretrained`` would for the family (config.json +
     safetensors, the same tensor names), atomically."""
@@ -114,4 +115,4 @@ def save_hf(
     specs, tensors = plan_tensors(model, chosen.plan(model))
     files: dict[str, Any] = {"config.json": json.dumps(encode_floats(hf_config), indent=2, sort_keys=True) + "\n"}
     files.update(extra_files or {})
-    return write_checkpoint_dir(path, specs, tensors, files, max_shard_bytes)
+    return write_checkpoint_dir(path, specs, tensors, files, max_shard_bytes, overwrite)
