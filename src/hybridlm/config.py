@@ -14,11 +14,14 @@ layer is ``*E``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from hybridlm.blocks import BLOCKS, layer_type_name
 
@@ -38,6 +41,35 @@ class AttentionConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor) if self.rope_theta is not None else 0
+
+    def validate(self, path: str = "attention") -> None:
+        check_field_types(self, path)
+        require_positive(self, path, "num_heads", "num_kv_heads", "head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{path}.num_heads ({self.num_heads}) must be a multiple of {path}.num_kv_heads ({self.num_kv_heads})"
+            )
+        factor = self.partial_rotary_factor
+        require(0.0 < factor <= 1.0, f"{path}.partial_rotary_factor", "in (0, 1]", factor)
+        if self.rope_theta is not None:
+            require(
+                self.rope_theta > 0.0,
+                f"{path}.rope_theta",
+                "positive (or null for no rotary embedding)",
+                self.rope_theta,
+            )
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ValueError(
+                    f"{path}.partial_rotary_factor ({factor}) x {path}.head_dim ({self.head_dim}) gives a rotary dim "
+                    f"of {self.rotary_dim}; it must be even and at least 2 (rotary pairs dims i and i + dim / 2)"
+                )
+        if self.softmax_scale is not None:
+            require(
+                self.softmax_scale > 0.0,
+                f"{path}.softmax_scale",
+                "positive (or null for head_dim ** -0.5)",
+                self.softmax_scale,
+            )
 
 
 @dataclass
@@ -65,6 +97,30 @@ class Mamba2Config:
     def conv_dim(self) -> int:
         return self.intermediate_size + 2 * self.num_groups * self.state_size
 
+    def validate(self, path: str = "mamba2") -> None:
+        check_field_types(self, path, may_be_infinite=("time_step_limit",))
+        require_positive(self, path, "num_heads", "head_dim", "state_size", "num_groups", "conv_kernel", "chunk_size")
+        if self.num_heads % self.num_groups:
+            raise ValueError(
+                f"{path}.num_heads ({self.num_heads}) must be a multiple of {path}.num_groups ({self.num_groups})"
+            )
+        # dt is initialised log-uniformly in [time_step_min, time_step_max] (mamba_ssm), then floored
+        require(self.time_step_min > 0.0, f"{path}.time_step_min", "positive", self.time_step_min)
+        require(
+            self.time_step_max >= self.time_step_min,
+            f"{path}.time_step_max",
+            f">= time_step_min ({self.time_step_min})",
+            self.time_step_max,
+        )
+        require(self.time_step_floor >= 0.0, f"{path}.time_step_floor", ">= 0", self.time_step_floor)
+        low, high = self.time_step_limit
+        require(
+            0.0 <= low <= high and not math.isinf(low),
+            f"{path}.time_step_limit",
+            "[low, high] with 0 <= low <= high (high may be inf)",
+            list(self.time_step_limit),
+        )
+
 
 @dataclass
 class MambaConfig:
@@ -78,6 +134,10 @@ class MambaConfig:
     use_bias: bool = False  # in_proj / out_proj bias
     has_inner_norms: bool = True  # RMSNorm on dt, B and C after x_proj (Jamba)
     chunk_size: int = 16  # the chunked scan holds [B, L, L, I, N] per chunk: keep L small
+
+    def validate(self, path: str = "mamba") -> None:
+        check_field_types(self, path)
+        require_positive(self, path, "intermediate_size", "state_size", "conv_kernel", "dt_rank", "chunk_size")
 
 
 @dataclass
@@ -101,6 +161,24 @@ class GatedDeltaNetConfig:
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
+    def validate(self, path: str = "gdn") -> None:
+        check_field_types(self, path)
+        require_positive(
+            self,
+            path,
+            "num_key_heads",
+            "num_value_heads",
+            "key_head_dim",
+            "value_head_dim",
+            "conv_kernel",
+            "chunk_size",
+        )
+        if self.num_value_heads % self.num_key_heads:  # value head h reads key head h // (value / key heads)
+            raise ValueError(
+                f"{path}.num_value_heads ({self.num_value_heads}) must be a multiple of "
+                f"{path}.num_key_heads ({self.num_key_heads})"
+            )
+
 
 Activation = Literal["swiglu", "relu2"]
 
@@ -110,6 +188,10 @@ class MLPConfig:
     intermediate_size: int
     activation: Activation = "swiglu"
     bias: bool = False
+
+    def validate(self, path: str = "mlp") -> None:
+        check_field_types(self, path)
+        require_positive(self, path, "intermediate_size")
 
 
 @dataclass
@@ -130,8 +212,44 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # load-balancing loss (Switch Transformer, eq. 4)
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE, eq. 5)
 
+    def validate(self, path: str = "moe") -> None:
+        check_field_types(self, path)
+        require_positive(self, path, "num_experts", "intermediate_size", "num_groups")
+        top_k, experts = self.num_experts_per_tok, self.num_experts
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"{path}.num_experts_per_tok ({top_k}) must be in 1..num_experts ({experts})")
+        if experts % self.num_groups:
+            raise ValueError(f"{path}.num_groups ({self.num_groups}) must divide {path}.num_experts ({experts})")
+        groups = self.topk_groups
+        require(1 <= groups <= self.num_groups, f"{path}.topk_groups", f"in 1..num_groups ({self.num_groups})", groups)
+        left = groups * (experts // self.num_groups)  # grouped top-k picks only from the kept groups
+        require(top_k <= left, f"{path}.num_experts_per_tok", f"<= the {left} experts of the kept topk_groups", top_k)
+        require(
+            self.routed_scaling_factor > 0.0, f"{path}.routed_scaling_factor", "positive", self.routed_scaling_factor
+        )
+        require(self.num_shared_experts >= 0, f"{path}.num_shared_experts", ">= 0", self.num_shared_experts)
+        if self.num_shared_experts:
+            require_positive(self, path, "shared_intermediate_size")
+        else:
+            require(
+                self.shared_intermediate_size >= 0,
+                f"{path}.shared_intermediate_size",
+                ">= 0",
+                self.shared_intermediate_size,
+            )
+            require(
+                not self.has_shared_expert_gate,
+                f"{path}.has_shared_expert_gate",
+                "false when num_shared_experts is 0 (there is no shared output to gate)",
+                self.has_shared_expert_gate,
+            )
+        require(self.aux_loss_coef >= 0.0, f"{path}.aux_loss_coef", ">= 0", self.aux_loss_coef)
+        require(self.z_loss_coef >= 0.0, f"{path}.z_loss_coef", ">= 0", self.z_loss_coef)
 
-_SUB_CONFIGS: dict[str, type] = {
+
+SubConfig = AttentionConfig | Mamba2Config | GatedDeltaNetConfig | MLPConfig | MoEConfig | MambaConfig
+
+_SUB_CONFIGS: dict[str, type[SubConfig]] = {
     "attention": AttentionConfig,
     "mamba2": Mamba2Config,
     "gdn": GatedDeltaNetConfig,
@@ -169,13 +287,15 @@ class HybridConfig:
         for key, cls in _SUB_CONFIGS.items():
             value = getattr(self, key)
             if isinstance(value, dict):
-                if "time_step_limit" in value:
-                    value = {**value, "time_step_limit": tuple(value["time_step_limit"])}
-                setattr(self, key, cls(**value))
+                setattr(self, key, _sub_config_from_dict(key, cls, value))
         self.validate()
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
+        """A ValueError naming the first field (as a dotted path) that is the wrong type, out of range or
+        inconsistent with another; sub-configs of blocks the pattern does not use are checked too (they
+        are saved with the config and a later pattern may use them)."""
+        check_field_types(self, "")
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"pattern is empty: give one character per block, from {''.join(BLOCKS)!r}")
         for index, char in enumerate(self.pattern):
@@ -190,39 +310,17 @@ class HybridConfig:
                         f"pattern[{index}] = {char!r} ({layer_type_name(char)}) needs the "
                         f"'{sub_config}' sub-config, which this config lacks"
                     )
-        for name in ("vocab_size", "hidden_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.attention is not None:
-            a = self.attention
-            if a.num_heads % a.num_kv_heads:
-                raise ValueError(
-                    f"attention.num_heads ({a.num_heads}) must be a multiple of "
-                    f"attention.num_kv_heads ({a.num_kv_heads})"
-                )
-            if a.rotary_dim % 2:
-                raise ValueError(f"attention rotary dim {a.rotary_dim} must be even")
-        if self.mamba2 is not None and self.mamba2.num_heads % self.mamba2.num_groups:
-            raise ValueError(
-                f"mamba2.num_heads ({self.mamba2.num_heads}) must be a multiple of "
-                f"mamba2.num_groups ({self.mamba2.num_groups})"
-            )
-        if self.gdn is not None and self.gdn.num_value_heads % self.gdn.num_key_heads:
-            raise ValueError(
-                f"gdn.num_value_heads ({self.gdn.num_value_heads}) must be a multiple of "
-                f"gdn.num_key_heads ({self.gdn.num_key_heads})"
-            )
-        if self.moe is not None:
-            m = self.moe
-            if not 0 < m.num_experts_per_tok <= m.num_experts:
-                raise ValueError(
-                    f"moe.num_experts_per_tok ({m.num_experts_per_tok}) must be in 1..num_experts ({m.num_experts})"
-                )
-            if m.num_experts % m.num_groups or not 0 < m.topk_groups <= m.num_groups:
-                raise ValueError(
-                    f"moe.num_groups ({m.num_groups}) must divide num_experts ({m.num_experts}) and "
-                    f"topk_groups ({m.topk_groups}) must be in 1..num_groups"
-                )
+        require_positive(self, "", "vocab_size", "hidden_size", "max_position_embeddings")
+        require(self.norm_eps > 0.0, "norm_eps", "positive", self.norm_eps)
+        require(self.initializer_range >= 0.0, "initializer_range", ">= 0", self.initializer_range)
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            require(getattr(self, name) > 0.0, name, "positive", getattr(self, name))
+        if self.num_hidden_layers is not None:
+            require_positive(self, "", "num_hidden_layers")
+        for key in _SUB_CONFIGS:
+            sub_config = getattr(self, key)
+            if sub_config is not None:
+                sub_config.validate(key)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -236,6 +334,8 @@ class HybridConfig:
     # -- constructors and serialisation ------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: str, /, **overrides: Any) -> HybridConfig:
+        """Deprecated: use ``hybridlm.presets.get_preset``. Kept only while callers move (issue 7): it
+        is the one place config reaches presets, and goes with its last caller."""
         from hybridlm.presets import get_preset
 
         return get_preset(preset, **overrides)
@@ -261,34 +361,139 @@ class HybridConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from plain JSON values (sub-configs as objects, inf as "inf"); a ValueError names
+        any unknown, missing, mistyped or out-of-range field by its dotted path."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a HybridConfig must be a JSON object of fields, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
             raise ValueError(f"unknown HybridConfig field(s): {', '.join(unknown)}")
-        data = dict(data)
+        _require_present(cls, data, "")
+        data = {key: _decode_json_value(cls, key, value) for key, value in data.items()}
         for key, sub_cls in _SUB_CONFIGS.items():
-            sub = data.get(key)
-            if isinstance(sub, dict):
-                sub_known = {f.name for f in dataclasses.fields(sub_cls)}
-                bad = sorted(set(sub) - sub_known)
-                if bad:
-                    raise ValueError(f"unknown field(s) in '{key}' sub-config: {', '.join(bad)}")
-                sub = {k: _decode_float(v) for k, v in sub.items()}
-                if "time_step_limit" in sub:
-                    sub["time_step_limit"] = tuple(_decode_float(v) for v in sub["time_step_limit"])
-                data[key] = sub_cls(**sub)
+            if data.get(key) is not None:
+                data[key] = _sub_config_from_dict(key, sub_cls, data[key])
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> HybridConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error})") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> HybridConfig:
-        return cls.from_json(Path(path).read_text())
+        """The config saved at ``path``; a bad one is a ValueError that starts with the file name."""
+        text = Path(path).read_text()
+        try:
+            return cls.from_json(text)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+# -- field checks ----------------------------------------------------------------------------------
+# Every dataclass field is checked against its annotation (JSON gives "64", "false" and 1.5 as easily
+# as 64, false and 1), then against the ranges the layers need to build and run.
+
+
+def require(is_ok: bool, path: str, expected: str, value: Any) -> None:
+    if not is_ok:
+        _fail(path, expected, value)
+
+
+def require_positive(config: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        require(value > 0, _join(path, name), "positive", value)
+
+
+def check_field_types(config: Any, path: str, may_be_infinite: tuple[str, ...] = ()) -> None:
+    """Each field of the dataclass ``config`` against its annotation: a bool is a real bool, an int is
+    not a bool, a float accepts an int but is never NaN (nor inf unless the field is listed)."""
+    for name, hint in _field_hints(type(config)).items():
+        _check_value(getattr(config, name), hint, _join(path, name), name in may_be_infinite)
+
+
+def _fail(path: str, expected: str, value: Any) -> NoReturn:
+    raise ValueError(f"{path} must be {expected}, got {value!r}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_value(value: Any, hint: Any, path: str, may_be_infinite: bool) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (hint,) = [arg for arg in args if arg is not type(None)]  # every optional field has one other type
+        return _check_value(value, hint, path, may_be_infinite)
+    if origin is Literal:
+        require(isinstance(value, str) and value in args, path, f"one of {', '.join(map(repr, args))}", value)
+    elif origin is tuple:
+        expected = f"a list of {len(args)} numbers"
+        require(isinstance(value, tuple) and len(value) == len(args), path, expected, value)
+        for index, (item, item_hint) in enumerate(zip(value, args, strict=True)):
+            _check_value(item, item_hint, f"{path}[{index}]", may_be_infinite)
+    elif origin is dict:
+        require(isinstance(value, dict), path, "an object", value)
+    elif hint is bool:
+        require(isinstance(value, bool), path, "a bool (true or false)", value)
+    elif hint is int:
+        require(isinstance(value, int) and not isinstance(value, bool), path, "an integer", value)
+    elif hint is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), path, "a number", value)
+        require(not math.isnan(value), path, "a number", value)
+        require(may_be_infinite or not math.isinf(value), path, "finite", value)
+    elif hint is str:
+        require(isinstance(value, str), path, "a string", value)
+    elif dataclasses.is_dataclass(hint):
+        require(isinstance(value, hint), path, f"a {hint.__name__} (or an object of its fields)", value)
+    elif hint is not Any:
+        raise TypeError(f"no check for the annotation {hint!r} of {path}")  # a new field type: add it above
+
+
+def _require_present(cls: type, data: dict[str, Any], path: str) -> None:
+    for f in dataclasses.fields(cls):
+        is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if is_required and f.name not in data:
+            required = [g.name for g in dataclasses.fields(cls) if g.default is dataclasses.MISSING]
+            raise ValueError(f"{_join(path, f.name)} is missing; {path or cls.__name__} needs {', '.join(required)}")
+
+
+def _sub_config_from_dict(key: str, cls: type[SubConfig], data: Any) -> SubConfig:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{key} must be an object of {cls.__name__} fields (or null), got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown field(s) in '{key}' sub-config: {', '.join(f'{key}.{name}' for name in unknown)}")
+    _require_present(cls, data, key)
+    return cls(**{name: _decode_json_value(cls, name, value) for name, value in data.items()})
+
+
+def _decode_json_value(cls: type, name: str, value: Any) -> Any:
+    """JSON has no inf (to_json writes "inf") and no tuple (it writes a list)."""
+    hint = _field_hints(cls)[name]
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(_decode_float(item) for item in value)
+    if float in (hint, *typing.get_args(hint)):
+        return _decode_float(value)
+    return value
 
 
 def _decode_float(value: Any) -> Any:

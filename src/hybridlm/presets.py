@@ -1,7 +1,8 @@
 """Named configurations: debug models for tests and demos, and real families with published values.
 
 Each real preset cites the config.json its values come from (see ../shared/REFERENCE.md).
-``HybridConfig.from_preset(name, **overrides)`` is the public entry point.
+``get_preset(name, **overrides)`` is the public entry point (also ``hybridlm.get_preset``). This module
+imports config, never the other way round.
 """
 
 from __future__ import annotations
@@ -228,5 +229,6 @@ def get_preset(preset: str, /, **overrides: Any) -> HybridConfig:
     for key, value in list(overrides.items()):
         current = getattr(config, key)
         if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            overrides[key] = dataclasses.replace(current, **value)
+            # merge into the preset's sub-config; the merged dict goes through the same checks as JSON
+            overrides[key] = {**dataclasses.asdict(current), **value}
     return dataclasses.replace(config, **overrides)
