@@ -31,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
-import transformers
+
+# the hf extra is optional: without transformers every test module importing this one is skipped
+transformers = pytest.importorskip("transformers")
 
 __all__ = [
     "FAMILIES",

@@ -53,6 +53,8 @@ def read_config(path: str | os.PathLike) -> HybridConfig:
 
 def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype, a name transformers users write ("bfloat16", "bf16", "float32", "auto"), or None."""
+    if dtype == "auto":  # transformers' word for "as stored"
+        return None
     if isinstance(dtype, str):
         from hybridlm.loading import parse_dtype
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hybridlm.checkpoints.safetensors_io import CheckpointReader, TensorInfo, TensorSpec
+from hybridlm.checkpoints.safetensors_io import DTYPE_NAMES, CheckpointReader, TensorInfo, TensorSpec
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.progress import progress
 
 Transform = Callable[[list[Tensor]], list[Tensor]]
 
@@ -191,12 +192,20 @@ def _choose_layouts(plan: Plan, present: dict[str, TensorInfo], reader: Checkpoi
     return chosen
 
 
-def _check_shapes(chosen, params: dict[str, nn.Parameter], present: dict[str, TensorInfo], config: HybridConfig):
+def _check_shapes_and_dtypes(
+    chosen, params: dict[str, nn.Parameter], present: dict[str, TensorInfo], config: HybridConfig
+) -> None:
     for rule, layout in chosen:
         meta = [torch.empty(params[t].shape, device="meta") for t in rule.targets]
         expected = [tuple(t.shape) for t in layout.to_disk(meta)]
         for key, shape in zip(layout.keys, expected, strict=True):
             info = present[key]
+            if not info.dtype.is_floating_point and all(params[t].is_floating_point() for t in rule.targets):
+                # a cast would turn integer or boolean data into "weights" without a word
+                raise ValueError(
+                    f"{info.file}: tensor {info.name} has dtype {DTYPE_NAMES[info.dtype]}, expected a floating-point "
+                    f"type (F32, F16, BF16, ...) for the weight {', '.join(rule.targets)}"
+                )
             if info.shape != shape:
                 hint = ""
                 is_expert_axis = config.moe is not None and shape[:1] == (config.moe.num_experts,)
@@ -287,27 +296,29 @@ def load_with_plan(
     _check_plan(params, plan)
     present = _present_tensors(reader, plan)
     chosen = _choose_layouts(plan, present, reader, config)
-    _check_shapes(chosen, params, present, config)
+    _check_shapes_and_dtypes(chosen, params, present, config)
 
     _allocate(model, _model_dtype(chosen, present, dtype), device)
     params = dict(model.named_parameters())
     filled: set[str] = set()
-    for rule, layout in chosen:
-        targets = [params[t].data for t in rule.targets]
-        # to_disk of the real parameters gives, for renames, stacks and chunks, views into them: each
-        # disk tensor is then read straight into its place, with no temporary of the layer's size
-        views = layout.to_disk(targets)
-        if all(_is_view_into(view, targets) for view in views):
-            for key, view in zip(layout.keys, views, strict=True):
-                data = reader.read(present[key].name, out=view)
-                if data is not view:
-                    view.copy_(data)
-        else:
-            sources = [reader.read(present[key].name) for key in layout.keys]
-            for target, value in zip(targets, layout.to_ours(sources), strict=True):
-                target.copy_(value)
-            del sources
-        filled.update(rule.targets)
+    with progress("loading weights", total=len(chosen)) as advance:
+        for rule, layout in chosen:
+            targets = [params[t].data for t in rule.targets]
+            # to_disk of the real parameters gives, for renames, stacks and chunks, views into them: each
+            # disk tensor is then read straight into its place, with no temporary of the layer's size
+            views = layout.to_disk(targets)
+            if all(_is_view_into(view, targets) for view in views):
+                for key, view in zip(layout.keys, views, strict=True):
+                    data = reader.read(present[key].name, out=view)
+                    if data is not view:
+                        view.copy_(data)
+            else:
+                sources = [reader.read(present[key].name) for key in layout.keys]
+                for target, value in zip(targets, layout.to_ours(sources), strict=True):
+                    target.copy_(value)
+                del sources
+            filled.update(rule.targets)
+            advance(1)
     if filled != set(params):
         raise RuntimeError(f"parameters left unfilled: {sorted(set(params) - filled)[:5]}")
 

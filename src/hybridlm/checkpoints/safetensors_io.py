@@ -125,6 +125,13 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
     return TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
 
 
+def _is_hub_cache_blob(link: Path, resolved: Path) -> bool:
+    """The Hugging Face hub cache keeps every file of ``snapshots/<revision>/`` as a link into the
+    repository's ``blobs/``; that link leaves the directory by design and is allowed."""
+    snapshot = link.parent.absolute()
+    return snapshot.parent.name == "snapshots" and resolved.parent == (snapshot.parent.parent / "blobs").resolve()
+
+
 def _byte_view(tensor: Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's storage."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
@@ -165,7 +172,7 @@ class CheckpointReader:
             by_file.setdefault(file_name, []).append(name)
         self.metadata = {}
         for file_name, names in by_file.items():
-            shard = self.directory / file_name
+            shard = self._shard_path(index_path, file_name, names[0])
             if not shard.exists():
                 raise FileNotFoundError(
                     f"{index_path}: shard {file_name} is missing; it should hold {len(names)} tensors, e.g. {names[0]}"
@@ -179,6 +186,20 @@ class CheckpointReader:
                 )
             for name in names:
                 self.tensors[name] = header[name]
+
+    def _shard_path(self, index_path: Path, file_name: object, example: str) -> Path:
+        """The shard ``file_name`` of the index, refused unless it lies in this directory: an index may
+        not send the reader to ``../x.safetensors``, an absolute path, or through a link out of it."""
+        refusal = f"{index_path}: shard {file_name!r} (for tensor {example}) "
+        if not isinstance(file_name, str) or not file_name:
+            raise ValueError(refusal + "is not a file name")
+        shard = self.directory / file_name
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise ValueError(refusal + "points outside the checkpoint directory")
+        resolved, home = shard.resolve(), self.directory.resolve()
+        if not resolved.is_relative_to(home) and not _is_hub_cache_blob(shard, resolved):
+            raise ValueError(refusal + f"is a link to {resolved}, outside the checkpoint directory")
+        return shard
 
     def keys(self) -> list[str]:
         return list(self.tensors)

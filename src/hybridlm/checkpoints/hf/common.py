@@ -75,6 +75,14 @@ class HFConfig:
             raise ValueError(f"{self.path}: field {key!r} is missing")
         return self.data[key]
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A true/false field; ``"false"`` or 0 is refused rather than read as Python would (``bool("false")``
+        is True). A legacy spelling's value may be passed as ``default``."""
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{self.path}: field {key!r} = {value!r} must be true or false")
+        return value
+
     def unsupported(self, option: str, why: str) -> ValueError:
         value = self.data.get(option)
         return ValueError(f"{self.path}: {option} = {value!r} is not supported: {why}")
@@ -96,13 +104,25 @@ def layer_types(cfg: HFConfig, *keys: str) -> list[str] | None:
 
 
 def rope(cfg: HFConfig, default_partial: float = 1.0) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) from ``rope_parameters`` (5.x) or the top-level fields (4.x);
-    only the default RoPE type is ported."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    """(rope_theta, partial_rotary_factor) from ``rope_parameters`` (5.x), the legacy ``rope_scaling``
+    or the top-level fields (4.x); only the default RoPE type is ported.
+
+    A legacy ``rope_scaling`` block wins over ``rope_parameters``, as in transformers 5.23
+    (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``: ``rope_scaling or rope_parameters``),
+    so a YaRN ``rope_scaling`` beside a default ``rope_parameters`` is YaRN, and refused."""
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{cfg.path}: {key} = {params!r} must be an object")
+    nested = sorted(name for name, value in params.items() if isinstance(value, dict))
+    if nested:
+        raise ValueError(
+            f"{cfg.path}: {key} holds RoPE parameters per layer type ({', '.join(nested)}), which are not supported"
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ValueError(
-            f"{cfg.path}: rope_parameters.rope_type = {rope_type!r} is not supported (only 'default' RoPE is ported)"
+            f"{cfg.path}: {key}.rope_type = {rope_type!r} is not supported (only 'default' RoPE is ported)"
         )
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
@@ -157,8 +177,8 @@ def mamba2_from_hf(cfg: HFConfig, inner: int, inner_source: str, **fields: Any) 
         num_groups=cfg.get("mamba_n_groups", 1),
         conv_kernel=cfg.get("mamba_d_conv", 4),
         chunk_size=cfg.get("mamba_chunk_size", 256),
-        use_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
-        use_bias=bool(cfg.get("mamba_proj_bias", False)),
+        use_conv_bias=cfg.flag("mamba_conv_bias", True),
+        use_bias=cfg.flag("mamba_proj_bias", False),
         time_step_limit=(float(limit[0]), float(limit[1])),
         **fields,
     )

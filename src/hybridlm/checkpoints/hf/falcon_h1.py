@@ -97,7 +97,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
     num_layers = cfg.require("num_hidden_layers")
     hidden = cfg.require("hidden_size")
     cfg.expect("hidden_act", ("silu",), "silu", "hybridlm's Mamba-2 conv and SwiGLU use silu")
-    in_bias, out_bias = bool(cfg.get("mamba_proj_bias", False)), bool(cfg.get("projectors_bias", False))
+    in_bias, out_bias = cfg.flag("mamba_proj_bias", False), cfg.flag("projectors_bias", False)
     if in_bias != out_bias:
         raise ValueError(
             f"{cfg.path}: mamba_proj_bias = {in_bias} with projectors_bias = {out_bias} is not supported: "
@@ -111,7 +111,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         num_kv_heads=cfg.get("num_key_value_heads", heads),
         head_dim=cfg.get("head_dim", hidden // heads),
         rope_theta=theta,
-        bias=bool(cfg.get("attention_bias", False)),
+        bias=cfg.flag("attention_bias", False),
     )
 
     inner = cfg.get("mamba_d_ssm") or int(cfg.get("mamba_expand", 2) * hidden)
@@ -119,8 +119,8 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         cfg,
         inner,
         f"the Mamba inner size {inner} (mamba_d_ssm, else mamba_expand x hidden_size)",
-        has_gated_norm=bool(cfg.get("mamba_rms_norm", False)),
-        norm_before_gate=bool(cfg.get("mamba_norm_before_gate", True)),
+        has_gated_norm=cfg.flag("mamba_rms_norm", False),
+        norm_before_gate=cfg.flag("mamba_norm_before_gate", True),
     )
     lm_head_multiplier = float(cfg.get("lm_head_multiplier", 1.0))
     if lm_head_multiplier == 0.0:
@@ -131,9 +131,9 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         pattern="P-" * num_layers,
         attention=attention,
         mamba2=mamba2,
-        mlp=MLPConfig(cfg.get("intermediate_size", 14336), "swiglu", bias=bool(cfg.get("mlp_bias", False))),
+        mlp=MLPConfig(cfg.get("intermediate_size", 14336), "swiglu", bias=cfg.flag("mlp_bias", False)),
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
         logits_scaling=1.0 / lm_head_multiplier,
         num_hidden_layers=num_layers,

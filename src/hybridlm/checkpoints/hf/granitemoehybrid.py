@@ -60,7 +60,10 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
     if "*" in pattern:
         heads = cfg.require("num_attention_heads")
         theta = None
-        if cfg.get("position_embedding_type") == "rope":
+        position_embedding = cfg.get("position_embedding_type", "nope")
+        if position_embedding not in ("nope", "rope"):
+            raise cfg.unsupported("position_embedding_type", "granitemoehybrid attention has RoPE ('rope') or none")
+        if position_embedding == "rope":
             theta, partial = rope(cfg)
             if partial != 1.0:
                 raise ValueError(f"{cfg.path}: partial_rotary_factor = {partial} is not supported for granitemoehybrid")
@@ -69,7 +72,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim", hidden // heads),
             rope_theta=theta,
-            bias=bool(cfg.get("attention_bias", False)),
+            bias=cfg.flag("attention_bias", False),
             softmax_scale=float(cfg.get("attention_multiplier", 1.0)),  # replaces head_dim^-0.5; read, never derive
         )
     if "M" in pattern:
@@ -98,7 +101,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         mlp=mlp,
         moe=moe,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
         logits_scaling=float(cfg.get("logits_scaling", 1.0)),

@@ -63,8 +63,8 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             state_size=cfg.get("mamba_d_state", 16),
             conv_kernel=cfg.get("mamba_d_conv", 4),
             dt_rank=math.ceil(hidden / 16) if dt_rank == "auto" else dt_rank,
-            use_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
-            use_bias=bool(cfg.get("mamba_proj_bias", False)),
+            use_conv_bias=cfg.flag("mamba_conv_bias", True),
+            use_bias=cfg.flag("mamba_proj_bias", False),
             has_inner_norms=True,
         )
     if "-" in pattern:
@@ -86,7 +86,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         mlp=mlp,
         moe=moe,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         num_hidden_layers=num_layers,
         **common_fields(cfg),
     )

@@ -75,7 +75,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         raise cfg.unsupported("moe_latent_size", "latent MoE projections (fc1/fc2_latent_proj) have no hybridlm block")
     cfg.expect("mamba_hidden_act", ("silu",), "silu", "the Mamba-2 conv activation is silu in hybridlm")
     cfg.expect("mlp_hidden_act", ("relu2",), "relu2", "nemotron_h MLPs and experts are ported as squared ReLU")
-    has_mlp_bias = bool(cfg.get("mlp_bias", False))
+    has_mlp_bias = cfg.flag("mlp_bias", False)
     if has_mlp_bias and "E" in pattern:
         raise cfg.unsupported("mlp_bias", "hybridlm's MoE experts and shared expert have no biases")
     heads = cfg.get("num_attention_heads", 32)
@@ -93,8 +93,8 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             num_groups=_field(cfg, "n_groups", 8),
             conv_kernel=_field(cfg, "conv_kernel", 4),
             chunk_size=_field(cfg, "chunk_size", 128),
-            use_conv_bias=bool(_field(cfg, "use_conv_bias", True)),
-            use_bias=bool(cfg.get("use_bias", False)),
+            use_conv_bias=cfg.flag("use_conv_bias", _field(cfg, "use_conv_bias", True)),
+            use_bias=cfg.flag("use_bias", False),
             # the dt init draws log-uniformly from [min, max]: a clamp at 0 (no clamp) needs another lower end
             time_step_min=time_step_min if time_step_min > 0 else Mamba2Config.time_step_min,
             time_step_max=_field(cfg, "time_step_max", 0.1),
@@ -111,7 +111,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             intermediate_size=cfg.get("moe_intermediate_size", 7688),
             activation="relu2",
             scoring="sigmoid",
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            norm_topk_prob=cfg.flag("norm_topk_prob", True),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             use_expert_bias=True,
             num_groups=cfg.get("n_group", 1),

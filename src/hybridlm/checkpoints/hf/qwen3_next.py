@@ -91,7 +91,7 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
             partial_rotary_factor=partial,
             has_qk_norm=True,
             has_output_gate=True,
-            bias=bool(cfg.get("attention_bias", False)),
+            bias=cfg.flag("attention_bias", False),
         )
     if "G" in pattern:
         gdn = GatedDeltaNetConfig(
@@ -114,7 +114,7 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
             intermediate_size=cfg.get("moe_intermediate_size", 512),
             activation="swiglu",
             scoring="softmax",
-            norm_topk_prob=True if is_qwen3_5 else bool(cfg.get("norm_topk_prob", True)),
+            norm_topk_prob=True if is_qwen3_5 else cfg.flag("norm_topk_prob", True),
             num_shared_experts=1,
             shared_intermediate_size=shared,
             has_shared_expert_gate=True,
@@ -128,7 +128,7 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
         moe=moe,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         is_norm_zero_centered=True,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         num_hidden_layers=num_layers,
         **common_fields(cfg),
     )
