@@ -1,0 +1,181 @@
+"""Seeded fuzzing of what users hand the library: config dictionaries and sampling arguments.
+
+Every input must either work (a config builds a model that runs a prefill and a decode step; a
+sampling set generates tokens) or be refused with a ValueError. Any other exception escaping is a
+bug: a ZeroDivisionError, TypeError or negative-dimension error at build time, or a crash inside torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from hybridlm.config import HybridConfig
+from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
+
+NUM_CONFIGS = 600
+ODD_VALUES = [0, -1, -8, 1, 2, 3, 5, 1.5, 0.0, -0.5, 1e-6, math.nan, math.inf, -math.inf, "64", "false", "true",
+              "inf", True, False, None, [], {}, [1, 2], [0.5, 0.1], "swiglu", "sigmoid", "relu2"]  # fmt: skip
+SMALL_SIZES = [1, 2, 3, 4, 6, 8, 16]
+PATTERN_CHARS = "MG*-EmP"
+
+
+def _leaf_paths(data: dict, prefix: tuple = ()) -> list[tuple]:
+    paths = []
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "extra":
+            paths += _leaf_paths(value, (*prefix, key))
+        else:
+            paths.append((*prefix, key))
+    return paths
+
+
+def _parent(data: dict, path: tuple) -> dict:
+    for key in path[:-1]:
+        data = data[key]
+    return data
+
+
+def _random_valid_config(rng: random.Random) -> dict:
+    """A small config with every sub-config consistent, from scratch."""
+    pick, coin = rng.choice, lambda: rng.random() < 0.5
+    kv_heads, groups, key_heads, experts = pick([1, 2]), pick([1, 2]), pick([1, 2]), pick([1, 2, 4])
+    expert_groups = pick([g for g in (1, 2) if experts % g == 0])
+    attention = {
+        "num_heads": kv_heads * pick([1, 2]),
+        "num_kv_heads": kv_heads,
+        "head_dim": pick([2, 4, 8]),
+        "rope_theta": pick([None, 10000.0]),
+        "has_qk_norm": coin(),
+        "has_output_gate": coin(),
+    }
+    mamba2 = {
+        "num_heads": groups * pick([1, 2]),
+        "head_dim": pick([2, 4]),
+        "state_size": pick([1, 4]),
+        "num_groups": groups,
+        "conv_kernel": pick([1, 2, 4]),
+        "chunk_size": pick([1, 2, 8]),
+        "has_gated_norm": coin(),
+        "norm_before_gate": coin(),
+    }
+    gdn = {
+        "num_key_heads": key_heads,
+        "num_value_heads": key_heads * pick([1, 2]),
+        "key_head_dim": pick([2, 4]),
+        "value_head_dim": pick([2, 4]),
+        "conv_kernel": pick([1, 3]),
+        "chunk_size": pick([1, 2, 64]),
+    }
+    mamba = {
+        "intermediate_size": pick([4, 8]),
+        "state_size": pick([1, 2]),
+        "dt_rank": pick([1, 2]),
+        "conv_kernel": pick([1, 4]),
+        "chunk_size": pick([1, 4]),
+        "has_inner_norms": coin(),
+    }
+    moe = {
+        "num_experts": experts,
+        "num_experts_per_tok": rng.randint(1, experts),
+        "intermediate_size": pick([1, 4]),
+        "num_groups": expert_groups,
+        "topk_groups": expert_groups,
+        "scoring": pick(["softmax", "sigmoid"]),
+        "use_expert_bias": coin(),
+        "num_shared_experts": pick([0, 1]),
+        "shared_intermediate_size": 4,
+    }
+    return {
+        "vocab_size": pick([3, 16, 50]),
+        "hidden_size": pick([4, 8, 12]),
+        "pattern": "".join(pick(PATTERN_CHARS) for _ in range(rng.randint(1, 4))),
+        "attention": attention,
+        "mamba2": mamba2,
+        "gdn": gdn,
+        "mamba": mamba,
+        "mlp": {"intermediate_size": pick([1, 8]), "activation": pick(["swiglu", "relu2"])},
+        "moe": moe,
+        "norm_eps": pick([1e-6, 1e-5, 0.1]),
+        "is_norm_zero_centered": coin(),
+        "tie_word_embeddings": coin(),
+        "max_position_embeddings": pick([1, 8, 4096]),
+        "residual_multiplier": pick([1.0, 0.5]),
+        "logits_scaling": pick([1.0, 4.0]),
+    }  # fmt: skip
+
+
+def _mutate(data: dict, rng: random.Random) -> dict:
+    data = copy.deepcopy(data)
+    for _ in range(rng.randint(1, 3)):
+        paths = _leaf_paths(data)
+        kind = rng.random()
+        if kind < 0.55 and paths:  # an odd value in an existing field
+            path = rng.choice(paths)
+            _parent(data, path)[path[-1]] = rng.choice(ODD_VALUES + SMALL_SIZES)
+        elif kind < 0.7 and paths:  # a field missing
+            path = rng.choice(paths)
+            del _parent(data, path)[path[-1]]
+        elif kind < 0.8:  # a whole sub-config replaced
+            key = rng.choice(["attention", "mamba2", "gdn", "mlp", "moe", "mamba"])
+            data[key] = rng.choice([None, 3, "x", [], {}, {"bogus": 1}])
+        elif kind < 0.9:  # another pattern, possibly with unknown characters
+            data["pattern"] = "".join(rng.choice(PATTERN_CHARS + "xe ") for _ in range(rng.randint(0, 5)))
+        else:  # an unknown field
+            data[rng.choice(["hiden_size", "num_layers", "rope_scaling"])] = 1
+    return data
+
+
+def _build_and_run(data: dict) -> bool:
+    """True when the config built and ran a prefill and a decode step; False when refused by a ValueError."""
+    try:
+        config = HybridConfig.from_dict(data)
+    except ValueError:
+        return False
+    model = HybridLM(config).eval()
+    vocab = config.vocab_size
+    prompt = torch.tensor([[0, vocab - 1, vocab // 2]])
+    with torch.inference_mode():
+        cache = model.new_cache(1, 4)
+        logits = model(prompt, cache=cache).logits
+        step = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache).logits
+    assert logits.shape == (1, 3, vocab) and step.shape == (1, 1, vocab)
+    assert bool(torch.isfinite(logits).all() and torch.isfinite(step).all()), json.dumps(data, default=str)
+    return True
+
+
+def test_random_configs_build_and_run_or_raise_value_error():
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    presets = [
+        json.loads(get_preset(name).to_json())
+        for name in ("debug-tiny", "debug-tiny-nemotron", "debug-tiny-qwen3-next")
+    ]
+    built = refused = 0
+    late_refusals: list[str] = []
+    for index in range(NUM_CONFIGS):
+        if index % 3 == 0:
+            data = _random_valid_config(rng)
+            if index % 6 == 0:
+                data = _mutate(data, rng)
+        else:
+            data = _mutate(rng.choice(presets), rng)
+        try:
+            ok = _build_and_run(data)
+        except ValueError as error:  # refused after the config was accepted: allowed, but the config should say it
+            late_refusals.append(f"#{index}: {error}")
+            ok = False
+        except Exception as error:  # anything else escaping is the bug this test looks for
+            pytest.fail(f"config #{index} raised {type(error).__name__}: {error}\n{json.dumps(data, default=str)}")
+        built += ok
+        refused += not ok
+    # Both outcomes must be common, or the generator has stopped exploring one side.
+    print(f"{built} configs built and ran, {refused} refused ({len(late_refusals)} after the config check)")
+    assert not late_refusals, late_refusals[:5]
+    assert built >= 100 and refused >= 200, (built, refused)
