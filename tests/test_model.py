@@ -180,11 +180,10 @@ def test_cache_holds_only_what_each_block_needs():
     cache = model.new_cache(2, 16)
     kinds = [type(s).__name__ if s is not None else None for s in cache.states]
     assert kinds == ["RecurrentState", None, "RecurrentState", "AttentionState", None, None, "RecurrentState"]
-    assert cache[3].key.shape == (2, 16, 2, 16)
-    assert cache[0].recurrent.shape == (2, 4, 16, 16)  # [B, H, P, N]
-    assert cache[2].recurrent.shape == (2, 4, 16, 16)  # [B, H_v, K, V]
-    cache.reset()
-    assert cache.seq_len == 0
+    attention, mamba2, gdn = model.config.attention, model.config.mamba2, model.config.gdn
+    assert cache[3].key.shape == (2, 16, attention.num_kv_heads, attention.head_dim)
+    assert cache[0].recurrent.shape == (2, mamba2.num_heads, mamba2.head_dim, mamba2.state_size)
+    assert cache[2].recurrent.shape == (2, gdn.num_value_heads, gdn.key_head_dim, gdn.value_head_dim)
 
 
 @pytest.mark.parametrize("preset", ["debug-tiny-nemotron", "debug-tiny-qwen3-next"])
