@@ -145,7 +145,8 @@ def test_rows_come_per_phase_then_all_with_the_aggregate_last(traced):
     for phase in ("prefill", "decode", ALL_PHASES):
         group = [r for r in rows if r.phase == phase]
         assert group[-1].is_aggregate and not any(r.is_aggregate for r in group[:-1])
-        assert [r.layer_type for r in group[:-1]] == ["mamba2", "mamba", "gdn", "attention", "mlp", "moe"]
+        # the block registry's order (M, G, *, m, -, E), whatever order the pattern has them in
+        assert [r.layer_type for r in group[:-1]] == ["mamba2", "gdn", "attention", "mamba", "mlp", "moe"]
     decode = analysis.decomposition(con, tiny, phase="decode")
     assert decode == [r for r in rows if r.phase == "decode"]
     with pytest.raises(TraceError, match=r"phase 'train'.*'prefill', 'decode'"):
@@ -249,10 +250,10 @@ def test_imported_kineto_trace_decomposes_its_kernels(kineto):
     assert {r.phase for r in rows} == {ALL_PHASES} and {r.source for r in rows} == {"cuda"}
     check_rows(rows, expected_decomposition(con, run_id, "cuda"))
     types = [r.layer_type for r in rows]
-    assert types == ["moe_a2a", "comm", OTHER, ALL_LAYERS]
-    a2a = rows[0]
-    assert a2a.tail_ratio > 100  # the all-to-all tail the per-type view exists to show
-    assert rows[-1].tail_ratio < a2a.tail_ratio  # and the aggregate over every kernel hides most of it
+    assert types == ["comm", OTHER, ALL_LAYERS]  # a recommender: its all-to-alls are not MoE
+    collectives = rows[0]
+    # the aggregate's median (thousands of short kernels) hides the collectives, each a long kernel
+    assert collectives.p50_us > 10 * rows[-1].p50_us
     assert {r.wall_basis for r in rows} == {"span"}
     # kernels overlap across streams, CPU operators nest: the time they cover is less than their sum
     assert rows[-1].share_of_wall < rows[-1].total_us / rows[-1].wall_us

@@ -18,6 +18,7 @@ aggregate row is kept in every table to show what it hides.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from datetime import datetime
 import duckdb
 import numpy as np
 
+from hybridlm.trace import classify
 from hybridlm.trace.schema import LAYER_TYPES, PHASES, TraceError
 
 ALL_LAYERS = "all layers"  # layer_type of the aggregate row over every call of a phase
@@ -82,10 +84,21 @@ class RunSummary:
     command: str | None
     events_by_source: dict[str, int] = field(default_factory=dict)
     num_routing_rows: int = 0
+    ended_at: datetime | None = None  # None: the run never ended (killed, interrupted), or an old file
+    num_steps: int = 0  # distinct steps its events hold
+    has_end_marker: bool = True  # False for a file written before runs.ended_at existed
 
     @property
     def num_events(self) -> int:
         return sum(self.events_by_source.values())
+
+    @property
+    def is_complete(self) -> bool | None:
+        """True once the run was marked ended; False for a run killed or interrupted before its end;
+        None when the file predates end markers."""
+        if not self.has_end_marker:
+            return None
+        return self.ended_at is not None
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,20 @@ class Change:
 # -- runs ------------------------------------------------------------------------------------------
 
 
-_RUN_SQL = "SELECT run_id, created_at, kind, model, device, command FROM runs"
+def _has_end_marker(con: duckdb.DuckDBPyConnection) -> bool:
+    found = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' AND column_name = 'ended_at'"
+    ).fetchone()
+    return bool(found[0])
+
+
+def _run_sql(con: duckdb.DuckDBPyConnection) -> str:
+    ended = "ended_at" if _has_end_marker(con) else "NULL"
+    return f"SELECT run_id, created_at, kind, model, device, command, {ended} FROM runs"
+
+
+def _summary(row: tuple, counts: dict[str, int], routing: int, steps: int, has_end_marker: bool) -> RunSummary:
+    return RunSummary(*row[:6], counts, routing, row[6], steps, has_end_marker)
 
 
 def runs(con: duckdb.DuckDBPyConnection) -> list[RunSummary]:
@@ -176,9 +202,11 @@ def runs(con: duckdb.DuckDBPyConnection) -> list[RunSummary]:
         "SELECT run_id, source, count(*) FROM events GROUP BY ALL ORDER BY run_id, source"
     ).fetchall():
         counts.setdefault(run_id, {})[source] = n
+    steps = dict(con.execute("SELECT run_id, count(DISTINCT step) FROM events GROUP BY run_id").fetchall())
     routing = dict(con.execute("SELECT run_id, count(*) FROM routing GROUP BY run_id").fetchall())
-    rows = con.execute(_RUN_SQL + " ORDER BY created_at, rowid").fetchall()
-    return [RunSummary(*row, counts.get(row[0], {}), routing.get(row[0], 0)) for row in rows]
+    rows = con.execute(_run_sql(con) + " ORDER BY created_at, rowid").fetchall()
+    marker = _has_end_marker(con)
+    return [_summary(r, counts.get(r[0], {}), routing.get(r[0], 0), steps.get(r[0], 0), marker) for r in rows]
 
 
 def resolve_run(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> str:
@@ -196,7 +224,7 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> st
 
 def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> RunSummary:
     """One run's `runs` row and its event counts; TraceError naming the known runs if it is not there."""
-    rows = con.execute(_RUN_SQL + " WHERE run_id = ?", [run_id]).fetchall()
+    rows = con.execute(_run_sql(con) + " WHERE run_id = ?", [run_id]).fetchall()
     if not rows:
         resolve_run(con, run_id)  # raises, listing the known runs
     counts = dict(
@@ -204,8 +232,35 @@ def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> RunSummary:
             "SELECT source, count(*) FROM events WHERE run_id = ? GROUP BY source ORDER BY 1", [run_id]
         ).fetchall()
     )
+    [(num_steps,)] = con.execute("SELECT count(DISTINCT step) FROM events WHERE run_id = ?", [run_id]).fetchall()
     [(num_routing,)] = con.execute("SELECT count(*) FROM routing WHERE run_id = ?", [run_id]).fetchall()
-    return RunSummary(*rows[0], counts, num_routing)
+    return _summary(rows[0], counts, num_routing, num_steps, _has_end_marker(con))
+
+
+def decomposable_source(con: duckdb.DuckDBPyConnection, run_id: str, source: str | None = None) -> str | None:
+    """`event_source`, or None when the run holds nothing to decompose (an empty or killed run)
+    and no `source` was asked for."""
+    if source is None:
+        [(n,)] = con.execute(
+            "SELECT count(*) FROM events WHERE run_id = ? AND source IS NOT NULL AND source != 'step'", [run_id]
+        ).fetchall()
+        if n == 0:
+            return None
+    return event_source(con, run_id, source)
+
+
+def run_identity(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[str | None, str | None]:
+    """(model name, layer pattern) of a run, as its runs row says; None where it does not say."""
+    model, config_json = con.execute("SELECT model, config_json FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    pattern = None
+    if config_json:
+        try:
+            config = json.loads(config_json)
+        except ValueError:
+            config = None
+        if isinstance(config, dict) and isinstance(config.get("pattern"), str):
+            pattern = config["pattern"]
+    return model, pattern
 
 
 def event_source(con: duckdb.DuckDBPyConnection, run_id: str, source: str | None = None) -> str:
@@ -376,6 +431,54 @@ def decomposition(
         have = sorted({r[1] for r in rows if r[1] is not None and not r[3]}, key=_phase_key)
         raise TraceError(f"run {run_id} has no {source!r} events in phase {phase!r}; its phases: {have or 'none'}")
     result.sort(key=lambda r: (_phase_key(r.phase), _type_key(r.layer_type)))
+    return result
+
+
+# -- attribution rules -------------------------------------------------------------------------------
+
+RULE_RECORDED = "recorded block call"  # hybridlm's own block events: their layer type is the block's
+RULE_NONE = "unattributed"  # no rule said anything: layer type OTHER
+RULE_UNKNOWN = "unknown (file predates layer_rule)"
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """How much of a run's event time one attribution rule (classify.RULES) labelled."""
+
+    rule: str
+    layer_types: tuple[str, ...]  # the layer types it gave
+    events: int
+    total_us: float  # summed duration of those events
+    share: float | None  # total_us / summed duration of every event of the source
+
+
+def attribution_rules(con: duckdb.DuckDBPyConnection, run_id: str, source: str | None = None) -> list[RuleRow]:
+    """Per attribution rule: the events (of the decomposed `source`) whose layer type it gave, and
+    their share of the summed event time; empty for a run without events to decompose."""
+    source = decomposable_source(con, run_id, source)
+    if source is None:
+        return []
+    has_rule = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'events' AND column_name = 'layer_rule'"
+    ).fetchone()[0]
+    rule = "layer_rule" if has_rule else "NULL"
+    rows = con.execute(
+        f"""
+        SELECT coalesce({rule}, CASE WHEN source = 'layer' THEN $recorded WHEN layer_type IS NULL THEN $none
+                                     ELSE $unknown END) AS rule,
+               list(DISTINCT coalesce(layer_type, $other)), count(*), coalesce(sum(duration_us), 0)
+        FROM events WHERE run_id = $run AND source = $source GROUP BY rule
+        """,
+        {"run": run_id, "source": source, "recorded": RULE_RECORDED, "none": RULE_NONE, "unknown": RULE_UNKNOWN,
+         "other": OTHER},
+    ).fetchall()  # fmt: skip
+    total = sum(r[3] for r in rows)
+    order = (RULE_RECORDED, *classify.RULES, RULE_UNKNOWN, RULE_NONE)
+    result = [
+        RuleRow(name, tuple(sorted(types, key=_type_key)), events, float(time), time / total if total else None)
+        for name, types, events, time in rows
+    ]
+    result.sort(key=lambda r: order.index(r.rule) if r.rule in order else len(order))
     return result
 
 

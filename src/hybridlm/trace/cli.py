@@ -19,15 +19,36 @@ def _prompt_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected LEN or MIN-MAX, got {text!r}") from None
 
 
+def check_device(name: str) -> str:
+    """`name` if torch knows that device and this machine has it; a ValueError saying what is there."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: unknown device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: profiling runs on cpu or cuda")
+    return name
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hybridlm.loading import load_model, parse_dtype
     from hybridlm.trace.profile import Workload, run_profile
     from hybridlm.trace.report import print_profile_summary
     from hybridlm.trace.store import TraceStore, open_readonly
 
-    model = load_model(args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=args.device)
     low, high = args.prompt_len
     workload = Workload(args.batch_size, low, high, args.new_tokens, args.requests, args.seed)
+    workload.batches(1)  # a bad workload is refused before the model is built
+    device = check_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
     command = "hybridlm " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("hybridlm") else ""
     began = time.perf_counter()
     with TraceStore(args.db) as store:
@@ -108,7 +129,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", default=None, help="run id (default: the latest)")
     p.add_argument("--baseline", default=None, help="DuckDB file of the baseline run")
     p.add_argument("--run2", default=None, help="run id in the baseline file (default: its latest)")
-    p.add_argument("--plot", default=None, help="write a PNG of latency distributions and a decode timeline")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="write the latency distributions and a step's timeline to exactly this file (PNG; .pdf / .svg by suffix)",
+    )
     p.add_argument("--perfetto", default=None, help="write a Chrome/Perfetto trace JSON")
     p.add_argument("--json", action="store_true")
     p.add_argument(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from hybridlm.generation import generate
 from hybridlm.model import HybridLM
+from hybridlm.progress import progress
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.store import TraceStore
 
@@ -65,18 +67,20 @@ def run_profile(
         notes=json.dumps({"workload": asdict(workload), "kernels": kernels, "threads": torch.get_num_threads()}),
     )
     tracer.attach(model)
-    try:
+    # A run interrupted here (Ctrl-C, an error) keeps what was flushed and stays marked incomplete.
+    with tracer, progress(f"profiling {model_name}", total=len(batches)) as advance:
         if kernels:
-            _run_under_profiler(model, tracer, store, batches, workload.new_tokens)
+            _run_under_profiler(model, tracer, store, batches, workload.new_tokens, advance)
         else:
             for batch in batches:
                 generate(model, batch, max_new_tokens=workload.new_tokens)
-    finally:
-        tracer.close()
+                advance()
     return tracer.run_id
 
 
-def _run_under_profiler(model, tracer: Tracer, store: TraceStore, batches, new_tokens: int) -> None:
+def _run_under_profiler(
+    model: HybridLM, tracer: Tracer, store: TraceStore, batches, new_tokens: int, advance: Callable[[], None]
+) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from hybridlm.trace.importers.kineto import import_kineto
@@ -88,6 +92,7 @@ def _run_under_profiler(model, tracer: Tracer, store: TraceStore, batches, new_t
     with profile(activities=activities) as prof:
         for batch in batches:
             generate(model, batch, max_new_tokens=new_tokens)
+            advance()
     tracer.emit_ranges = False
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kineto.json"

@@ -62,15 +62,20 @@ class Tracer:
             self.model.block_observer = None
         self.model = None
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Detach and flush; with ``complete`` (the work ran to its end) also mark the run complete.
+        Pass ``complete=False`` when the work was interrupted: the run then reads as incomplete."""
         self.detach()
-        self.store.flush()
+        if complete:
+            self.store.end_run(self.run_id)
+        else:
+            self.store.flush()
 
     def __enter__(self) -> Tracer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(complete=exc_type is None)
 
     # -- steps -------------------------------------------------------------------------------------
     @contextmanager

@@ -5,7 +5,8 @@ Everything that writes (`TraceStore`, the importers, the recorder) or reads (ana
 
 Three tables, several runs per file told apart by `run_id`:
 
-- `runs`: one row per recorded or imported run (config, device, software versions).
+- `runs`: one row per recorded or imported run (config, device, software versions), and `ended_at`
+  once the run is complete: a run killed (SIGKILL, Ctrl-C) before its end keeps NULL there.
 - `events`: one row per timed call. `source` says what kind of call it is:
   'layer' for a block call recorded by hybridlm, 'cpu' for a CPU operator, 'cuda' for a GPU kernel,
   'nvtx' / 'annotation' for user ranges, 'memcpy' / 'memset', 'runtime' for CUDA runtime calls, or
@@ -44,6 +45,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "command",
     "source_file",
     "notes",
+    "ended_at",
 )
 
 # The base event columns, in the order `TraceStore.add_events` rows use (after run_id).
@@ -94,6 +96,7 @@ COLUMN_TYPES: dict[str, dict[str, str]] = {
         "command": "VARCHAR",
         "source_file": "VARCHAR",
         "notes": "VARCHAR",
+        "ended_at": "TIMESTAMP",
     },
     "events": {
         "run_id": "VARCHAR",

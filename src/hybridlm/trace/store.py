@@ -190,6 +190,7 @@ class TraceStore:
             "command": command,
             "source_file": None if source_file is None else str(source_file),
             "notes": notes,
+            "ended_at": None,  # set by end_run; a killed run keeps NULL
         }
         placeholders = ", ".join("?" for _ in RUN_COLUMNS)
         with self._lock:
@@ -198,6 +199,16 @@ class TraceStore:
                 [row[c] for c in RUN_COLUMNS],
             )
         return run_id
+
+    def end_run(self, run_id: str) -> None:
+        """Flush, then mark `run_id` complete (runs.ended_at = now). A run that never gets here (the
+        process was killed, or the work raised) stays incomplete, and reports say so."""
+        with self._lock:
+            self._check_open()
+            self.flush()
+            self._con.execute(
+                "UPDATE runs SET ended_at = ? WHERE run_id = ?", [datetime.now(UTC).replace(tzinfo=None), run_id]
+            )
 
     def add_events(self, run_id: str, rows: Iterable[Sequence]) -> None:
         """Buffer event rows: tuples in `EVENT_ROW_COLUMNS` order (EVENT_COLUMNS without run_id).

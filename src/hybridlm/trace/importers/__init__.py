@@ -98,6 +98,15 @@ def run_for_import(store: TraceStore, run_id: str | None, **run_info: Any) -> st
     return run_id
 
 
+def finish_import(store: TraceStore, run_id: str, *, into_existing_run: bool) -> None:
+    """Flush the imported events; a run the import created is then marked complete (an import
+    killed half-way leaves an incomplete run). A run imported into is left for its owner to end."""
+    if into_existing_run:
+        store.flush()
+    else:
+        store.end_run(run_id)
+
+
 def import_sqlite(path: str | os.PathLike, kind: str, read: Callable[[sqlite3.Connection, Path], str]) -> str:
     """Open ``path`` read-only, run ``read(con, path)``, close; SQLite errors become one TraceError."""
     con = open_sqlite(path)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from hybridlm.trace.importers import (
     ACCEPTED,
     attribute_layers,
+    finish_import,
     import_sqlite,
     int32_or_none,
     run_for_import,
@@ -82,6 +83,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
         columns["device_id"].append(int32_or_none(gpu_id))
         columns["bytes"].append(arg0 if arg0 is not None and _BYTES_OPS.search(name) else None)
 
+    into_existing_run = run_id is not None
     run_id = run_for_import(
         store,
         run_id,
@@ -99,7 +101,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
     )
     columns.update(attribute_layers([None] * len(rows), columns["name"], [None] * len(rows)))  # names only
     store.add_event_columns(run_id, columns)
-    store.flush()
+    finish_import(store, run_id, into_existing_run=into_existing_run)
     return run_id
 
 

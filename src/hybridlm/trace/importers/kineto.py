@@ -39,6 +39,7 @@ from hybridlm.trace.classify import parse_block_range, parse_step_range
 from hybridlm.trace.importers import (
     attribute_by_timeline,
     attribute_layers,
+    finish_import,
     int32_or_none,
     run_for_import,
 )
@@ -208,6 +209,7 @@ def import_kineto(
         "baseTimeNanoseconds": trace.get("baseTimeNanoseconds"),
         "skipped_events": skipped,
     }
+    into_existing_run = run_id is not None
     run_id = run_for_import(
         store,
         run_id,
@@ -237,7 +239,7 @@ def import_kineto(
             "bytes": [_int64_or_none(a.get("bytes")) if is_gpu[i] else None for i, a in enumerate(args)],
         },
     )
-    store.flush()
+    finish_import(store, run_id, into_existing_run=into_existing_run)
     return run_id
 
 

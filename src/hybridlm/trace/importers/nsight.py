@@ -41,6 +41,7 @@ from hybridlm.trace.importers import (
     ACCEPTED,
     attribute_by_timeline,
     attribute_layers,
+    finish_import,
     import_sqlite,
     run_for_import,
     sqlite_tables,
@@ -269,6 +270,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
     meta = dict(con.execute(f'SELECT name, value FROM "{meta_table}"').fetchall()) if meta_table else {}
     gpus = select_names(con, tables)
     counts["runtime"] = len(launch_row) if runtime else 0
+    into_existing_run = run_id is not None
     run_id = run_for_import(
         store,
         run_id,
@@ -285,7 +287,7 @@ def _import(con: sqlite3.Connection, path: Path, store: TraceStore, command: str
         notes="start_us is ns since the Nsight session start / 1000",
     )
     store.add_event_columns(run_id, columns)
-    store.flush()
+    finish_import(store, run_id, into_existing_run=into_existing_run)
     return run_id
 
 

@@ -1,0 +1,205 @@
+"""The report as text tables: the run line, the per-layer-type decomposition (one table per phase),
+the attribution rules, the MoE imbalance and a comparison's changes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from hybridlm.trace import analysis
+from hybridlm.trace.analysis import ALL_LAYERS, Change, DecompositionRow, ImbalanceRow, RuleRow, RunSummary
+from hybridlm.trace.report.formats import change, ratio, share, us, wall
+
+
+def completeness(run: RunSummary) -> str | None:
+    """'INCOMPLETE ...' for a run that never ended (killed, interrupted), else None."""
+    if run.is_complete is False:
+        steps = f"{run.num_steps:,} step{'s' * (run.num_steps != 1)}"
+        return f"INCOMPLETE: no end recorded (killed or interrupted); holds {steps}, {run.num_events:,} events"
+    return None
+
+
+def run_line(run: RunSummary, source: str | None) -> str:
+    created = run.created_at.isoformat(sep=" ", timespec="seconds") if run.created_at else "?"
+    counts = ", ".join(f"{n:,} {s}" for s, n in sorted(run.events_by_source.items())) or "no events"
+    parts = [f"run {run.run_id}", run.model or "unnamed model", f"{run.kind or '?'} {created}"]
+    if run.device:
+        parts.append(run.device)
+    parts.append(counts)
+    if source:
+        parts.append(f"decomposed: {source!r} events")
+    if (note := completeness(run)) is not None:
+        parts.append(note)
+    return " · ".join(parts)
+
+
+def _aggregate_label(source: str) -> str:
+    return f"{ALL_LAYERS} (aggregate)" if source == "layer" else f"all {source} events (aggregate)"
+
+
+def _table(title: str, caption: str | None = None) -> Table:
+    return Table(
+        title=Text(title),
+        title_justify="left",
+        caption=Text(caption) if caption else None,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+    )
+
+
+def decomposition_tables(rows: Sequence[DecompositionRow]) -> list[Table]:
+    tables = []
+    for phase in dict.fromkeys(r.phase for r in rows):
+        group = [r for r in rows if r.phase == phase]
+        wall_from = "forward steps" if group[0].wall_basis == "steps" else f"span of the {group[0].source} events"
+        table = _table(f"phase {phase}: wall time {wall(group[0].wall_us)} ({wall_from})")
+        table.add_column("layer type", justify="left", no_wrap=True)
+        for name in ("calls", "p50 µs", "p99 µs", "tail ratio p99/p50", "share of wall time"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for row in group:
+            if row.is_aggregate:
+                table.add_section()
+            table.add_row(
+                Text(_aggregate_label(row.source) if row.is_aggregate else row.layer_type),
+                f"{row.calls:,}",
+                us(row.p50_us),
+                us(row.p99_us),
+                ratio(row.tail_ratio),
+                share(row.share_of_wall),
+                style="italic" if row.is_aggregate else None,
+            )
+        tables.append(table)
+    return tables
+
+
+def rules_table(rules: Sequence[RuleRow], source: str) -> Table:
+    table = _table(
+        f"which rule gave each {source} event its layer type (classify.py)",
+        "share = the rule's summed event time / all summed event time. Rules, first that applies: the block range "
+        "around the event or its launch, the name of the range that launched it, the event's own name.",
+    )
+    table.add_column("rule", no_wrap=True)
+    table.add_column("layer types", no_wrap=True)
+    for name in ("events", "time µs", "share of time"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for rule in rules:
+        table.add_row(
+            Text(rule.rule), Text(", ".join(rule.layer_types)), f"{rule.events:,}", us(rule.total_us), share(rule.share)
+        )
+    return table
+
+
+def imbalance_table(rows: Sequence[ImbalanceRow]) -> Table:
+    table = _table(
+        "MoE expert imbalance per step (max tokens on one expert / mean tokens per expert; 1.0 = even)",
+        f"MoE block p50 latency in the least / most imbalanced steps (quartiles from {analysis.QUARTILE_STEPS} "
+        f"steps, else halves), and Spearman's rho over all steps; '-' where a phase has fewer than "
+        f"{analysis.MIN_TREND_STEPS} steps or imbalance does not vary.",
+    )
+    for name in ("layer", "phase"):
+        table.add_column(name, justify="left", no_wrap=True)
+    for name in ("steps", "experts", "tokens/expert", "imbalance p50", "p99", "max", "dropped"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("low-imb. p50 µs", "high-imb. p50 µs", "high/low", "Spearman rho"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in rows:
+        trend = row.latency_vs_imbalance
+        trend_cells = ["-"] * 4
+        if trend is not None:
+            rho = "-" if trend.spearman is None else f"{trend.spearman:+.2f}"
+            trend_cells = [us(trend.low_p50_us), us(trend.high_p50_us), ratio(trend.ratio), rho]
+        table.add_row(
+            f"L{row.layer}",
+            Text(row.phase or "-"),
+            f"{row.steps:,}",
+            str(row.num_experts),
+            f"{row.mean_tokens_per_expert:.2f}",
+            f"{row.p50:.2f}",
+            f"{row.p99:.2f}",
+            f"{row.max:.2f}",
+            f"{row.dropped:,}",
+            *trend_cells,
+        )
+    return table
+
+
+def change_table(changes: Sequence[Change], title: str) -> Table:
+    flagged = sum(c.is_regression for c in changes)
+    table = _table(f"{title}: {flagged} regression{'s' * (flagged != 1)}")
+    table.add_column("", no_wrap=True)
+    table.add_column("layer type", no_wrap=True)
+    table.add_column("phase", no_wrap=True)
+    for name in ("calls base/cand", "p50 base", "p50 cand", "Δ p50", "p99 base", "p99 cand", "Δ p99"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for c in changes:
+        table.add_row(
+            "!!" if c.is_regression else "",
+            Text(c.layer_type),
+            Text(c.phase),
+            f"{c.calls_a:,}/{c.calls_b:,}",
+            us(c.p50_a),
+            us(c.p50_b),
+            change(c.p50_change),
+            us(c.p99_a),
+            us(c.p99_b),
+            change(c.p99_change),
+            Text(f"REGRESSION: {c.reason}" if c.is_regression else c.reason),
+            style="bold red" if c.is_regression else ("italic" if c.layer_type == ALL_LAYERS else None),
+        )
+    return table
+
+
+def render_tables(
+    rows: Sequence[DecompositionRow],
+    imbalance: Sequence[ImbalanceRow] = (),
+    changes: Sequence[Change] | None = None,
+    *,
+    run: RunSummary | None = None,
+    rules: Sequence[RuleRow] = (),
+    comparison_title: str = "baseline vs candidate (µs)",
+    color: bool = False,
+    width: int = 200,
+) -> str:
+    """The decomposition (one table per phase, the aggregate row set apart), the attribution rules
+    of imported events, the MoE imbalance table when there are MoE layers, and the change table of
+    a comparison, as text. Flagged changes are marked `!!` and `REGRESSION` (and red with `color`).
+
+    Names from the trace (layer types, kernel names, phases) are printed literally, never as markup."""
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        force_terminal=color,
+        color_system="standard" if color else None,
+        highlight=False,
+        emoji=False,
+    )
+    if run is not None:
+        console.print(run_line(run, rows[0].source if rows else None), markup=False)
+        if not rows:
+            console.print(f"run {run.run_id} holds no events to decompose", markup=False)
+    for table in decomposition_tables(rows):
+        console.print(table)
+    if rows:
+        console.print(
+            "share of wall time = time that layer type's calls cover / the phase's wall time (overlapping calls count "
+            "once). The aggregate row pools every call of the phase: it hides the per-type tails above it.",
+            markup=False,
+        )
+    if rules and not (len(rules) == 1 and rules[0].rule == analysis.RULE_RECORDED):
+        console.print()
+        console.print(rules_table(rules, rows[0].source if rows else "imported"))
+    if imbalance:
+        console.print()
+        console.print(imbalance_table(imbalance))
+    if changes is not None:
+        console.print()
+        console.print(change_table(changes, comparison_title))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
