@@ -1,5 +1,7 @@
 """generate / stream_generate against a plain re-derivation with full forwards (no cache)."""
 
+import re
+
 import pytest
 import torch
 
@@ -48,10 +50,11 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(model):
     assert any(not torch.equal(a, o) for o in others)
 
 
-def test_stream_yields_the_same_tokens_as_generate(model):
-    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    streamed = torch.stack(list(stream_generate(model, prompt, 5)), dim=1)
-    assert torch.equal(streamed, generate(model, prompt, 5)[:, 3:])
+def test_stream_yields_the_tokens_of_full_forwards(model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    streamed = torch.stack(list(stream_generate(model, prompts, 5)), dim=1)
+    for row, prompt in enumerate(prompts):
+        assert streamed[row].tolist() == _greedy_without_cache(model, prompt, 5)
 
 
 def test_eos_stops_a_row_and_the_stream(model):
@@ -76,3 +79,84 @@ def test_byte_tokenizer_round_trip():
     text = "hybrid ✓ Mamba"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert max(tokenizer.encode(text)) < 256
+
+
+# -- bad arguments are one ValueError naming the argument, before anything runs ---------------------------------
+
+BAD_ARGUMENTS = [
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": -2}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 2.0}, "top_p"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": "1"}, "temperature"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens"),
+    ({"seed": 1.5}, "seed"),
+    ({"seed": "3"}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"eos_token_id": -1}, "eos_token_id"),
+    ({"eos_token_id": 256}, "eos_token_id"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD_ARGUMENTS, ids=[f"{k}" for k, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize("entry", [generate, stream_generate], ids=["generate", "stream_generate"])
+def test_bad_sampling_argument_is_a_value_error_naming_it(model, entry, kwargs, name):
+    arguments = {"max_new_tokens": 3, "temperature": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        entry(model, [[1, 2, 3]], **arguments)  # stream_generate refuses when called, not at the first next()
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [[[1, 2.7]], [[1, "a"]], [[True, 2]], [[1, -4]], [[1, 9999]], [[]], [], "hello", torch.tensor([[0.5, 1.0]])],
+    ids=["float", "str", "bool", "negative", "out-of-vocab", "empty-row", "no-rows", "a-string", "float-tensor"],
+)
+def test_bad_prompt_is_a_value_error_naming_input_ids(model, prompts):
+    with pytest.raises(ValueError, match="input_ids"):
+        stream_generate(model, prompts, 2)
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 4.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (1e-30, 1e-45):
+        assert sample(logits, temperature, generator=generator).tolist() == [1, 0]
+
+
+@pytest.fixture(scope="module")
+def short_context_model():
+    torch.manual_seed(0)
+    return HybridLM(tiny_config("M*E", max_position_embeddings=8)).eval()
+
+
+def test_a_request_longer_than_the_context_is_refused_with_both_numbers(short_context_model):
+    with pytest.raises(ValueError, match=r"prompt \(6 tokens\) \+ max_new_tokens \(3\) = 9 .* context of 8"):
+        generate(short_context_model, [[1, 2, 3, 4, 5, 6]], 3)
+    with pytest.raises(ValueError, match=r"prompt has 9 tokens, more than the model's context of 8"):
+        generate(short_context_model, [list(range(9))], 1)
+    assert generate(short_context_model, [[1, 2, 3, 4, 5, 6]], 2).shape == (1, 8)  # exactly the context fits
+
+
+def test_allow_longer_than_context_runs_past_it(short_context_model):
+    prompt = list(range(1, 10))
+    out = generate(short_context_model, [prompt], 4, allow_longer_than_context=True)
+    assert out[0, 9:].tolist() == _greedy_without_cache(short_context_model, prompt, 4)
+
+
+def test_a_cache_that_cannot_fit_is_refused_with_its_size_before_allocating(short_context_model):
+    # The attention block's keys and values, counted by hand: [batch, tokens, kv heads, head dim], fp32, K and V.
+    attention = short_context_model.config.attention
+    tokens = 3 + 10**12
+    kv_bytes = 2 * tokens * attention.num_kv_heads * attention.head_dim * 4
+    with pytest.raises(ValueError, match=r"needs ([\d,]+) bytes") as error:
+        generate(short_context_model, [[1, 2, 3]], 10**12, allow_longer_than_context=True)
+    needed = int(re.search(r"needs ([\d,]+) bytes", str(error.value)).group(1).replace(",", ""))
+    assert kv_bytes <= needed < kv_bytes * 1.001  # the recurrent states add a few kB
