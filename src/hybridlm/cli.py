@@ -1,17 +1,53 @@
-"""The ``hybridlm`` command: one subcommand per job; each registers its own arguments."""
+"""The ``hybridlm`` command: one subcommand per job; each registers its own arguments.
+
+This module imports no torch at the top: the threading environment (``OMP_WAIT_POLICY``,
+``OMP_NUM_THREADS``) is read by OpenMP once, when torch loads, so ``main`` sets it before any
+subcommand module is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from hybridlm.accounting import cache_bytes, count_params, flops_per_token, pure_attention_kv_bytes
-from hybridlm.config import HybridConfig
-from hybridlm.loading import load_model, parse_dtype, resolve_config
+    from hybridlm.config import HybridConfig
+
+DESCRIPTION = """\
+hybridlm builds, runs and traces hybrid language models that mix Mamba state-space blocks,
+attention and mixture-of-experts layers (Nemotron-H, Qwen3-Next, Jamba, Granite 4, Falcon-H1).
+
+A MODEL is a preset name (random weights, for sizing and tracing) or a checkpoint directory
+(hybridlm's own format or a Hugging Face directory of a supported family)."""
+
+EPILOG = """\
+examples:
+  hybridlm info nemotron-3-nano-30b-a3b --context 131072
+  hybridlm generate debug-small --prompt "Hybrid models keep state: " --max-new-tokens 24
+  hybridlm convert path/to/hf-checkpoint out/model --to hybridlm
+  hybridlm profile debug-small --db trace.duckdb
+  hybridlm report trace.duckdb --plot latency.png
+  hybridlm query trace.duckdb "SELECT layer_type, count(*) FROM events GROUP BY 1"
+
+threading: hybridlm sets OMP_WAIT_POLICY=PASSIVE unless you set it yourself (idle OpenMP threads
+sleep instead of spinning, which otherwise slows small models many times over on shared machines);
+--threads N sets the number of CPU threads.
+
+Run 'hybridlm COMMAND --help' for a command's options. --debug (or HYBRIDLM_DEBUG=1) shows the
+full traceback of an error."""
+
+SUBCOMMAND_MODULES = ("hybridlm.trace.cli", "hybridlm.checkpoints.cli")
+
+
+# ---------------------------------------------------------------------------------------------
+# info and generate
 
 
 def _gb(n: int) -> str:
@@ -22,8 +58,13 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:,.3f}B" if n >= 1e8 else f"{n / 1e6:,.2f}M"
 
 
-def info_report(config: HybridConfig, context: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Everything ``hybridlm info`` shows, as plain data."""
+def info_report(config: HybridConfig, context: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> dict:
+    """Everything ``hybridlm info`` shows, as plain data (state dtype bfloat16 unless given)."""
+    import torch
+
+    from hybridlm.accounting import cache_bytes, count_params, flops_per_token, pure_attention_kv_bytes
+
+    dtype = torch.bfloat16 if dtype is None else dtype
     params = count_params(config)
     memory = cache_bytes(config, batch_size, context, dtype)
     baseline = pure_attention_kv_bytes(config, batch_size, context, dtype)
@@ -49,17 +90,18 @@ def info_report(config: HybridConfig, context: int, batch_size: int = 1, dtype: 
 
 def _print_info(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    title = report["name"] or "model"
-    console.print(f"[bold]{title}[/bold]  {report['source']}")
-    console.print(f"pattern ({report['num_blocks']} blocks): {report['pattern']}")
+    title = escape(report["name"] or "model")
+    console.print(f"[bold]{title}[/bold]  {escape(str(report['source']))}", highlight=False)
+    console.print(f"pattern ({report['num_blocks']} blocks): {escape(report['pattern'])}", highlight=False)
     params = report["params"]
     table = Table(title="blocks and parameters")
     for column in ("layer type", "blocks", "params / block", "total", "active / token"):
         table.add_column(column, justify="left" if column == "layer type" else "right")
-    for name, row in params["by_block_type"].items():
+    for name, row in params["by_layer_type"].items():
         table.add_row(
             name,
             str(row["blocks"]),
@@ -93,8 +135,11 @@ def _print_info(report: dict) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from hybridlm.loading import parse_dtype, resolve_config
+
+    dtype = parse_dtype(args.dtype)
     config = resolve_config(args.model)
-    report = info_report(config, args.context, args.batch_size, parse_dtype(args.dtype))
+    report = info_report(config, args.context, args.batch_size, dtype)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -104,18 +149,26 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from hybridlm.generation import stream_generate
+    from hybridlm.loading import load_model, parse_dtype, resolve_config
+    from hybridlm.progress import progress
     from hybridlm.tokenizer import ByteTokenizer
 
-    model = load_model(args.model, seed=args.seed, dtype=parse_dtype(args.dtype))
+    # everything a user typed is checked before a model is built
+    dtype = parse_dtype(args.dtype)
+    device = _resolve_device(args.device)
+    _check_sampling(args)
+    config = resolve_config(args.model)
     tokenizer = _tokenizer_for(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("--prompt is empty")
-    if isinstance(tokenizer, ByteTokenizer) and model.config.vocab_size < 256:
-        raise ValueError(f"the byte tokenizer needs vocab_size >= 256, the model has {model.config.vocab_size}")
+    if isinstance(tokenizer, ByteTokenizer) and config.vocab_size < 256:
+        raise ValueError(f"the byte tokenizer needs vocab_size >= 256, the model has {config.vocab_size}")
+
+    with progress(f"loading {args.model}"):
+        model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
     print(args.prompt, end="", flush=True)
-    new_ids: list[int] = []
-    printed = ""
+    detokenizer = _detokenizer_for(tokenizer)
     for token in stream_generate(
         model,
         [prompt_ids],
@@ -126,56 +179,193 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         eos_token_id=tokenizer.eos_token_id,
     ):
-        new_ids.append(int(token[0]))
-        text = tokenizer.decode(new_ids)
-        print(text[len(printed) :], end="", flush=True)
-        printed = text
-    print()
+        print(detokenizer.add(int(token[0])), end="", flush=True)
+    print(detokenizer.finish())
     return 0
 
 
-def _tokenizer_for(name_or_path: str):
-    try:
-        from hybridlm.checkpoints import load_tokenizer
-    except ImportError:
-        from hybridlm.tokenizer import ByteTokenizer
+def _resolve_device(name: str) -> Any:
+    """--device as a torch.device, or a ValueError naming it (loading.resolve_device where it exists)."""
+    from hybridlm import loading
 
-        return ByteTokenizer()
+    if hasattr(loading, "resolve_device"):
+        return loading.resolve_device(name)
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: unknown device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: hybridlm runs on cpu or cuda")
+    return device
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    from hybridlm import generation
+
+    if hasattr(generation, "check_sampling"):
+        try:
+            generation.check_sampling(args.temperature, args.top_k, args.top_p)
+        except ValueError as error:
+            message = str(error)  # it names the keyword (top_p); the user typed the flag (--top-p)
+            for keyword in ("temperature", "top_k", "top_p"):
+                if message.startswith(f"{keyword} "):
+                    message = f"--{keyword.replace('_', '-')}{message.removeprefix(keyword)}"
+            raise ValueError(message) from None
+
+
+def _tokenizer_for(name_or_path: str):
+    from hybridlm.checkpoints import load_tokenizer
+
     return load_tokenizer(name_or_path)
 
 
+class _Detokenizer:
+    """Stand-in until hybridlm.tokenizer has an incremental decoder: re-decodes all ids and prints
+    only text that ends in a complete character (a trailing U+FFFD may be half a character)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        ready = len(text.rstrip("\ufffd"))
+        if ready <= self.printed:
+            return ""
+        piece, self.printed = text[self.printed : ready], ready
+        return piece
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.printed = text[self.printed :], len(text)
+        return piece
+
+
+def _detokenizer_for(tokenizer: Any) -> Any:
+    return _Detokenizer(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types
+
+
+def _int_between(low: int, high: int | None = None, high_text: str | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high] (no upper bound when high is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"between {low} and {high_text or high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on, not the machine's
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_positive_int = _int_between(1)
+# torch.manual_seed takes an unsigned 64-bit seed
+_seed = _int_between(0, 2**64 - 1, "2**64 - 1")
+# more threads than CPUs only makes OpenMP threads wait on each other
+_threads = _int_between(1, _cpu_count(), f"the {_cpu_count()} CPUs this process may use")
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="block map, parameters and generation-state memory of a model")
+    p = sub.add_parser(
+        "info",
+        help="block map, parameter counts and generation-state memory of a model",
+        description="Show a model's block pattern, parameters (total and active per token) and the memory its "
+        "generation state takes at a given context, next to an all-attention model of the same depth. "
+        "Reads only the config: no weights are loaded.",
+    )
     p.add_argument("model", help="preset name or checkpoint directory")
-    p.add_argument("--context", type=int, default=131072, help="tokens per sequence (default 131072)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--context", type=_positive_int, default=131072, help="tokens per sequence (default 131072)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences (default 1)")
     p.add_argument("--dtype", default="bfloat16", help="KV and conv state dtype (default bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_info)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text as it is generated",
+        description="Continue a prompt and stream the text to stdout. A preset name builds random weights "
+        "(the text is noise; useful for timing); a checkpoint directory loads real weights and its "
+        "tokenizer.json (UTF-8 bytes without one).",
+    )
     p.add_argument("model", help="preset name (random weights) or checkpoint directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: as stored)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); higher samples")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens holding P (0-1]")
+    p.add_argument("--seed", type=_seed, default=0, help="random weights of a preset and sampling (default 0)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=cmd_generate)
 
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate]
 
 
+# ---------------------------------------------------------------------------------------------
+# the parser, global options and errors
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    own = installed("hybridlm") or getattr(sys.modules.get("hybridlm"), "__version__", "unknown")
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"hybridlm {own} (torch {installed('torch') or 'not installed'}, python {python})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="hybridlm",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and the threading settings")
+    parser.add_argument(
+        "--threads", type=_threads, default=None, metavar="N", help="CPU threads for torch (default: one per core)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for register in REGISTRARS:
         register(sub)
-    for module_name in ("hybridlm.trace.cli", "hybridlm.checkpoints.cli"):
+    for module_name in SUBCOMMAND_MODULES:
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as error:
@@ -186,12 +376,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _global_options(argv: Sequence[str]) -> tuple[bool, bool, int | None]:
+    """(--version, --debug, --threads N) from the options before the subcommand, read before the parser
+    exists (its subcommand modules load torch). A bad --threads value is left for the parser to report."""
+    version, debug, threads = False, False, None
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        arg = argv[index]
+        value = None
+        if arg == "--version":
+            version = True
+        elif arg == "--debug":
+            debug = True
+        elif arg == "--threads" and index + 1 < len(argv):
+            index += 1
+            value = argv[index]
+        elif arg.startswith("--threads="):
+            value = arg.partition("=")[2]
+        if value is not None and value.isdigit() and 1 <= int(value) <= _cpu_count():
+            threads = int(value)
+        index += 1
+    if os.environ.get("HYBRIDLM_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+        debug = True
+    return version, debug, threads
+
+
+def _configure_threads(threads: int | None) -> list[str]:
+    """Set the OpenMP environment before torch loads; returns notes for --debug."""
+    notes = []
+    if "OMP_WAIT_POLICY" in os.environ:
+        notes.append(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} (yours)")
+    else:
+        # spin-waiting OpenMP threads starve each other on shared machines: up to 30x slower decode
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        notes.append("OMP_WAIT_POLICY=PASSIVE (set by hybridlm)")
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    notes.append(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if "torch" in sys.modules:
+        notes.append("torch was loaded before these were set, so OpenMP did not see them")
+    return notes
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: OSError as 'path: reason', duckdb's LINE/caret block dropped."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {error.strerror}" if paths else error.strerror
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and set(line) != {"^"}]
+    return " ".join(lines) or type(error).__name__
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input or environment, not a hybridlm bug."""
+    types: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    duckdb = sys.modules.get("duckdb")  # only when a command used it
+    if duckdb is not None:
+        types.append(duckdb.Error)
+    return tuple(types)
+
+
+def _is_bug(error: BaseException) -> bool:
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is not None and isinstance(error, duckdb.InternalException | duckdb.FatalException):
+        return True
+    return not isinstance(error, _user_error_types())
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``hybridlm query ... | head``): point stdout at devnull so that Python's
+    final flush does not raise again (the recipe in the signal module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"hybridlm {args.command}: error: {error}", file=sys.stderr)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    version, debug, threads = _global_options(argv)
+    if version:  # without building the parser, which loads torch
+        print(_version())
+        return 0
+    notes = _configure_threads(threads)
+    command = "hybridlm"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"hybridlm {args.command}"
+        debug = debug or args.debug
+        if debug:
+            print(f"{command}: debug: {'; '.join(notes)}", file=sys.stderr)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    except Exception as error:
+        if _is_bug(error):
+            traceback.print_exc()
+            print(
+                f"{command}: internal error: {type(error).__name__}: {_one_line(error)}\n"
+                "This is a bug in hybridlm; please report it with the traceback above.",
+                file=sys.stderr,
+            )
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 
