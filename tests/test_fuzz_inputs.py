@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hybridlm.config import HybridConfig
+from hybridlm.generation import generate, stream_generate
 from hybridlm.model import HybridLM
 from hybridlm.presets import get_preset
 
@@ -179,3 +180,52 @@ def test_random_configs_build_and_run_or_raise_value_error():
     print(f"{built} configs built and ran, {refused} refused ({len(late_refusals)} after the config check)")
     assert not late_refusals, late_refusals[:5]
     assert built >= 100 and refused >= 200, (built, refused)
+
+
+NUM_SAMPLING_SETS = 240
+# argument -> (valid values, invalid values); each set draws an invalid one for an argument one time in twelve
+SAMPLING_CHOICES = {
+    "max_new_tokens": ([1, 2, 3], [0, -1, 2.0, "3", True, None, 10**12]),
+    "temperature": ([0, 0.0, 0.7, 1, 2.5, 1e-30, 1e30], [-1.0, math.nan, math.inf, "1", None]),
+    "top_k": ([None, 1, 3, 1000], [0, -3, 1.5, "5", True]),
+    "top_p": ([None, 1.0, 0.5, 1e-9, 1], [0.0, 1.5, -0.1, math.nan, "0.9"]),
+    "seed": ([None, 0, 7, -5, 2**64 - 1], [2**70, 1.5, "3", True]),
+    "eos_token_id": ([None, 0, 10, 255], [256, -1, "a", 1.0]),
+    "allow_longer_than_context": ([False, True], ["yes", None]),
+}
+
+
+def _random_prompts(rng: random.Random) -> object:
+    kind = rng.random()
+    if kind < 0.75:  # a valid batch, rows of different lengths
+        return [[rng.randrange(256) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 3))]
+    if kind < 0.85:  # longer than the model's 16-token context
+        return [[rng.randrange(256) for _ in range(rng.randint(17, 20))]]
+    return rng.choice([[], [[]], [[1, 2.5]], [[1, "x"]], [[300]], [[-1]], "abc", torch.tensor([[1.0]]), [[True]]])
+
+
+def test_random_sampling_arguments_run_or_raise_value_error():
+    rng = random.Random(11)
+    torch.manual_seed(11)
+    # attention gives the cache a per-token size, so an unbounded request is refused for memory
+    model = HybridLM(get_preset("debug-tiny", pattern="M*E", max_position_embeddings=16)).eval()
+    ran = refused = 0
+    choices = SAMPLING_CHOICES.items()
+    for index in range(NUM_SAMPLING_SETS):
+        arguments = {name: rng.choice(bad if rng.random() < 1 / 12 else good) for name, (good, bad) in choices}
+        prompts = _random_prompts(rng)
+        entry = rng.choice([generate, stream_generate])
+        try:
+            result = entry(model, prompts, **arguments)
+            steps = result if entry is stream_generate else [result]
+            for output in steps:
+                assert bool(((output >= 0) & (output < model.config.vocab_size)).all())
+            ran += 1
+        except ValueError:
+            refused += 1
+        except Exception as error:  # anything else escaping is the bug this test looks for
+            pytest.fail(
+                f"set #{index} {entry.__name__}({prompts!r}, {arguments!r}) raised {type(error).__name__}: {error}"
+            )
+    print(f"{ran} sampling sets ran, {refused} refused")
+    assert ran >= 60 and refused >= 80, (ran, refused)
