@@ -191,10 +191,10 @@ def test_a_checkpoint_set_aside_by_a_killed_overwrite_comes_back(tmp_path):
 
 def test_a_failing_write_is_one_line_and_leaves_nothing(tmp_path):
     # RLIMIT_FSIZE makes the kernel refuse the weights file past 64 KB (EFBIG), as a full disk would
-    result = _cli("convert", "debug-tiny", "out", "--to", "hybridlm", cwd=tmp_path, file_size_limit=64_000)
+    result = _cli("convert", "debug-tiny", "new/out", "--to", "hybridlm", cwd=tmp_path, file_size_limit=64_000)
     line = _error_line(result)
-    assert line.startswith("hybridlm convert: error: out: cannot write the checkpoint: File too large")
-    assert list(tmp_path.iterdir()) == []
+    assert line.startswith("hybridlm convert: error: new/out: cannot write the checkpoint: File too large")
+    assert list(tmp_path.iterdir()) == []  # no staging directory, and not the parent it created either
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; see the RLIMIT_FSIZE test")
@@ -220,6 +220,7 @@ def test_a_read_only_parent_is_one_line(tmp_path):
         (["--to", "hf", "--family", "nemotron_h"], "cannot export to nemotron_h: block type(s) G, m"),
         (["--to", "hf"], "no Hugging Face family holds every block type"),
     ],
+    ids=["size-abc", "size-0", "dtype", "family-for-hybridlm", "family-cannot-hold", "no-family-fits"],
 )
 def test_arguments_are_checked_before_the_model_is_loaded(tmp_path, weightless, flags, message):
     line = _error_line(_cli("convert", str(weightless), str(tmp_path / "out"), *flags))

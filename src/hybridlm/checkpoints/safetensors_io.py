@@ -333,7 +333,9 @@ def write_checkpoint_dir(
     when writing fails (read-only or full file system); either way nothing is left behind."""
     target = Path(target)
     check_destination(target, overwrite)
+    created_parents = [parent for parent in target.absolute().parents if not parent.exists()]
     staging = None
+    is_written = False
     try:
         staging = make_staging_dir(target)
         _write_weights(staging, specs, tensors, max_shard_bytes)
@@ -344,11 +346,18 @@ def write_checkpoint_dir(
                 _write_file(staging / name, content)
         fsync_dir(staging)
         move_into_place(staging, target, overwrite)
+        is_written = True
     except OSError as error:
         raise OSError(describe_os_error(target, error)) from error
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not is_written:
+            for parent in created_parents:  # nearest first; a directory someone else filled meanwhile stays
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
     return target
 
 
