@@ -1,4 +1,5 @@
-"""Resolve what the CLI and library are pointed at: a preset name or a checkpoint directory."""
+"""Resolve what the CLI and library are pointed at: a preset name or a checkpoint directory, a dtype
+name, a device name."""
 
 from __future__ import annotations
 
@@ -9,24 +10,66 @@ import torch
 
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
-from hybridlm.presets import PRESETS, list_presets
+from hybridlm.presets import PRESETS, get_preset, list_presets
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+# the names transformers users write for ``torch_dtype`` / ``dtype`` (case-insensitive, "torch." optional)
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}  # fmt: skip
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """ "bf16", "torch.bfloat16", torch.bfloat16 -> torch.bfloat16; "auto" or None -> None (as stored)."""
+    if name is None or isinstance(name, torch.dtype):
+        if isinstance(name, torch.dtype) and not name.is_floating_point:
+            raise ValueError(f"dtype {name} is not a floating-point type; expected one of {_dtype_names()}")
+        return name
+    key = name.strip().lower().removeprefix("torch.") if isinstance(name, str) else None
+    if key == "auto":
         return None
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {_dtype_names()}")
+    return DTYPES[key]
+
+
+def _dtype_names() -> str:
+    return ", ".join(["auto", *DTYPES])
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """ "cpu", "cuda", "cuda:1", "mps" or a torch.device -> a torch.device this machine has.
+
+    A device the machine lacks (CUDA without a GPU, an index past the last GPU) or an unknown name
+    is one ValueError saying what is there.
+    """
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = name if isinstance(name, torch.device) else torch.device(str(name).strip())
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"unsupported device {name!r}; expected cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "built without CUDA" if torch.version.cuda is None else f"built with CUDA {torch.version.cuda}"
+            raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}, {built})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS (Apple GPU) is not available on this machine")
+    return device
 
 
 def resolve_config(name_or_path: str) -> HybridConfig:
     """A preset's config, or a checkpoint directory's config (weights are not read)."""
     if name_or_path in PRESETS:
-        return HybridConfig.from_preset(name_or_path)
+        return get_preset(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         from hybridlm.checkpoints import read_config
@@ -36,15 +79,26 @@ def resolve_config(name_or_path: str) -> HybridConfig:
 
 
 def load_model(
-    name_or_path: str, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu", quiet: bool = False
+    name_or_path: str,
+    seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
 ) -> HybridLM:
-    """A checkpoint directory's model, or a preset built with random weights from ``seed``."""
+    """A checkpoint directory's model, or a preset built with random weights from ``seed``.
+
+    ``dtype`` and ``device`` take what ``parse_dtype`` and ``resolve_device`` do; both are checked
+    before anything is built or read.
+    """
+    dtype = parse_dtype(dtype)
+    device = resolve_device(device)
     if name_or_path in PRESETS:
         if not quiet:
             print(f"note: {name_or_path} is a preset: random weights (seed {seed})", file=sys.stderr)
+        config = get_preset(name_or_path)
         torch.manual_seed(seed)
         with torch.device(device):
-            model = HybridLM(HybridConfig.from_preset(name_or_path))
+            model = HybridLM(config)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
