@@ -1,18 +1,32 @@
-"""The hybridlm command, run as a real subprocess."""
+"""The hybridlm command, run as a real subprocess: info, generate (streamed text), --version, --help."""
 
+import itertools
 import json
+import os
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+import torch
 
 from hybridlm.accounting import count_params
 from hybridlm.config import HybridConfig
 
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["info", "generate", "profile", "report", "query", "import", "convert"]
 
-def run(*args: str) -> subprocess.CompletedProcess:
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hybridlm.cli", *args], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-m", "hybridlm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "HYBRIDLM_PROGRESS": "0", **(env or {})},
     )
 
 
@@ -50,17 +64,119 @@ def test_generate_prints_prompt_and_continuation():
     assert result.stdout.startswith("abc")
 
 
-def test_unknown_model_is_a_clear_error():
-    result = run("info", "no-such-model")
-    assert result.returncode == 2
-    assert "neither a preset" in result.stderr and "Traceback" not in result.stderr
+# -- streamed text is whole characters -----------------------------------------------------------
+
+# 1-, 2-, 3- and 4-byte characters whose 13 UTF-8 bytes are all different, so a table "this byte ->
+# next byte" can make greedy decoding emit exactly these bytes, one token per byte.
+TEXT = "hé€日😀"
 
 
-@pytest.mark.parametrize("command", ["info", "generate", "profile", "report", "query", "import", "convert"])
+def _rigged_checkpoint(path: Path, token_ids: list[int]) -> Path:
+    """A debug-tiny checkpoint whose greedy continuation of token_ids[0] is token_ids[1:].
+
+    Every block's parameters are zero, so each block adds exactly 0 to the residual stream and the
+    last hidden state is the current token's embedding; embeddings are one-hot per token and lm_head
+    sends each token's one-hot direction to the next token's logit.
+    """
+    from hybridlm.checkpoints import save_pretrained
+    from hybridlm.model import HybridLM
+
+    assert len(set(token_ids)) == len(token_ids)
+    model = HybridLM(HybridConfig.from_preset("debug-tiny"))
+    assert not model.config.tie_word_embeddings
+    with torch.no_grad():
+        for parameter in model.layers.parameters():
+            parameter.zero_()
+        model.embeddings.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (token, next_token) in enumerate(itertools.pairwise(token_ids)):
+            model.embeddings.weight[token, slot] = 1.0
+            model.lm_head.weight[next_token, slot] = 1.0
+    save_pretrained(model, path)
+    return path
+
+
+def _gpt2_byte_to_char() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE), written out from its definition."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_bpe_json(path: Path) -> list[int]:
+    """A byte-level BPE tokenizer.json (256 byte tokens, id = byte value, no merges); returns TEXT's ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _gpt2_byte_to_char().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+    ids = tokenizer.encode(TEXT).ids
+    assert ids == list(TEXT.encode("utf-8"))  # the table above is the one tokenizers uses
+    assert tokenizer.decode(ids[:2]) == "h\ufffd"  # a lone lead byte decodes to U+FFFD: the hazard
+    return ids
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "byte-level BPE tokenizer.json"])
+def test_generate_streams_whole_characters(tmp_path, tokenizer):
+    token_ids = list(TEXT.encode("utf-8"))
+    checkpoint = _rigged_checkpoint(tmp_path / "ckpt", token_ids)
+    if tokenizer != "bytes":
+        assert _byte_level_bpe_json(checkpoint / "tokenizer.json") == token_ids
+    prompt = TEXT[0]
+    result = run("generate", str(checkpoint), "--prompt", prompt, "--max-new-tokens", str(len(token_ids) - len(prompt)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == TEXT + "\n"
+
+
+# -- --version and --help ------------------------------------------------------------------------
+
+
+def test_version_names_hybridlm_torch_and_python_without_loading_torch():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert result.stdout == f"hybridlm {version} (torch {metadata.version('torch')}, python {python})\n"
+    script = "import sys; from hybridlm.cli import main; main(['--version']); print(sorted(sys.modules))"
+    check = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "'torch'" not in check.stdout
+
+
+def test_top_level_help_is_written_for_users():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "``" not in text and ":class:" not in text
+    for command in SUBCOMMANDS:  # each listed with its one-line help
+        line = next((line for line in text.splitlines() if line.strip().startswith(command + " ")), None)
+        assert line is not None and len(line.split()) > 2, f"{command} is not listed with a help line"
+    examples = text.split("examples:", 1)[1]
+    assert all(f"hybridlm {command}" in examples for command in ("info", "generate", "convert", "profile", "report"))
+    for option in ("--version", "--debug", "--threads"):
+        assert option in text
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_working_help(command, capsys):
     from hybridlm.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert command in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"hybridlm {command}" in text
+    assert "``" not in text
