@@ -71,10 +71,10 @@ def test_bad_sql_and_bad_files_are_one_line_errors(kineto_db, tmp_path):
 
 
 def test_query_prints_values_literally_and_as_json_or_csv_for_scripts(kineto_db):
-    sql = "SELECT '[true, false]' AS a, '[/]' AS b, NULL AS c, 0.1 + 0.2 AS d"
+    sql = "SELECT '[true, false]' AS a, '[/]' AS b, NULL AS c, 0.1::DOUBLE + 0.2::DOUBLE AS d"
     result = hybridlm("query", str(kineto_db), sql)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[2].split() == ["[true,", "false]", "[/]", "NULL", "0.3000"]
+    assert result.stdout.splitlines()[2].split() == ["[true,", "false]", "[/]", "NULL", "0.3"]
     result = hybridlm("query", str(kineto_db), sql, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [{"a": "[true, false]", "b": "[/]", "c": None, "d": 0.1 + 0.2}]
@@ -84,3 +84,17 @@ def test_query_prints_values_literally_and_as_json_or_csv_for_scripts(kineto_db)
     result = hybridlm("query", str(kineto_db), "SELECT 1; DROP TABLE events")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "got 2 statements" in result.stderr
+
+
+def test_profile_on_a_device_this_machine_lacks_is_one_clear_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    db = tmp_path / "p.duckdb"
+    for device, message in (("cuda", "this machine has no CUDA device"), ("tpu", "unknown device")):
+        result = hybridlm("profile", "debug-tiny", "--device", device, "--db", str(db))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and message in result.stderr
+        assert result.stderr.strip().count("\n") == 0
+    assert not db.exists()  # refused before anything was traced

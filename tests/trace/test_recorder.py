@@ -130,3 +130,10 @@ def test_sigkill_keeps_every_flushed_event(tmp_path):
     assert stored >= seen[-1] > 0
     steps = con.execute("SELECT count(*) FROM events WHERE source = 'step'").fetchone()[0]
     assert con.execute("SELECT count(*) FROM events WHERE source = 'layer'").fetchone()[0] == steps * 8
+    con.close()
+    # the report marks the killed run incomplete, with the steps it holds
+    report = subprocess.run(
+        [sys.executable, "-m", "hybridlm.cli", "report", str(path)], capture_output=True, text=True, check=False
+    )
+    assert report.returncode == 0, report.stderr
+    assert f"INCOMPLETE: no end recorded (killed or interrupted); holds {steps} steps" in report.stdout
