@@ -120,3 +120,20 @@ def test_finish_starts_afresh():
     assert detokenizer.add(0xE2) == ""
     assert detokenizer.finish() == REPLACEMENT  # a character that never completed
     assert [detokenizer.add(b) for b in "é".encode()] == ["", "é"]
+
+
+class _RecordingByteTokenizer(ByteTokenizer):
+    def __init__(self) -> None:
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded_lengths.append(len(ids))
+        return super().decode(ids)
+
+
+def test_each_step_decodes_a_short_window_not_the_whole_stream():
+    # A long generation must not re-decode everything per token (quadratic in its length).
+    tokenizer = _RecordingByteTokenizer()
+    ids = ("word € 日本 " * 300).encode()
+    assert "".join(_stream(tokenizer, list(ids))) == ids.decode()
+    assert max(tokenizer.decoded_lengths) <= 8  # the longest character is 4 bytes; the window holds two
