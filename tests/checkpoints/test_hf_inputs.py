@@ -162,3 +162,13 @@ def test_dtype_names_as_transformers_users_write_them(sharded):
         hybridlm.from_pretrained(path, dtype="float8")
     with pytest.raises(ValueError, match=r"dtype must be a floating-point torch dtype or its name, got torch\.int64"):
         hybridlm.from_pretrained(path, dtype=torch.int64)
+
+
+def test_an_unknown_stored_dtype_is_named(tmp_path):
+    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(weights)
+    state["norm_f.weight"] = torch.ones(state["norm_f.weight"].shape, dtype=torch.uint16)  # U16
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: tensor norm_f\.weight has dtype U16, which"):
+        hybridlm.from_pretrained(tmp_path / "ckpt")

@@ -105,6 +105,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
+    stored = entry.get("dtype") if isinstance(entry, dict) else None
+    if isinstance(stored, str) and stored not in DTYPES:
+        raise ValueError(
+            f"{path}: tensor {name} has dtype {stored}, which hybridlm cannot read (known: {', '.join(DTYPES)})"
+        )
     try:
         dtype = DTYPES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
