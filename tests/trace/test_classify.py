@@ -100,7 +100,7 @@ def test_every_fixture_kernel_classifies_to_a_known_type():
     """No kernel of the real traces crashes the rules or lands outside the known types."""
     trace = json.loads(gzip.decompress((FIXTURES / "kineto/sampled_rank-1.json.gz").read_bytes()))
     names = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "kernel"}
-    con = sqlite3.connect(FIXTURES / "nsight/saxpy-mpi-cuda_nsys_perlmutter0.sqlite")
+    con = sqlite3.connect(f"{(FIXTURES / 'nsight/saxpy-mpi-cuda_nsys_perlmutter0.sqlite').as_uri()}?mode=ro", uri=True)
     names |= {r[0] for r in con.execute("SELECT value FROM StringIds")}
     found = Counter(classify_kernel(n) for n in names)
     assert set(found) - {None} <= set(LAYER_TYPES)

@@ -182,7 +182,7 @@ def nsight_db(tmp_path_factory):
 
 def test_nsight_counts_and_durations_match_sqlite(nsight_db):
     con, _ = nsight_db
-    lite = sqlite3.connect(NSIGHT)
+    lite = read_fixture(NSIGHT)
     for table, source in (("KERNEL", "cuda"), ("MEMCPY", "memcpy"), ("MEMSET", "memset")):
         n, total = lite.execute(f"SELECT count(*), sum(end - start) FROM CUPTI_ACTIVITY_KIND_{table}").fetchone()
         got = con.execute(f"SELECT count(*), sum(duration_us) FROM events WHERE source = '{source}'").fetchall()
@@ -203,7 +203,7 @@ def test_nsight_counts_and_durations_match_sqlite(nsight_db):
 
 def test_nsight_kernels_name_pid_range_and_rank(nsight_db):
     con, _ = nsight_db
-    lite = sqlite3.connect(NSIGHT)
+    lite = read_fixture(NSIGHT)
     (pid,) = lite.execute(
         "SELECT p.pid FROM PROCESSES p JOIN CUPTI_ACTIVITY_KIND_KERNEL k ON k.globalPid = p.globalPid LIMIT 1"
     ).fetchone()
@@ -256,6 +256,23 @@ def test_nsight_block_and_step_ranges_reach_the_kernels(tmp_path):
     assert copies == [(None, 4, "decode", None, 15)]  # launched outside L3.moe, inside the step
 
 
+def read_fixture(path: Path) -> sqlite3.Connection:
+    """The reference reader: plain sqlite3, read-only and immutable, so it never writes beside a fixture."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+
+
+def test_importing_leaves_the_trace_and_its_folder_untouched(tmp_path):
+    for fixture in (*INGERO, NSIGHT):
+        folder = tmp_path / fixture.stem
+        folder.mkdir()
+        copy = folder / fixture.name
+        copy.write_bytes(fixture.read_bytes())
+        with TraceStore(tmp_path / "out.duckdb") as store:
+            import_trace(copy, store)
+        assert [p.name for p in folder.iterdir()] == [fixture.name]  # no -wal / -shm side files
+        assert copy.read_bytes() == fixture.read_bytes()
+
+
 # -- Ingero ------------------------------------------------------------------------------------------
 
 
@@ -268,7 +285,7 @@ def ingero_db(tmp_path_factory):
 
 
 def raw_ingero(fixture: Path) -> list[tuple]:
-    lite = sqlite3.connect(fixture)
+    lite = read_fixture(fixture)
     return lite.execute(
         "SELECT lower(s.name), o.name, e.duration, e.timestamp, e.pid FROM events e "
         "JOIN sources s ON s.id = e.source JOIN ops o ON o.source_id = e.source AND o.op_id = e.op"

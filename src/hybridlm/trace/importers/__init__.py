@@ -119,18 +119,35 @@ def import_sqlite(path: str | os.PathLike, kind: str, read: Callable[[sqlite3.Co
 
 
 def open_sqlite(path: str | os.PathLike) -> sqlite3.Connection:
-    """Open a SQLite file read-only (also from a read-only folder); TraceError if it is not SQLite."""
-    uri = Path(path).resolve().as_uri()
-    try:
-        con = sqlite3.connect(f"{uri}?mode=ro", uri=True)
-        con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
-    except sqlite3.DatabaseError:
-        try:  # a WAL-mode file in a read-only folder cannot be opened without immutable=1
-            con = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+    """Open a SQLite file read-only (also from a read-only folder); TraceError if it is not SQLite.
+
+    A WAL-mode file with no write-ahead log beside it (a finished trace: nobody is writing it) is
+    opened immutable, because a plain read-only open of a WAL-mode file creates `-wal` / `-shm`
+    side files next to the user's trace, and fails in a read-only folder."""
+    path = Path(path)
+    uri = path.resolve().as_uri()
+    modes = ["mode=ro", "mode=ro&immutable=1"]
+    if _is_wal_mode(path) and not path.with_name(path.name + "-wal").exists():
+        modes.reverse()
+    error: sqlite3.DatabaseError | None = None
+    for mode in modes:
+        try:
+            con = sqlite3.connect(f"{uri}?{mode}", uri=True)
             con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            return con
         except sqlite3.DatabaseError as e:
-            raise TraceError(f"{path}: cannot read as SQLite ({e}); expected {ACCEPTED}") from None
-    return con
+            error = e
+    raise TraceError(f"{path}: cannot read as SQLite ({error}); expected {ACCEPTED}") from None
+
+
+def _is_wal_mode(path: Path) -> bool:
+    """SQLite's header bytes 18 and 19 (file format read / write versions) are 2 in WAL mode."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
 
 
 def sqlite_tables(path_or_con: str | os.PathLike | sqlite3.Connection) -> dict[str, list[str]]:
