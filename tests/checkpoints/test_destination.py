@@ -17,8 +17,8 @@ import torch
 
 import hybridlm
 from hybridlm.checkpoints import save_pretrained
-from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 
 
 def _cli(*args: str, cwd=None, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def weightless(tmp_path_factory):
     """A checkpoint directory whose config.json is fine but whose weights are missing: loading it fails,
     so a command that reports anything else about it has checked that before loading the model."""
     path = tmp_path_factory.mktemp("weightless") / "ckpt"
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), path)
+    save_pretrained(HybridLM(get_preset("debug-tiny")), path)
     (path / "model.safetensors").unlink()
     return path
 
@@ -97,7 +97,7 @@ def test_a_regular_file_stays_a_file(tmp_path):
 
 def test_destination_equal_to_or_containing_the_source_is_refused(tmp_path):
     parent = tmp_path / "parent"
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), parent / "ckpt")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), parent / "ckpt")
     (parent / "sibling").mkdir()
     (parent / "sibling" / "data.txt").write_text("keep me\n")
     before = _tree(tmp_path)
@@ -110,8 +110,8 @@ def test_destination_equal_to_or_containing_the_source_is_refused(tmp_path):
 
 def test_overwrite_replaces_a_previous_checkpoint_only_when_asked(tmp_path):
     torch.manual_seed(0)
-    first = HybridLM(HybridConfig.from_preset("debug-tiny")).eval()
-    second = HybridLM(HybridConfig.from_preset("debug-tiny")).eval()
+    first = HybridLM(get_preset("debug-tiny")).eval()
+    second = HybridLM(get_preset("debug-tiny")).eval()
     save_pretrained(first, tmp_path / "ckpt", max_shard_bytes=200_000)
     before = _tree(tmp_path)
     with pytest.raises(ValueError, match=r"ckpt: a checkpoint is already there .*overwrite"):
@@ -128,7 +128,7 @@ def test_overwrite_replaces_a_previous_checkpoint_only_when_asked(tmp_path):
 
 def test_an_empty_directory_is_filled(tmp_path):
     (tmp_path / "empty").mkdir()
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "empty")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "empty")
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -136,7 +136,7 @@ def test_an_empty_directory_is_filled(tmp_path):
 def test_output_permissions_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
-        save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "ckpt")
     finally:
         os.umask(previous)
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask
@@ -179,12 +179,12 @@ def test_a_killed_write_leaves_nothing_behind_after_the_next_run(tmp_path):
 def test_a_checkpoint_set_aside_by_a_killed_overwrite_comes_back(tmp_path):
     """A process killed between renaming the old checkpoint aside and renaming the new one in leaves
     the old one under its hidden name; the next write in that directory renames it back."""
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "ckpt")
     before = _tree(tmp_path / "ckpt")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)  # a process that has exited: its pid is no longer alive
     (tmp_path / "ckpt").rename(tmp_path / f".ckpt.hybridlm-old-{dead_pid}-0123abcd")
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "other")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other"]
     assert _tree(tmp_path / "ckpt") == before
 
@@ -236,7 +236,7 @@ def test_unknown_family_is_a_usage_error(tmp_path):
 
 def test_convert_carries_the_files_beside_the_weights(tmp_path):
     source = tmp_path / "src"
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), source, max_shard_bytes=200_000)
+    save_pretrained(HybridLM(get_preset("debug-tiny")), source, max_shard_bytes=200_000)
     kept = {
         "tokenizer.json": "{}",
         "tokenizer_config.json": '{"eos_token": "</s>"}',

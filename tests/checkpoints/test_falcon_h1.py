@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 import hybridlm
 from hybridlm.checkpoints import read_config, save_pretrained
-from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 from tests.checkpoints.hf_tiny import build_falcon_h1, save_tiny
 from tests.checkpoints.parity import (
     LOGIT_ATOL,
@@ -105,7 +105,7 @@ def test_round_trip_through_transformers(pair, tmp_path):
 def test_export_picks_falcon_h1_for_parallel_patterns(tmp_path):
     """A P/- model not read from falcon_h1 exports there by default, with neutral folded multipliers."""
     torch.manual_seed(0)
-    config = HybridConfig.from_preset("debug-tiny", pattern="P-P-", embedding_multiplier=1.5, logits_scaling=2.0)
+    config = get_preset("debug-tiny", pattern="P-P-", embedding_multiplier=1.5, logits_scaling=2.0)
     model = HybridLM(config).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -136,9 +136,9 @@ def test_inexpressible_options_are_refused(tmp_path):
     _edit_config(path, hidden_act="silu", ssm_multipliers=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"ssm_multipliers = \[1\.0, 2\.0\]; expected a list of 5 numbers"):
         hybridlm.from_pretrained(path)
-    residual = HybridLM(HybridConfig.from_preset("debug-tiny", pattern="P-", residual_multiplier=0.5))
+    residual = HybridLM(get_preset("debug-tiny", pattern="P-", residual_multiplier=0.5))
     with pytest.raises(ValueError, match=r"cannot export to falcon_h1: residual_multiplier = 0\.5"):
         save_pretrained(residual, tmp_path / "x", format="hf")
     with pytest.raises(ValueError, match=r"cannot export to falcon_h1: pattern\[1\] = 'P'"):
-        save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny", pattern="PP")), tmp_path / "x", format="hf")
+        save_pretrained(HybridLM(get_preset("debug-tiny", pattern="PP")), tmp_path / "x", format="hf")
     assert not (tmp_path / "x").exists()

@@ -16,15 +16,15 @@ from safetensors.torch import load_file, save_file
 
 import hybridlm
 from hybridlm.checkpoints import read_config, save_pretrained
-from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def _export(preset: str, path, family: str | None = None, **overrides):
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset(preset, **overrides)).eval()
+    model = HybridLM(get_preset(preset, **overrides)).eval()
     save_pretrained(model, path, format="hf", family=family)
     return model
 
@@ -92,7 +92,7 @@ def test_unknown_position_embedding_type_is_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
 def test_a_weight_stored_as_integers_is_refused(tmp_path, dtype):
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     state = load_file(weights)
     name = "norm_f.weight"
@@ -106,7 +106,7 @@ def test_a_weight_stored_as_integers_is_refused(tmp_path, dtype):
 def sharded(tmp_path):
     """A sharded hybridlm checkpoint, its model, and the index's weight_map."""
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset("debug-tiny")).eval()
+    model = HybridLM(get_preset("debug-tiny")).eval()
     path = save_pretrained(model, tmp_path / "home" / "ckpt", max_shard_bytes=200_000)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     return path, model, index
@@ -165,7 +165,7 @@ def test_dtype_names_as_transformers_users_write_them(sharded):
 
 
 def test_an_unknown_stored_dtype_is_named(tmp_path):
-    save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     state = load_file(weights)
     state["norm_f.weight"] = torch.ones(state["norm_f.weight"].shape, dtype=torch.uint16)  # U16

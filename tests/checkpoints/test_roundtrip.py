@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import hybridlm
 from hybridlm.checkpoints import load_tokenizer, read_config, save_pretrained
-from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 from hybridlm.tokenizer import ByteTokenizer
 from tests.checkpoints.hf_tiny import build_nemotron_h, save_tiny
 from tests.checkpoints.parity import LOGIT_ATOL, hf_logits, max_diff, ours_logits, prompts
@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 def _random_model(preset: str, seed: int = 0, **overrides) -> HybridLM:
     """A preset with random weights whose 1-D parameters are moved off their init (so norms and biases count)."""
     torch.manual_seed(seed)
-    model = HybridLM(HybridConfig.from_preset(preset, **overrides)).eval()
+    model = HybridLM(get_preset(preset, **overrides)).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
@@ -62,20 +62,18 @@ def test_preset_exports_load_in_transformers(name, tmp_path):
 
 def test_family_choice_and_inexpressible_configs(tmp_path):
     with pytest.raises(ValueError, match=r"G \(gdn: qwen3_next, qwen3_5_moe\), M \(mamba2: nemotron_h, granite"):
-        save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "x", format="hf")
-    qwen = HybridLM(HybridConfig.from_preset("debug-tiny-qwen3-next"))
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "x", format="hf")
+    qwen = HybridLM(get_preset("debug-tiny-qwen3-next"))
     with pytest.raises(ValueError, match=r"cannot export to nemotron_h: block type\(s\) G"):
         save_pretrained(qwen, tmp_path / "x", format="hf", family="nemotron_h")
-    rope = HybridLM(HybridConfig.from_preset("debug-tiny-nemotron", attention={"rope_theta": 10000.0}))
+    rope = HybridLM(get_preset("debug-tiny-nemotron", attention={"rope_theta": 10000.0}))
     with pytest.raises(ValueError, match=r"nemotron_h: attention\.rope_theta = 10000\.0"):
         save_pretrained(rope, tmp_path / "x", format="hf")
-    swiglu = HybridLM(HybridConfig.from_preset("debug-tiny-nemotron", moe={"activation": "swiglu"}))
+    swiglu = HybridLM(get_preset("debug-tiny-nemotron", moe={"activation": "swiglu"}))
     with pytest.raises(ValueError, match=r"nemotron_h: moe\.activation = 'swiglu'"):
         save_pretrained(swiglu, tmp_path / "x", format="hf")
     with pytest.raises(ValueError, match=r"cannot export to jamba: pattern\[0\] = 'M'"):
-        save_pretrained(
-            HybridLM(HybridConfig.from_preset("debug-tiny-nemotron")), tmp_path / "x", format="hf", family="jamba"
-        )
+        save_pretrained(HybridLM(get_preset("debug-tiny-nemotron")), tmp_path / "x", format="hf", family="jamba")
     assert not (tmp_path / "x").exists()
 
 
