@@ -28,11 +28,11 @@ from benchmarks.common import print_table
 _WRITE = r"""
 import json, sys, time
 import torch
-from hybridlm import HybridConfig, HybridLM
+from hybridlm import HybridLM, get_preset
 from hybridlm.checkpoints import save_pretrained
 path, dtype, vocab = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
-model = HybridLM(HybridConfig.from_preset("debug-small", vocab_size=vocab)).to(dtype).eval()
+model = HybridLM(get_preset("debug-small", vocab_size=vocab)).to(dtype).eval()
 start = time.perf_counter()
 save_pretrained(model, path, format="hf", family="nemotron_h")
 print(json.dumps({"seconds": time.perf_counter() - start, "params": model.num_parameters()}))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import interleaved_medians, median_time, print_table
-from hybridlm import HybridConfig, HybridLM
+from hybridlm import HybridLM, get_preset
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
 from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_reference
 from hybridlm.ops.moe import moe_experts_grouped, moe_experts_reference, route
@@ -88,7 +88,7 @@ def bench_ops() -> None:
 
 def bench_model() -> None:
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset("debug-small")).eval()
+    model = HybridLM(get_preset("debug-small")).eval()
     rows = []
     with torch.no_grad():
         for batch, prompt in ((1, 512), (8, 128)):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hybridlm import HybridConfig, HybridLM
+from hybridlm import HybridLM, get_preset
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.store import TraceStore
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset("debug-small")).eval()
+    model = HybridLM(get_preset("debug-small")).eval()
     block = 20  # steps per mode before switching
     samples: dict[str, list[float]] = {"untraced": [], "traced": []}
     with tempfile.TemporaryDirectory() as tmp, TraceStore(Path(tmp) / "t.duckdb") as store, torch.no_grad():
@@ -53,7 +53,7 @@ def main() -> None:
                 tracer.detach()
         tracer.close()
     untraced, traced = statistics.median(samples["untraced"]), statistics.median(samples["traced"])
-    blocks = len(HybridConfig.from_preset("debug-small").pattern)
+    blocks = len(get_preset("debug-small").pattern)
     print(f"debug-small decode, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps per mode")
     print(f"| mode | median step µs |\n|---|---|\n| untraced | {untraced:,.0f} |\n| traced | {traced:,.0f} |")
     print(f"overhead: {100 * (traced / untraced - 1):+.2f}% ({(traced - untraced) / blocks:+.1f} µs per block call)")
