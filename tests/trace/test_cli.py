@@ -92,7 +92,7 @@ def test_profile_on_a_device_this_machine_lacks_is_one_clear_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     db = tmp_path / "p.duckdb"
-    for device, message in (("cuda", "this machine has no CUDA device"), ("tpu", "unknown device")):
+    for device, message in (("cuda", "CUDA is not available here"), ("tpu", "unknown device")):
         result = hybridlm("profile", "debug-tiny", "--device", device, "--db", str(db))
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and message in result.stderr

@@ -20,19 +20,11 @@ def _prompt_range(text: str) -> tuple[int, int]:
 
 
 def check_device(name: str) -> str:
-    """`name` if torch knows that device and this machine has it; a ValueError saying what is there."""
-    import torch
+    """`name` if this machine has that device and profiling runs there; a ValueError saying what is there."""
+    from hybridlm.loading import resolve_device
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: unknown device; expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
+    device = resolve_device(name)
+    if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: profiling runs on cpu or cuda")
     return name
 
