@@ -5,11 +5,12 @@ from pathlib import Path
 import torch
 
 from hybridlm.config import HybridConfig
+from hybridlm.presets import get_preset
 
 
 def tiny_config(pattern: str = "MEGm*-EM", **overrides) -> HybridConfig:
     """debug-tiny with another pattern: every sub-config present, so any pattern is valid."""
-    return HybridConfig.from_preset("debug-tiny", pattern=pattern, **overrides)
+    return get_preset("debug-tiny", pattern=pattern, **overrides)
 
 
 # Default relative tolerance by the dtype of the result under test. float32 and float64: about 100 units of

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hybridlm.accounting import ParamCount, block_params, cache_bytes, count_params, pure_attention_kv_bytes
-from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 from tests.helpers import tiny_config
 
 
@@ -42,10 +42,10 @@ def counts_of_built_model(model: HybridLM) -> ParamCount:
 
 
 SMALL_CONFIGS = {
-    "debug-tiny": lambda: HybridConfig.from_preset("debug-tiny"),
-    "debug-small": lambda: HybridConfig.from_preset("debug-small"),
-    "debug-tiny-nemotron": lambda: HybridConfig.from_preset("debug-tiny-nemotron"),
-    "debug-tiny-qwen3-next": lambda: HybridConfig.from_preset("debug-tiny-qwen3-next"),
+    "debug-tiny": lambda: get_preset("debug-tiny"),
+    "debug-small": lambda: get_preset("debug-small"),
+    "debug-tiny-nemotron": lambda: get_preset("debug-tiny-nemotron"),
+    "debug-tiny-qwen3-next": lambda: get_preset("debug-tiny-qwen3-next"),
     "tied": lambda: tiny_config(tie_word_embeddings=True),
     "parallel": lambda: tiny_config("P-"),
     "mamba1": lambda: tiny_config("mE", mamba={"use_bias": True, "use_conv_bias": False, "has_inner_norms": False}),
@@ -103,7 +103,7 @@ def nemotron_3_nano_counts_from_config_json() -> dict[str, int]:
 
 
 def test_nemotron_3_nano_counts_equal_the_config_json_arithmetic():
-    params = count_params(HybridConfig.from_preset("nemotron-3-nano-30b-a3b"))
+    params = count_params(get_preset("nemotron-3-nano-30b-a3b"))
     expected = nemotron_3_nano_counts_from_config_json()
     assert params.by_layer_type["mamba2"]["per_block_total"] == expected["mamba2"]
     assert params.by_layer_type["attention"]["per_block_total"] == expected["attention"]
@@ -117,7 +117,7 @@ def test_nemotron_3_nano_counts_equal_the_config_json_arithmetic():
 def test_nemotron_3_nano_rounds_to_the_published_figures():
     # NVIDIA publishes only rounded figures: 31.6B total, 3.2B active counting the LM head but not the input
     # embedding, 3.6B counting both. The exact counts must round to exactly those.
-    params = count_params(HybridConfig.from_preset("nemotron-3-nano-30b-a3b"))
+    params = count_params(get_preset("nemotron-3-nano-30b-a3b"))
     assert f"{params.total / 1e9:.1f}" == "31.6"
     assert f"{params.active_without_embedding / 1e9:.1f}" == "3.2"
     assert f"{params.active / 1e9:.1f}" == "3.6"
@@ -125,7 +125,7 @@ def test_nemotron_3_nano_rounds_to_the_published_figures():
 
 def test_qwen3_next_reproduces_the_published_counts_exactly():
     # The exact counts recorded for the preset's source config.json (the project's reference notes).
-    params = count_params(HybridConfig.from_preset("qwen3-next-80b-a3b"))
+    params = count_params(get_preset("qwen3-next-80b-a3b"))
     assert params.total == 79_674_391_296
     assert params.active == 3_874_929_408  # counting the embedding and the LM head
     vocab, hidden = 151936, 2048
@@ -133,7 +133,7 @@ def test_qwen3_next_reproduces_the_published_counts_exactly():
 
 
 def test_nemotron_kv_cache_is_6_of_52_of_pure_attention():
-    config = HybridConfig.from_preset("nemotron-3-nano-30b-a3b")
+    config = get_preset("nemotron-3-nano-30b-a3b")
     context = 128 * 1024
     memory = cache_bytes(config, 1, context)
     assert memory.kv == 6 * 2 * 2 * 128 * 2 * context  # blocks x KV heads x dims x (K, V) x bf16 bytes

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybridlm.model import HybridLM
+from hybridlm.presets import get_preset
 from tests.helpers import assert_close, tiny_config
 
 # Cached (prefill in chunks, decode token by token, left-padded batches) against uncached logits, as error
@@ -188,10 +189,8 @@ def test_cache_holds_only_what_each_block_needs():
 
 @pytest.mark.parametrize("preset", ["debug-tiny-nemotron", "debug-tiny-qwen3-next"])
 def test_family_style_presets_decode_equals_full_forward(preset):
-    from hybridlm.config import HybridConfig
-
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset(preset)).eval()
+    model = HybridLM(get_preset(preset)).eval()
     ids = torch.randint(0, 256, (2, 19))
     with torch.no_grad():
         full = model(ids).logits
