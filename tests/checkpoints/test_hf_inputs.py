@@ -172,3 +172,13 @@ def test_an_unknown_stored_dtype_is_named(tmp_path):
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: tensor norm_f\.weight has dtype U16, which"):
         hybridlm.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("linear_num_value_heads", "4"), ("rope_parameters", {"rope_theta": "1e6"})]
+)
+def test_a_number_written_as_a_string_is_refused_naming_the_field(qwen, field, value):
+    _edit_config(qwen, **{field: value})
+    name = field if isinstance(value, str) else f"{field}.rope_theta"
+    with pytest.raises(ValueError, match=rf"qwen/config\.json: field {name} = '[0-9.e]+' is a string"):
+        read_config(qwen)

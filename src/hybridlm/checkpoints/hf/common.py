@@ -65,6 +65,7 @@ class HFConfig:
     def __init__(self, data: dict[str, Any], path: Path) -> None:
         self.data = decode_floats(data)
         self.path = path
+        _refuse_quoted_numbers(self.data, path)
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.data.get(key)
@@ -92,6 +93,20 @@ class HFConfig:
         if value not in allowed:
             raise self.unsupported(key, why)
         return value
+
+
+def _refuse_quoted_numbers(data: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """A number written as a string (``"mamba_n_heads": "64"``) would reach the readers' arithmetic as
+    text; transformers' own configs never quote numbers, so it is refused naming the field."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _refuse_quoted_numbers(value, path, f"{prefix}{key}.")
+        elif isinstance(value, str) and not key.startswith("_") and "version" not in key:
+            try:
+                float(value)
+            except ValueError:
+                continue
+            raise ValueError(f"{path}: field {prefix}{key!s} = {value!r} is a string; write the number without quotes")
 
 
 def layer_types(cfg: HFConfig, *keys: str) -> list[str] | None:
