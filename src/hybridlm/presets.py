@@ -1,6 +1,6 @@
 """Named configurations: debug models for tests and demos, and real families with published values.
 
-Each real preset cites the config.json its values come from (see ../shared/REFERENCE.md).
+Each real preset cites, in its ``source``, the published config.json its values come from.
 ``get_preset(name, **overrides)`` is the public entry point (also ``hybridlm.get_preset``). This module
 imports config, never the other way round.
 """
