@@ -113,7 +113,8 @@ def test_cli_convert_both_ways_info_and_generate(tmp_path):
 
     result = _cli("convert", str(source), str(tmp_path / "native"), "--to", "hybridlm")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "native" / "tokenizer.json").exists()  # tokenizer files travel along
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # tokenizer files travel along, unchanged
+        assert (tmp_path / "native" / name).read_bytes() == (source / name).read_bytes()
     result = _cli("convert", str(tmp_path / "native"), str(tmp_path / "back"), "--to", "hf", "--family", "nemotron_h")
     assert result.returncode == 0, result.stderr
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
