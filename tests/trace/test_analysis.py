@@ -10,6 +10,7 @@ from hybridlm import HybridLM, generate
 from hybridlm.blocks import layer_type_name
 from hybridlm.trace import analysis
 from hybridlm.trace.analysis import ALL_LAYERS, ALL_PHASES, OTHER
+from hybridlm.trace.imbalance import latency_vs_imbalance, moe_imbalance
 from hybridlm.trace.importers import import_trace
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.schema import TraceError
@@ -185,7 +186,7 @@ def test_moe_imbalance_matches_numpy(traced):
     for layer, phase, step, expert, tokens in routing:
         per_step = loads.setdefault((layer, phase), {})
         per_step.setdefault(step, np.zeros(8))[expert] += tokens
-    rows = analysis.moe_imbalance(con, moe)
+    rows = moe_imbalance(con, moe)
     moe_layers = [i for i, c in enumerate(MOE_PATTERN) if c == "E"]
     assert [(r.layer, r.phase) for r in rows] == [(layer, p) for layer in moe_layers for p in ("prefill", "decode")]
     for row in rows:
@@ -228,18 +229,18 @@ def spearman_by_counting(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_latency_vs_imbalance_is_honest_about_little_data():
-    assert analysis.latency_vs_imbalance([2.0, 4.0, 2.0], [1.0, 2.0, 1.0]) is None  # < 8 steps
-    flat = analysis.latency_vs_imbalance([2.0] * 12, list(range(12)))
+    assert latency_vs_imbalance([2.0, 4.0, 2.0], [1.0, 2.0, 1.0]) is None  # < 8 steps
+    flat = latency_vs_imbalance([2.0] * 12, list(range(12)))
     assert flat.split is None and flat.ratio is None and flat.spearman is None
     # 10 steps: halves; latency rising with imbalance shows as ratio > 1 and rho = 1
     x = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5]
-    trend = analysis.latency_vs_imbalance(x, [100 * v for v in x])
+    trend = latency_vs_imbalance(x, [100 * v for v in x])
     assert trend.split == "halves" and (trend.low_steps, trend.high_steps) == (5, 5)
     assert trend.low_p50_us == 200 and trend.high_p50_us == 450 and trend.ratio == pytest.approx(2.25)
     assert trend.spearman == pytest.approx(1.0)
     # 20 steps of two values only (a small batch): the groups are the two values, whatever the counts
     x = [2.0] * 13 + [4.0] * 7
-    trend = analysis.latency_vs_imbalance(x, [10.0] * 13 + [30.0] * 7)
+    trend = latency_vs_imbalance(x, [10.0] * 13 + [30.0] * 7)
     assert (trend.split, trend.low_steps, trend.high_steps, trend.ratio) == ("quartiles", 13, 7, 3.0)
 
 
@@ -260,7 +261,7 @@ def test_imported_kineto_trace_decomposes_its_kernels(kineto):
     cpu_rows = analysis.decomposition(con, run_id, source="cpu")
     check_rows(cpu_rows, expected_decomposition(con, run_id, "cpu"))
     assert cpu_rows[-1].share_of_wall < cpu_rows[-1].total_us / cpu_rows[-1].wall_us
-    assert analysis.moe_imbalance(con, run_id) == []
+    assert moe_imbalance(con, run_id) == []
     with pytest.raises(TraceError, match=r"no events with source 'layer'.*cuda"):
         analysis.decomposition(con, run_id, source="layer")
 

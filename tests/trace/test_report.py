@@ -17,6 +17,7 @@ from hybridlm import HybridLM, generate
 from hybridlm.cli import main as cli_main
 from hybridlm.trace import analysis, report
 from hybridlm.trace.analysis import ALL_LAYERS
+from hybridlm.trace.imbalance import moe_imbalance
 from hybridlm.trace.importers import import_trace
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.schema import TraceError
@@ -95,7 +96,7 @@ def test_tables_show_every_row_per_phase_with_the_aggregate_set_apart(recorded):
     path, _, run_id = recorded
     con = open_readonly(path)
     rows = analysis.decomposition(con, run_id)
-    imbalance = analysis.moe_imbalance(con, run_id)
+    imbalance = moe_imbalance(con, run_id)
     text = report.render_tables(rows, imbalance, run=analysis.run_summary(con, run_id))
     con.close()
     lines = text.splitlines()
@@ -119,7 +120,7 @@ def test_change_table_and_json_mark_flagged_rows(recorded):
         con, first, con, second, -10.0, -10.0, min_abs_us=-math.inf, p99_min_abs_us=-math.inf
     )
     rows = analysis.decomposition(con, second)
-    imbalance = analysis.moe_imbalance(con, second)
+    imbalance = moe_imbalance(con, second)
     con.close()
     flagged = {(c.layer_type, c.phase) for c in changes if c.is_regression}
     enough_calls = {(c.layer_type, c.phase) for c in changes if c.layer_type != ALL_LAYERS and c.calls_a >= 20}

@@ -7,7 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from hybridlm.trace.analysis import Change, DecompositionRow, ImbalanceRow, RuleRow, RunSummary, finite_or_none
+from hybridlm.trace.analysis import Change, DecompositionRow, RuleRow, RunSummary, finite_or_none
+from hybridlm.trace.imbalance import ImbalanceRow
 
 
 def _plain(value: Any) -> Any:

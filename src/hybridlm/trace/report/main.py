@@ -11,6 +11,7 @@ import duckdb
 
 from hybridlm.trace import analysis
 from hybridlm.trace.analysis import ALL_LAYERS, Change
+from hybridlm.trace.imbalance import moe_imbalance
 from hybridlm.trace.report.json_doc import to_json
 from hybridlm.trace.report.perfetto import write_perfetto
 from hybridlm.trace.report.plot import plot_format, write_plot
@@ -33,7 +34,7 @@ def print_profile_summary(
     file = file or sys.stdout
     color = file.isatty() if color is None else color
     rows = _decomposition(con, run_id, None)
-    imbalance = analysis.moe_imbalance(con, run_id)
+    imbalance = moe_imbalance(con, run_id)
     file.write(render_tables(rows, imbalance, run=analysis.run_summary(con, run_id), color=color))
 
 
@@ -52,8 +53,8 @@ def common_layer_types(
     types_b = {c.layer_type for c in changes if c.layer_type != ALL_LAYERS and c.calls_b > 0}
     only = {t: "baseline" for t in types_a - types_b} | {t: "candidate" for t in types_b - types_a}
     kept = [c for c in changes if c.layer_type in types_a & types_b]
-    shared = sorted(types_a & types_b, key=analysis._type_key)
-    left_out = ", ".join(f"{t} ({only[t]} only)" for t in sorted(only, key=analysis._type_key)) or "none"
+    shared = sorted(types_a & types_b, key=analysis.type_key)
+    left_out = ", ".join(f"{t} ({only[t]} only)" for t in sorted(only, key=analysis.type_key)) or "none"
     warn.write(
         f"hybridlm report: warning: baseline run {base_id} is {_describe(*identity_a)} but candidate run {run_id} "
         f"is {_describe(*identity_b)}; comparing only the layer types both have: {', '.join(shared) or 'none'}; "
@@ -116,7 +117,7 @@ def report_main(
         summary = analysis.run_summary(con, run_id)
         rows = _decomposition(con, run_id, source)
         rules = analysis.attribution_rules(con, run_id, source)
-        imbalance = analysis.moe_imbalance(con, run_id)
+        imbalance = moe_imbalance(con, run_id)
         changes = None
         extra: dict[str, Any] = {}
         if baseline is not None or run2 is not None:

@@ -40,7 +40,7 @@ def perfetto_events(con: duckdb.DuckDBPyConnection, run_id: str, *, source: str 
             return (layer_type, None)
         return (layer_type, f"stream {r[11]}" if r[11] is not None else f"thread {r[-1]}")
 
-    lanes = sorted({lane(r) for r in rows}, key=lambda k: (k[0] != "", analysis._type_key(k[0]), str(k[1])))
+    lanes = sorted({lane(r) for r in rows}, key=lambda k: (k[0] != "", analysis.type_key(k[0]), str(k[1])))
     per_type = {}
     for layer_type, _ in lanes:
         per_type[layer_type] = per_type.get(layer_type, 0) + 1

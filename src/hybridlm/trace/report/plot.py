@@ -141,8 +141,8 @@ def build_figure(con: duckdb.DuckDBPyConnection, run_id: str, *, source: str | N
     for layer_type, phase, duration in data:
         lists.setdefault((layer_type, phase or no_phase), []).append(duration)
     by_key = {key: np.asarray(values, dtype=np.float64) for key, values in lists.items()}
-    types = sorted({k[0] for k in by_key}, key=analysis._type_key)
-    phases = sorted({k[1] for k in by_key}, key=analysis._phase_key)
+    types = sorted({k[0] for k in by_key}, key=analysis.type_key)
+    phases = sorted({k[1] for k in by_key}, key=analysis.phase_key)
 
     fig = Figure(figsize=(16, 7.5))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15]})
@@ -187,7 +187,7 @@ def build_figure(con: duckdb.DuckDBPyConnection, run_id: str, *, source: str | N
         lane_of = {lane: k for k, lane in enumerate(lanes)}
         lane_key = lambda e: (e[0], e[1])  # noqa: E731
     else:  # one lane per layer type
-        lanes = sorted({e[1] for e in events}, key=analysis._type_key)
+        lanes = sorted({e[1] for e in events}, key=analysis.type_key)
         lane_labels = list(lanes)
         lane_of = {lane: k for k, lane in enumerate(lanes)}
         lane_key = lambda e: e[1]  # noqa: E731
@@ -219,7 +219,7 @@ def build_figure(con: duckdb.DuckDBPyConnection, run_id: str, *, source: str | N
     right.set_title(f"timeline of {description}", fontsize=10)
     right.grid(axis="x", alpha=0.3)
 
-    shown = sorted({t for t in types} | {e[1] for e in events}, key=analysis._type_key)
+    shown = sorted({t for t in types} | {e[1] for e in events}, key=analysis.type_key)
     handles = [Patch(facecolor=layer_color(t), edgecolor="black", label=t) for t in shown]
     if len(phases) > 1:
         handles += [Patch(facecolor="white", edgecolor="black", hatch=_HATCHES.get(p, ""), label=p) for p in phases]

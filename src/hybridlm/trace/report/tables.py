@@ -12,7 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from hybridlm.trace import analysis
-from hybridlm.trace.analysis import ALL_LAYERS, Change, DecompositionRow, ImbalanceRow, RuleRow, RunSummary
+from hybridlm.trace.analysis import ALL_LAYERS, Change, DecompositionRow, RuleRow, RunSummary
+from hybridlm.trace.imbalance import MIN_TREND_STEPS, QUARTILE_STEPS, ImbalanceRow
 from hybridlm.trace.report.formats import change, ratio, share, us, wall
 
 
@@ -98,9 +99,9 @@ def rules_table(rules: Sequence[RuleRow], source: str) -> Table:
 def imbalance_table(rows: Sequence[ImbalanceRow]) -> Table:
     table = _table(
         "MoE expert imbalance per step (max tokens on one expert / mean tokens per expert; 1.0 = even)",
-        f"MoE block p50 latency in the least / most imbalanced steps (quartiles from {analysis.QUARTILE_STEPS} "
+        f"MoE block p50 latency in the least / most imbalanced steps (quartiles from {QUARTILE_STEPS} "
         f"steps, else halves), and Spearman's rho over all steps; '-' where a phase has fewer than "
-        f"{analysis.MIN_TREND_STEPS} steps or imbalance does not vary.",
+        f"{MIN_TREND_STEPS} steps or imbalance does not vary.",
     )
     for name in ("layer", "phase"):
         table.add_column(name, justify="left", no_wrap=True)
