@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from benchmarks.common import interleaved_medians, median_time, print_table
 from hybridlm import HybridLM, get_preset
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
-from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_reference
+from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_reference
 from hybridlm.ops.moe import moe_experts_grouped, moe_experts_reference, route
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference
 
@@ -47,8 +47,8 @@ def bench_ops() -> None:
         beta = torch.rand(B, T, H, generator=g)
         t = interleaved_medians(
             {
-                "ref": lambda: gated_delta_reference(q, k, v, gd, beta),
-                "fast": lambda: gated_delta_chunked(q, k, v, gd, beta, chunk_size=64),
+                "ref": lambda: gated_deltanet_reference(q, k, v, gd, beta),
+                "fast": lambda: gated_deltanet_chunked(q, k, v, gd, beta, chunk_size=64),
             },
             repeats=3,
         )

@@ -17,7 +17,7 @@ from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
-from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_step
+from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
 from hybridlm.ops.precision import upcast
 
 if TYPE_CHECKING:
@@ -91,10 +91,10 @@ class GatedDeltaNetMixer(BlockModule):
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.in_proj_a(x)) + upcast(self.dt_bias))
 
         if is_decode:
-            o, recurrent = gated_delta_step(q[:, 0], k[:, 0], upcast(v[:, 0]), g[:, 0], beta[:, 0], state.recurrent)
+            o, recurrent = gated_deltanet_step(q[:, 0], k[:, 0], upcast(v[:, 0]), g[:, 0], beta[:, 0], state.recurrent)
             o = o[:, None]
         else:
-            o, recurrent = gated_delta_chunked(
+            o, recurrent = gated_deltanet_chunked(
                 q, k, upcast(v), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
             )
         if state is not None:

@@ -2,7 +2,7 @@
 
 - ssd: Mamba-2 state-space duality scan (reference loop, chunked, one decode step)
 - conv: causal depthwise conv1d (reference, fast, one decode step with a rolling state)
-- gated_delta: Gated DeltaNet (reference loop, chunked WY/UT form, one decode step)
+- gated_deltanet: Gated DeltaNet (reference loop, chunked WY/UT form, one decode step)
 - selective_scan: Mamba-1 selective scan (reference loop, chunked, one decode step)
 - moe: routing and expert dispatch (per-expert loop reference, grouped)
 """

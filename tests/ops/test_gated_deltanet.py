@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.gated_delta import gated_delta_chunked, gated_delta_reference, gated_delta_step
+from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_reference, gated_deltanet_step
 from tests.helpers import assert_close
 
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -80,8 +80,8 @@ def outputs_and_grads(op, inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.T
 def test_chunked_matches_reference(seq_len, chunk_size, key_dim, value_dim, num_heads, has_initial_state):
     inputs = make_inputs(2, seq_len, num_heads, key_dim, value_dim, "mixed", has_initial_state)
 
-    o_ref, state_ref, grads_ref = outputs_and_grads(gated_delta_reference, inputs)
-    o, state, grads = outputs_and_grads(gated_delta_chunked, inputs, chunk_size=chunk_size)
+    o_ref, state_ref, grads_ref = outputs_and_grads(gated_deltanet_reference, inputs)
+    o, state, grads = outputs_and_grads(gated_deltanet_chunked, inputs, chunk_size=chunk_size)
 
     assert o.shape == (2, seq_len, num_heads, value_dim)
     assert state.shape == (2, num_heads, key_dim, value_dim)
@@ -99,7 +99,7 @@ def test_chunked_matches_reference(seq_len, chunk_size, key_dim, value_dim, num_
 @pytest.mark.parametrize("has_initial_state", [False, True], ids=["zero_state", "initial_state"])
 def test_step_loop_matches_reference(has_initial_state):
     inputs = make_inputs(2, 37, 3, 32, 48, has_initial_state=has_initial_state)
-    o_ref, state_ref = gated_delta_reference(**inputs)
+    o_ref, state_ref = gated_deltanet_reference(**inputs)
 
     state = inputs["initial_state"]
     if state is None:
@@ -107,7 +107,7 @@ def test_step_loop_matches_reference(has_initial_state):
     outputs = []
     for t in range(37):
         state_before = state.clone()
-        o_t, new_state = gated_delta_step(*(inputs[name][:, t] for name in INPUT_NAMES[:5]), state=state)
+        o_t, new_state = gated_deltanet_step(*(inputs[name][:, t] for name in INPUT_NAMES[:5]), state=state)
         torch.testing.assert_close(state, state_before, rtol=0, atol=0)  # input state untouched
         outputs.append(o_t)
         state = new_state
@@ -116,11 +116,11 @@ def test_step_loop_matches_reference(has_initial_state):
     assert_close(state, state_ref)
 
 
-@pytest.mark.parametrize("op", [gated_delta_reference, gated_delta_chunked], ids=["reference", "chunked"])
+@pytest.mark.parametrize("op", [gated_deltanet_reference, gated_deltanet_chunked], ids=["reference", "chunked"])
 def test_state_carried_across_calls_equals_one_call(op):
     inputs = make_inputs(2, 100, 3, 32, 48)
     split = 37  # not a chunk boundary for chunk_size=16
-    kwargs = {"chunk_size": 16} if op is gated_delta_chunked else {}
+    kwargs = {"chunk_size": 16} if op is gated_deltanet_chunked else {}
     first = {name: None if x is None else x[:, :split] for name, x in inputs.items()}
     second = {name: None if x is None else x[:, split:] for name, x in inputs.items()}
     first["initial_state"] = second["initial_state"] = inputs["initial_state"]
@@ -136,12 +136,12 @@ def test_state_carried_across_calls_equals_one_call(op):
 
 def test_custom_scale_is_used_by_all_forms():
     inputs = make_inputs(1, 20, 2, 16, 8)
-    o_ref, _ = gated_delta_reference(**inputs, scale=0.3)
-    o_chunked, _ = gated_delta_chunked(**inputs, scale=0.3, chunk_size=8)
-    o_step, _ = gated_delta_step(
+    o_ref, _ = gated_deltanet_reference(**inputs, scale=0.3)
+    o_chunked, _ = gated_deltanet_chunked(**inputs, scale=0.3, chunk_size=8)
+    o_step, _ = gated_deltanet_step(
         *(inputs[name][:, 0] for name in INPUT_NAMES[:5]), state=inputs["initial_state"], scale=0.3
     )
-    o_default, _ = gated_delta_reference(**inputs)
+    o_default, _ = gated_deltanet_reference(**inputs)
 
     assert_close(o_chunked, o_ref)
     assert_close(o_step, o_ref[:, 0])
@@ -154,7 +154,7 @@ def test_chunked_gradcheck_float64():
     leaves = tuple(inputs[name].clone().requires_grad_() for name in INPUT_NAMES)
 
     def op(*args):
-        return gated_delta_chunked(*args, chunk_size=2)
+        return gated_deltanet_chunked(*args, chunk_size=2)
 
     assert torch.autograd.gradcheck(op, leaves)
 
@@ -164,9 +164,9 @@ def test_half_inputs_compute_in_fp32(dtype):
     inputs = make_inputs(2, 21, 3, 16, 24, dtype=dtype)
     upcast = {name: x.float() for name, x in inputs.items()}
 
-    o, state = gated_delta_chunked(**inputs, chunk_size=8)
-    o_fp32, state_fp32 = gated_delta_chunked(**upcast, chunk_size=8)
-    o_step, state_step = gated_delta_step(
+    o, state = gated_deltanet_chunked(**inputs, chunk_size=8)
+    o_fp32, state_fp32 = gated_deltanet_chunked(**upcast, chunk_size=8)
+    o_step, state_step = gated_deltanet_step(
         *(inputs[name][:, 0] for name in INPUT_NAMES[:5]), state=inputs["initial_state"]
     )
 
@@ -180,11 +180,11 @@ def test_shape_mismatch_names_the_tensor():
     inputs = make_inputs(2, 7, 3, 16, 8)
     inputs["beta"] = inputs["beta"][:, :, :2]
     with pytest.raises(ValueError, match=r"beta has shape \[2, 7, 2\], expected \[2, 7, 3\]"):
-        gated_delta_chunked(**inputs)
+        gated_deltanet_chunked(**inputs)
     inputs = make_inputs(2, 7, 3, 16, 8)
     inputs["initial_state"] = inputs["initial_state"].transpose(-1, -2)
     with pytest.raises(ValueError, match=r"initial_state has shape \[2, 3, 8, 16\], expected \[2, 3, 16, 8\]"):
-        gated_delta_reference(**inputs)
+        gated_deltanet_reference(**inputs)
 
 
 @pytest.mark.hf
@@ -205,8 +205,8 @@ def test_reference_matches_transformers_qwen3_next(decay, has_initial_state):
         output_final_state=True,
         use_qk_l2norm_in_kernel=False,
     )
-    o_ref, state_ref = gated_delta_reference(**inputs)
-    o_chunked, state_chunked = gated_delta_chunked(**inputs, chunk_size=16)
+    o_ref, state_ref = gated_deltanet_reference(**inputs)
+    o_chunked, state_chunked = gated_deltanet_chunked(**inputs, chunk_size=16)
 
     assert_close(o_ref, o_hf)
     assert_close(state_ref, state_hf)

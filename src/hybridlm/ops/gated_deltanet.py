@@ -10,11 +10,11 @@ value with a delta-rule step (the paper's gated delta rule, written here with S 
 
 Three functions, one semantics:
 
-- ``gated_delta_reference``: the recurrence above as a loop over time; the spec.
-- ``gated_delta_chunked``: the paper's chunkwise-parallel form, which extends the WY / UT-transform
+- ``gated_deltanet_reference``: the recurrence above as a loop over time; the spec.
+- ``gated_deltanet_chunked``: the paper's chunkwise-parallel form, which extends the WY / UT-transform
   algorithm of DeltaNet (Yang et al. 2024, arXiv:2406.06484) with the decay; what training and
   prefill use.
-- ``gated_delta_step``: one token of decoding against a carried state.
+- ``gated_deltanet_step``: one token of decoding against a carried state.
 
 The caller L2-normalises q and k and repeats heads for grouped attention; these ops see equal head
 counts. Every op takes an initial state (zeros when absent) and returns the final state, so a
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gated_delta_chunked", "gated_delta_reference", "gated_delta_step"]
+__all__ = ["gated_deltanet_chunked", "gated_deltanet_reference", "gated_deltanet_step"]
 
 
 def _check_shapes(
@@ -77,7 +77,7 @@ def _initial_state(state: Tensor | None, q: Tensor, v: Tensor, dtype: torch.dtyp
     return q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=dtype)
 
 
-def gated_delta_step(
+def gated_deltanet_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -112,7 +112,7 @@ def gated_delta_step(
     return o_BHV.to(v.dtype), state_BHKV
 
 
-def gated_delta_reference(
+def gated_deltanet_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -161,7 +161,7 @@ def _to_chunks(x: Tensor, chunk_size: int) -> Tensor:
     return x.reshape(*x.shape[:2], x.shape[2] // chunk_size, chunk_size, *x.shape[3:])
 
 
-def gated_delta_chunked(
+def gated_deltanet_chunked(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -171,7 +171,7 @@ def gated_delta_chunked(
     scale: float | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """The gated delta rule in chunkwise-parallel form; same results as ``gated_delta_reference``.
+    """The gated delta rule in chunkwise-parallel form; same results as ``gated_deltanet_reference``.
 
     Args:
         q, k: ``[B, T, H, K]``, already L2-normalised.
