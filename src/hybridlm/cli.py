@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hybridlm.generation import stream_generate
     from hybridlm.loading import load_model, parse_dtype, resolve_config
     from hybridlm.progress import progress
-    from hybridlm.tokenizer import ByteTokenizer
+    from hybridlm.tokenizer import ByteTokenizer, IncrementalDetokenizer
 
     # everything a user typed is checked before a model is built
     dtype = parse_dtype(args.dtype)
@@ -164,11 +164,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty")
     if isinstance(tokenizer, ByteTokenizer) and config.vocab_size < 256:
         raise ValueError(f"the byte tokenizer needs vocab_size >= 256, the model has {config.vocab_size}")
+    total, context = len(prompt_ids) + args.max_new_tokens, config.max_position_embeddings
+    if total > context and not args.allow_longer_than_context:
+        raise ValueError(
+            f"the prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) = {total} tokens, "
+            f"more than the model's context of {context}; ask for fewer tokens or pass --allow-longer-than-context"
+        )
 
     with progress(f"loading {args.model}"):
         model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
     print(args.prompt, end="", flush=True)
-    detokenizer = _detokenizer_for(tokenizer)
+    detokenizer = IncrementalDetokenizer(tokenizer)  # a character split across tokens prints once whole
     for token in stream_generate(
         model,
         [prompt_ids],
@@ -178,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         eos_token_id=tokenizer.eos_token_id,
+        allow_longer_than_context=args.allow_longer_than_context,
     ):
         print(detokenizer.add(int(token[0])), end="", flush=True)
     print(detokenizer.finish())
@@ -185,70 +192,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _resolve_device(name: str) -> Any:
-    """--device as a torch.device, or a ValueError naming it (loading.resolve_device where it exists)."""
-    from hybridlm import loading
-
-    if hasattr(loading, "resolve_device"):
-        return loading.resolve_device(name)
-    import torch
+    from hybridlm.loading import resolve_device
 
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: unknown device; expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: hybridlm runs on cpu or cuda")
-    return device
+        return resolve_device(name)
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from None
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
-    from hybridlm import generation
+    from hybridlm.generation import check_sampling
 
-    if hasattr(generation, "check_sampling"):
-        try:
-            generation.check_sampling(args.temperature, args.top_k, args.top_p)
-        except ValueError as error:
-            message = str(error)  # it names the keyword (top_p); the user typed the flag (--top-p)
-            for keyword in ("temperature", "top_k", "top_p"):
-                if message.startswith(f"{keyword} "):
-                    message = f"--{keyword.replace('_', '-')}{message.removeprefix(keyword)}"
-            raise ValueError(message) from None
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        message = str(error)  # it names the keyword (top_p); the user typed the flag (--top-p)
+        for keyword in ("temperature", "top_k", "top_p"):
+            if message.startswith(f"{keyword} "):
+                message = f"--{keyword.replace('_', '-')}{message.removeprefix(keyword)}"
+        raise ValueError(message) from None
 
 
 def _tokenizer_for(name_or_path: str):
     from hybridlm.checkpoints import load_tokenizer
 
     return load_tokenizer(name_or_path)
-
-
-class _Detokenizer:
-    """Stand-in until hybridlm.tokenizer has an incremental decoder: re-decodes all ids and prints
-    only text that ends in a complete character (a trailing U+FFFD may be half a character)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        ready = len(text.rstrip("\ufffd"))
-        if ready <= self.printed:
-            return ""
-        piece, self.printed = text[self.printed : ready], ready
-        return piece
-
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.printed = text[self.printed :], len(text)
-        return piece
-
-
-def _detokenizer_for(tokenizer: Any) -> Any:
-    return _Detokenizer(tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +287,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="random weights of a preset and sampling (default 0)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument(
+        "--allow-longer-than-context",
+        action="store_true",
+        help="run past the model's context length (max_position_embeddings) instead of refusing",
+    )
     p.set_defaults(func=cmd_generate)
 
 
