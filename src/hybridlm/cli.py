@@ -441,12 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"hybridlm {args.command}"
         debug = debug or args.debug
-        if debug:
-            print(f"{command}: debug: {'; '.join(notes)}", file=sys.stderr)
         if args.threads is not None:
             import torch
 
             torch.set_num_threads(args.threads)
+        if debug:
+            if "torch" in sys.modules:  # loaded by now for every command but a bad one
+                notes.append(f"torch threads {sys.modules['torch'].get_num_threads()}")
+            print(f"{command}: debug: {'; '.join(notes)}", file=sys.stderr)
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return status
