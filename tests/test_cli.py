@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hybridlm.accounting import count_params
-from hybridlm.config import HybridConfig
+from hybridlm.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["info", "generate", "profile", "report", "query", "import", "convert"]
@@ -51,7 +51,7 @@ def test_info_of_saved_checkpoint_matches_preset(tmp_path):
     from hybridlm.checkpoints import save_pretrained
     from hybridlm.model import HybridLM
 
-    config = HybridConfig.from_preset("debug-tiny")
+    config = get_preset("debug-tiny")
     save_pretrained(HybridLM(config), tmp_path / "ckpt")
     result = run("info", str(tmp_path / "ckpt"), "--json")
     assert result.returncode == 0, result.stderr
@@ -82,7 +82,7 @@ def _rigged_checkpoint(path: Path, token_ids: list[int]) -> Path:
     from hybridlm.model import HybridLM
 
     assert len(set(token_ids)) == len(token_ids)
-    model = HybridLM(HybridConfig.from_preset("debug-tiny"))
+    model = HybridLM(get_preset("debug-tiny"))
     assert not model.config.tie_word_embeddings
     with torch.no_grad():
         for parameter in model.layers.parameters():

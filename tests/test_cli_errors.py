@@ -94,10 +94,10 @@ def test_user_error_is_one_line(workdir, args, command, words):
 def test_generate_checks_its_arguments_before_building_the_model(tmp_path):
     """A checkpoint with a config and no weights: the flags are refused, not the missing weights."""
     from hybridlm.checkpoints import save_pretrained
-    from hybridlm.config import HybridConfig
     from hybridlm.model import HybridLM
+    from hybridlm.presets import get_preset
 
-    checkpoint = save_pretrained(HybridLM(HybridConfig.from_preset("debug-tiny")), tmp_path / "ckpt")
+    checkpoint = save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "ckpt")
     for path in checkpoint.iterdir():
         if path.name != "config.json":
             path.unlink()

@@ -332,14 +332,6 @@ class HybridConfig:
         return {layer_type_name(c): self.pattern.count(c) for c in BLOCKS if c in self.pattern}
 
     # -- constructors and serialisation ------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, preset: str, /, **overrides: Any) -> HybridConfig:
-        """Deprecated: use ``hybridlm.presets.get_preset``. Kept only while callers move (issue 7): it
-        is the one place config reaches presets, and goes with its last caller."""
-        from hybridlm.presets import get_preset
-
-        return get_preset(preset, **overrides)
-
     def replace(self, **overrides: Any) -> HybridConfig:
         """A copy with top-level fields replaced (sub-configs may be given as dicts)."""
         return dataclasses.replace(self, **overrides)

@@ -9,14 +9,15 @@ import textwrap
 import duckdb
 import torch
 
-from hybridlm import HybridConfig, HybridLM, generate
+from hybridlm import HybridLM, generate
+from hybridlm.presets import get_preset
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.store import TraceStore
 
 
 def _traced_generate(path, pattern="MEGm*-EM", prompts=((1, 2, 3, 4, 5), (6, 7)), new_tokens=6):
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset("debug-tiny", pattern=pattern)).eval()
+    model = HybridLM(get_preset("debug-tiny", pattern=pattern)).eval()
     with TraceStore(path) as store:
         tracer = Tracer(store, model="debug-tiny").attach(model)
         generate(model, [list(p) for p in prompts], new_tokens)
@@ -70,7 +71,7 @@ def test_routing_rows_count_every_token_expert_assignment(tmp_path):
 
 
 def test_phase_is_train_for_a_training_model_and_explicit_steps_group_calls(tmp_path):
-    model = HybridLM(HybridConfig.from_preset("debug-tiny", pattern="M*E")).train()
+    model = HybridLM(get_preset("debug-tiny", pattern="M*E")).train()
     ids = torch.randint(0, 256, (2, 9))
     with TraceStore(tmp_path / "t.duckdb") as store:
         tracer = Tracer(store).attach(model)
@@ -86,7 +87,7 @@ def test_phase_is_train_for_a_training_model_and_explicit_steps_group_calls(tmp_
 
 
 def test_a_second_observer_is_refused(tmp_path):
-    model = HybridLM(HybridConfig.from_preset("debug-tiny", pattern="M")).eval()
+    model = HybridLM(get_preset("debug-tiny", pattern="M")).eval()
     with TraceStore(tmp_path / "t.duckdb") as store:
         Tracer(store).attach(model)
         try:
@@ -102,11 +103,11 @@ def test_sigkill_keeps_every_flushed_event(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
-        from hybridlm import HybridConfig, HybridLM, generate
+        from hybridlm import HybridLM, generate, get_preset
         from hybridlm.trace.recorder import Tracer
         from hybridlm.trace.store import TraceStore
         torch.manual_seed(0)
-        model = HybridLM(HybridConfig.from_preset("debug-tiny")).eval()
+        model = HybridLM(get_preset("debug-tiny")).eval()
         store = TraceStore({str(path)!r}, flush_every=10**9)
         tracer = Tracer(store).attach(model)
         flushed = 0
