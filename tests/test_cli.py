@@ -58,6 +58,15 @@ def test_info_of_saved_checkpoint_matches_preset(tmp_path):
     assert json.loads(result.stdout)["params"]["total"] == count_params(config).total
 
 
+def test_info_notes_a_context_longer_than_the_models():
+    context = get_preset("debug-tiny").max_position_embeddings
+    assert run("info", "debug-tiny", "--context", str(context), "--json").stderr == ""
+    result = run("info", "debug-tiny", "--context", str(context + 1), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"note: --context {context + 1:,} is more than the model's context of {context:,}")
+    assert json.loads(result.stdout)["memory"]["context"] == context + 1
+
+
 def test_generate_prints_prompt_and_continuation():
     result = run("generate", "debug-tiny", "--prompt", "abc", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr

@@ -139,6 +139,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     dtype = parse_dtype(args.dtype)
     config = resolve_config(args.model)
+    if args.context > config.max_position_embeddings:
+        print(
+            f"note: --context {args.context:,} is more than the model's context of "
+            f"{config.max_position_embeddings:,} tokens (max_position_embeddings)",
+            file=sys.stderr,
+        )
     report = info_report(config, args.context, args.batch_size, dtype)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -248,6 +254,8 @@ def _cpu_count() -> int:
 
 
 _positive_int = _int_between(1)
+# sizes past 2**40 tokens or sequences are typing mistakes, and their byte counts stop being readable
+_size = _int_between(1, 2**40, "2**40")
 # torch.manual_seed takes an unsigned 64-bit seed
 _seed = _int_between(0, 2**64 - 1, "2**64 - 1")
 # more threads than CPUs only makes OpenMP threads wait on each other
@@ -263,8 +271,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "Reads only the config: no weights are loaded.",
     )
     p.add_argument("model", help="preset name or checkpoint directory")
-    p.add_argument("--context", type=_positive_int, default=131072, help="tokens per sequence (default 131072)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences (default 1)")
+    p.add_argument("--context", type=_size, default=131072, help="tokens per sequence (default 131072)")
+    p.add_argument("--batch-size", type=_size, default=1, help="sequences (default 1)")
     p.add_argument("--dtype", default="bfloat16", help="KV and conv state dtype (default bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_info)
