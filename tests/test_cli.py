@@ -73,6 +73,38 @@ def test_generate_prints_prompt_and_continuation():
     assert result.stdout.startswith("abc")
 
 
+def _stderr_on_a_terminal(*args: str) -> str:
+    """Run the command with stderr on a pseudo-terminal (stdout piped); what the terminal received."""
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_PROGRESS"}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hybridlm", *args], stdout=subprocess.PIPE, stderr=follower, env=env
+    )
+    os.close(follower)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO once the child closed its end (Linux)
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(leader)
+    process.communicate(timeout=300)
+    assert process.returncode == 0, received
+    return received.decode(errors="replace")
+
+
+def test_generate_shows_a_spinner_only_on_a_terminal():
+    args = ("generate", "debug-tiny", "--prompt", "hi", "--max-new-tokens", "2")
+    assert "building debug-tiny (random weights)" in _stderr_on_a_terminal(*args)
+    piped = run(*args, env={"HYBRIDLM_PROGRESS": ""})
+    assert piped.returncode == 0 and "building" not in piped.stderr
+
+
 # -- streamed text is whole characters -----------------------------------------------------------
 
 # 1-, 2-, 3- and 4-byte characters whose 13 UTF-8 bytes are all different, so a table "this byte ->

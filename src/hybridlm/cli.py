@@ -156,6 +156,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from hybridlm.generation import stream_generate
     from hybridlm.loading import load_model, parse_dtype, resolve_config
+    from hybridlm.presets import PRESETS
     from hybridlm.progress import progress
     from hybridlm.tokenizer import ByteTokenizer, IncrementalDetokenizer
 
@@ -177,7 +178,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"more than the model's context of {context}; ask for fewer tokens or pass --allow-longer-than-context"
         )
 
-    with progress(f"loading {args.model}"):
+    if args.model in PRESETS:
+        with progress(f"building {args.model} (random weights)"):
+            model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
+    else:  # the checkpoint reader draws its own bar, and two live displays would overwrite each other
         model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
     print(args.prompt, end="", flush=True)
     detokenizer = IncrementalDetokenizer(tokenizer)  # a character split across tokens prints once whole
