@@ -274,10 +274,10 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "generation state takes at a given context, next to an all-attention model of the same depth. "
         "Reads only the config: no weights are loaded.",
     )
-    p.add_argument("model", help="preset name or checkpoint directory")
-    p.add_argument("--context", type=_size, default=131072, help="tokens per sequence (default 131072)")
-    p.add_argument("--batch-size", type=_size, default=1, help="sequences (default 1)")
-    p.add_argument("--dtype", default="bfloat16", help="KV and conv state dtype (default bfloat16)")
+    p.add_argument("model", metavar="MODEL", help="preset name or checkpoint directory")
+    p.add_argument("--context", type=_size, default=131072, metavar="N", help="tokens per sequence (default 131072)")
+    p.add_argument("--batch-size", type=_size, default=1, metavar="N", help="sequences (default 1)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the KV cache and conv state (default bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_info)
 
@@ -290,14 +290,30 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "(the text is noise; useful for timing); a checkpoint directory loads real weights and its "
         "tokenizer.json (UTF-8 bytes without one).",
     )
-    p.add_argument("model", help="preset name (random weights) or checkpoint directory")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); higher samples")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens holding P (0-1]")
-    p.add_argument("--seed", type=_seed, default=0, help="random weights of a preset and sampling (default 0)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("model", metavar="MODEL", help="preset name (random weights) or checkpoint directory")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, metavar="N", help="tokens to generate (default 32)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 (default) is greedy"
+    )
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="sample among the K likeliest tokens")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="sample among the likeliest tokens that hold P, in (0, 1]",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
+        help="seed of a preset's random weights and of sampling (default 0)",
+    )
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto, as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--allow-longer-than-context",
