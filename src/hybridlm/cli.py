@@ -404,17 +404,19 @@ def _global_options(argv: Sequence[str]) -> tuple[bool, bool, int | None]:
 
 def _configure_threads(threads: int | None) -> list[str]:
     """Set the OpenMP environment before torch loads; returns notes for --debug."""
-    notes = []
+    notes, changed = [], False
     if "OMP_WAIT_POLICY" in os.environ:
         notes.append(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} (yours)")
     else:
         # spin-waiting OpenMP threads starve each other on shared machines: up to 30x slower decode
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         notes.append("OMP_WAIT_POLICY=PASSIVE (set by hybridlm)")
+        changed = True
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+        changed = True
     notes.append(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    if "torch" in sys.modules:
+    if changed and "torch" in sys.modules:  # main() called from Python after torch was imported
         notes.append("torch was loaded before these were set, so OpenMP did not see them")
     return notes
 
