@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/hybridlm info debug-small --context 32768
+	$(BIN)/hybridlm info debug-small --context 8192
 	$(BIN)/hybridlm generate debug-small --prompt "Hybrid models keep state, not a cache: " --max-new-tokens 24
 	rm -f out/demo.duckdb
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/hybridlm profile debug-small --db out/demo.duckdb
