@@ -127,8 +127,17 @@ def test_bad_prompt_is_a_value_error_naming_input_ids(model, prompts):
 def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 4.0, 0.0]])
     generator = torch.Generator().manual_seed(0)
-    for temperature in (1e-30, 1e-45):
+    for temperature in (1e-30, 1e-45, 1e-320, 5e-324):  # the last two are 0 once cast to float32
         assert sample(logits, temperature, generator=generator).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-46, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    """top_p smaller than any probability keeps exactly the top token (1e-300 rounds to 0 in float32)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 4.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert sample(logits, 1.0, top_p=top_p, generator=generator).tolist() == [1, 0]
 
 
 @pytest.fixture(scope="module")

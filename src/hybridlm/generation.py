@@ -93,7 +93,8 @@ def sample(
 ) -> Tensor:
     """logits [B, V] -> token ids [B]; greedy when temperature is 0."""
     check_sampling(temperature, top_k, top_p)
-    if temperature == 0.0:
+    # A temperature below float32's reciprocal range (1e-320) is 0 once cast: that limit is greedy.
+    if temperature < 1.0 / torch.finfo(torch.float32).max:
         return logits.argmax(dim=-1)
     # Shift by the maximum before dividing, so a tiny temperature gives -inf and 0, never inf - inf.
     logits = logits.float()
@@ -105,6 +106,7 @@ def sample(
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and always the most likely token (a top_p that rounds to 0 in fp32 drops none)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
