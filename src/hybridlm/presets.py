@@ -132,6 +132,7 @@ def nemotron_3_nano_30b_a3b() -> HybridConfig:
         ),
         norm_eps=1e-5,
         tie_word_embeddings=False,
+        max_position_embeddings=262144,  # the model card's 262K-token context (no RoPE: a limit, not a table)
         num_hidden_layers=52,
     )
 
