@@ -98,3 +98,35 @@ def test_profile_on_a_device_this_machine_lacks_is_one_clear_line(tmp_path):
         assert "Traceback" not in result.stderr and message in result.stderr
         assert result.stderr.strip().count("\n") == 0
     assert not db.exists()  # refused before anything was traced
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--requests", "100000000000000000000"], "--requests 100000000000000000000: give 1 to 100,000"),
+        (["--new-tokens", "0"], "--new-tokens 0: give 1 to"),
+        (["--batch-size", "0"], "--batch-size 0: give 1 to"),
+        (["--prompt-len", "9-3"], "--prompt-len 9-3: need 1 <= MIN <= MAX"),
+        (["--db", "{tmp}/afile.txt/x.duckdb"], "afile.txt is a file, not a directory"),
+        (["--db", "{tmp}"], "is a directory; give a file name"),
+    ],
+    ids=["huge-requests", "no-new-tokens", "no-batch", "inverted-prompt-range", "file-as-parent", "dir-as-db"],
+)
+def test_profile_refuses_a_bad_workload_before_building_the_model(tmp_path, args, message):
+    """One line, nothing else on stderr: the preset's 'random weights' note would come from building the model
+    (and 10**20 requests used to hang building prompts)."""
+    (tmp_path / "afile.txt").write_text("mine")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = hybridlm("profile", "debug-tiny", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridlm profile: error: ")
+    assert message in result.stderr and "random weights" not in result.stderr
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_report_refuses_a_gate_threshold_that_is_not_a_positive_fraction(kineto_db, value):
+    result = hybridlm("report", str(kineto_db), "--p50-threshold", value)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"--p50-threshold {float(value)}" in result.stderr

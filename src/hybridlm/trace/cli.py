@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from hybridlm.trace.analysis import P50_THRESHOLD, P99_THRESHOLD
 from hybridlm.trace.schema import TraceError
@@ -33,11 +35,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from hybridlm.loading import load_model, parse_dtype
     from hybridlm.trace.profile import Workload, run_profile
     from hybridlm.trace.report import print_profile_summary
-    from hybridlm.trace.store import TraceStore, open_readonly
+    from hybridlm.trace.store import TraceStore, check_trace_path, open_readonly
 
     low, high = args.prompt_len
     workload = Workload(args.batch_size, low, high, args.new_tokens, args.requests, args.seed)
-    workload.batches(1)  # a bad workload is refused before the model is built
+    workload.check()  # a bad workload, device or database path is refused before the model is built
+    check_trace_path(Path(args.db))
     device = check_device(args.device)
     dtype = parse_dtype(args.dtype)
     model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
@@ -60,6 +63,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from hybridlm.trace.report import report_main
+
+    for flag, value in (("--p50-threshold", args.p50_threshold), ("--p99-threshold", args.p99_threshold)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: give the fraction of a rise that fails the gate, > 0 (3.0 = +300%)")
 
     return report_main(
         args.db,

@@ -25,6 +25,11 @@ from hybridlm.progress import progress
 from hybridlm.trace.recorder import Tracer
 from hybridlm.trace.store import TraceStore
 
+# A profile is a sample, not a benchmark of endurance: past these a flag is a typo (the prompts are
+# built in memory up front, so 10**20 requests would never start).
+MAX_REQUESTS = 100_000
+MAX_PROMPT_LEN = 1_000_000
+
 
 @dataclass
 class Workload:
@@ -35,12 +40,23 @@ class Workload:
     num_requests: int = 16
     seed: int = 0
 
+    def check(self) -> None:
+        """A ValueError naming the flag for a workload that cannot run (or would never end)."""
+        if self.min_prompt_len < 1 or self.max_prompt_len < self.min_prompt_len:
+            raise ValueError(f"--prompt-len {self.min_prompt_len}-{self.max_prompt_len}: need 1 <= MIN <= MAX")
+        if self.max_prompt_len > MAX_PROMPT_LEN:
+            raise ValueError(f"--prompt-len {self.max_prompt_len}: at most {MAX_PROMPT_LEN:,} tokens per prompt")
+        for flag, value, most in (
+            ("--batch-size", self.batch_size, MAX_REQUESTS),
+            ("--requests", self.num_requests, MAX_REQUESTS),
+            ("--new-tokens", self.new_tokens, MAX_PROMPT_LEN),
+        ):
+            if not 1 <= value <= most:
+                raise ValueError(f"{flag} {value}: give 1 to {most:,}")
+
     def batches(self, vocab_size: int) -> list[list[list[int]]]:
         """The prompts, as token lists grouped in batches (deterministic in ``seed``)."""
-        if self.min_prompt_len < 1 or self.max_prompt_len < self.min_prompt_len:
-            raise ValueError(f"prompt lengths {self.min_prompt_len}-{self.max_prompt_len}: need 1 <= min <= max")
-        if self.batch_size < 1 or self.num_requests < 1 or self.new_tokens < 0:
-            raise ValueError("batch size and number of requests must be >= 1, new tokens >= 0")
+        self.check()
         rng = random.Random(self.seed)
         prompts = [
             [rng.randrange(vocab_size) for _ in range(rng.randint(self.min_prompt_len, self.max_prompt_len))]

@@ -110,6 +110,29 @@ def _not_a_trace(path: Path, kind: str) -> TraceError:
     return TraceError(f"{path}: is {what}; expected {_EXPECTED}.{hint}")
 
 
+def check_trace_path(path: Path) -> None:
+    """Refuse, before anything is built or written, a path a trace database cannot be written to:
+    another kind of file, a directory, or a file standing where a parent directory must be."""
+    for ancestor in reversed(path.parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            raise TraceError(f"{path}: {ancestor} is a file, not a directory")
+    if path.is_dir():
+        raise TraceError(f"{path} is a directory; give a file name for the trace database")
+    if path.exists():
+        kind = _sniff(path)
+        if kind not in ("duckdb", "empty"):
+            raise _not_a_trace(path, kind)
+
+
+def make_parent_dirs(path: Path) -> None:
+    """Create ``path``'s missing parent directories; a file standing where a directory must be is a
+    TraceError naming it (``mkdir`` would only say "File exists")."""
+    for ancestor in reversed(path.parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            raise TraceError(f"{path}: {ancestor} is a file, not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 class TraceStore:
     """Buffered writer of runs, events and routing rows to one DuckDB file.
 
@@ -122,11 +145,8 @@ class TraceStore:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.path = Path(path)
         self.flush_every = flush_every
-        if self.path.exists() and self.path.is_file():
-            kind = _sniff(self.path)
-            if kind not in ("duckdb", "empty"):
-                raise _not_a_trace(self.path, kind)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_trace_path(self.path)
+        make_parent_dirs(self.path)
         try:
             self._con = duckdb.connect(str(self.path))
         except duckdb.Error as e:

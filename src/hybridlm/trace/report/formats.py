@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from hybridlm.trace.store import make_parent_dirs
+
 
 def us(x: float | None) -> str:
     """Microseconds with as many digits as a duration needs."""
@@ -41,7 +43,7 @@ def write_staged(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(staging_path)`` for a file beside ``path``, then move it onto ``path``: a failed
     or interrupted write never leaves a half-written file where the user's was. Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_dirs(path)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     try:
