@@ -73,10 +73,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint between hybridlm's format and a Hugging Face family's")
-    p.add_argument("src", help="checkpoint directory (hybridlm or Hugging Face), or a preset name (random weights)")
+    about = "convert a checkpoint between hybridlm's format and a Hugging Face family's"
+    p = sub.add_parser(
+        "convert",
+        help=about,
+        description=f"{about}. DST must not exist, be empty, or (with --overwrite) hold a previous checkpoint; "
+        "the new one is written beside it and moved into place at the end. Tokenizer files, chat template, "
+        "generation config, README and LICENSE come along from SRC.",
+    )
+    p.add_argument(
+        "src", metavar="SRC", help="checkpoint directory (hybridlm or Hugging Face), or a preset name (random weights)"
+    )
     p.add_argument(
         "dst",
+        metavar="DST",
         help="directory to write: new, empty, or (with --overwrite) a previous checkpoint; never anything else",
     )
     p.add_argument("--to", choices=("hf", "hybridlm"), required=True, help="format to write")
@@ -86,8 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Hugging Face family for --to hf (default: the source's family, else chosen from the block types)",
     )
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: as stored)")
-    p.add_argument("--max-shard-size", default=None, help="split the weights into shards, e.g. 5GB")
+    p.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: as stored)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE", help="split the weights into shards, e.g. 5GB")
     p.add_argument(
         "--overwrite", action="store_true", help="replace DST when it holds a previous checkpoint (and nothing else)"
     )

@@ -110,21 +110,32 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="trace a prefill + decode workload and print the per-layer-type decomposition")
-    p.add_argument("model", help="preset name (random weights) or checkpoint directory")
+    about = "trace a prefill + decode workload and print the per-layer-type decomposition"
+    p = sub.add_parser(
+        "profile",
+        help=about,
+        description=f"{about}. Random prompts (seeded) run in batches through the model with every block call "
+        "timed into a DuckDB file; `hybridlm report` and `hybridlm query` read it.",
+    )
+    p.add_argument("model", metavar="MODEL", help="preset name (random weights) or checkpoint directory")
     p.add_argument("--db", default="trace.duckdb", help="DuckDB file to write (runs accumulate; default trace.duckdb)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="prompts per batch (default 4)")
     p.add_argument("--prompt-len", type=_prompt_range, default=(16, 128), help="LEN or MIN-MAX (default 16-128)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--requests", type=int, default=16, help="number of prompts (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens generated per prompt (default 32)")
+    p.add_argument("--requests", type=int, default=16, metavar="N", help="number of prompts (default 16)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the prompts and a preset's weights")
+    p.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: as stored)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--kernels", action="store_true", help="also record every operator/kernel under torch.profiler")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("report", help="decomposition tables, baseline comparison (CI gate), PNG and Perfetto")
-    p.add_argument("db")
+    about = "decomposition tables, baseline comparison (CI gate), PNG and Perfetto"
+    p = sub.add_parser(
+        "report",
+        help=about,
+        description=f"{about}. With --baseline, exits 1 when a layer type got slower beyond the thresholds.",
+    )
+    p.add_argument("db", metavar="DB", help="trace database (DuckDB file) written by profile or import")
     p.add_argument("--run", default=None, help="run id (default: the latest)")
     p.add_argument("--baseline", default=None, help="DuckDB file of the baseline run")
     p.add_argument("--run2", default=None, help="run id in the baseline file (default: its latest)")
@@ -134,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write the latency distributions and a step's timeline to exactly this file (PNG; .pdf / .svg by suffix)",
     )
     p.add_argument("--perfetto", default=None, help="write a Chrome/Perfetto trace JSON")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.add_argument(
         "--source", default=None, help="events to decompose: layer, cuda, cpu, ... (default: best available)"
     )
@@ -148,17 +159,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"flag a p99 rise above this fraction (default {P99_THRESHOLD:g})")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("query", help="run one read-only SQL statement on a trace database and print the result")
-    p.add_argument("db", help="trace database (DuckDB file); opened read-only, never created")
-    p.add_argument("sql", help="one statement: SELECT, SHOW, DESCRIBE, EXPLAIN, PRAGMA or CALL")
+    about = "run one read-only SQL statement on a trace database and print the result"
+    p = sub.add_parser("query", help=about, description=f"{about} (tables: runs, events, routing).")
+    p.add_argument("db", metavar="DB", help="trace database (DuckDB file); opened read-only, never created")
+    p.add_argument("sql", metavar="SQL", help="one statement: SELECT, SHOW, DESCRIBE, EXPLAIN, PRAGMA or CALL")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     output.add_argument("--csv", action="store_true", help="print CSV (RFC 4180, header row, NULL as empty field)")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("import", help="import a Kineto JSON, Nsight Systems SQLite or Ingero SQLite trace")
-    p.add_argument("file")
-    p.add_argument("--db", default="trace.duckdb")
+    about = "import a Kineto JSON, Nsight Systems SQLite or Ingero SQLite trace"
+    p = sub.add_parser(
+        "import",
+        help=about,
+        description=f"{about} as a new run, its kernels attributed to layer types where the trace says so.",
+    )
+    p.add_argument("file", metavar="FILE", help="torch.profiler/Kineto .json or .json.gz, Nsight .sqlite, Ingero .db")
+    p.add_argument("--db", default="trace.duckdb", help="DuckDB file to add the run to (default trace.duckdb)")
     p.set_defaults(func=cmd_import)
 
 
