@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/hybridlm info debug-small --context 8192
 	$(BIN)/hybridlm generate debug-small --prompt "Hybrid models keep state, not a cache: " --max-new-tokens 24
 	rm -f out/demo.duckdb
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/hybridlm profile debug-small --db out/demo.duckdb
+	$(BIN)/hybridlm profile debug-small --db out/demo.duckdb
 	$(BIN)/hybridlm report out/demo.duckdb --plot out/demo.png --perfetto out/demo.perfetto.json > /dev/null
 	@echo "wrote out/demo.duckdb, out/demo.png and out/demo.perfetto.json (open it in ui.perfetto.dev)"
 
