@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +14,23 @@ from hybridlm.presets import get_preset
 def tiny_config(pattern: str = "MEGm*-EM", **overrides) -> HybridConfig:
     """debug-tiny with another pattern: every sub-config present, so any pattern is valid."""
     return get_preset("debug-tiny", pattern=pattern, **overrides)
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, clean_env: bool = False, **kwargs
+) -> subprocess.CompletedProcess:
+    """The real ``hybridlm`` command (``python -m hybridlm``) in a subprocess, as a user runs it.
+
+    Progress bars off and no inherited HYBRIDLM_DEBUG, so stderr holds exactly what a user's error would.
+    ``clean_env`` also drops the caller's OMP_* / GOMP_* settings (for tests of the threading setup).
+    """
+    base = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_DEBUG"}
+    if clean_env:
+        base = {k: v for k, v in base.items() if not k.startswith(("OMP_", "GOMP_", "HYBRIDLM_"))}
+    command = [sys.executable, "-m", "hybridlm", *args]
+    environment = {**base, "HYBRIDLM_PROGRESS": "0", **(env or {})}
+    kwargs.setdefault("timeout", 300)
+    return subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd, env=environment, **kwargs)
 
 
 # Default relative tolerance by the dtype of the result under test. float32 and float64: about 100 units of

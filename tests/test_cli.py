@@ -14,20 +14,13 @@ import torch
 
 from hybridlm.accounting import count_params
 from hybridlm.presets import get_preset
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["info", "generate", "profile", "report", "query", "import", "convert"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hybridlm", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "HYBRIDLM_PROGRESS": "0", **(env or {})},
-    )
+run = run_cli
 
 
 def test_info_json_for_nemotron():

@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "HYBRIDLM_PROGRESS": "0"}
-ENV.pop("HYBRIDLM_DEBUG", None)
+from tests.helpers import run_cli
 
-
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hybridlm", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=cwd,
-        env={**ENV, **(env or {})},
-    )
+run = run_cli
+ENV = {**{k: v for k, v in os.environ.items() if k != "HYBRIDLM_DEBUG"}, "HYBRIDLM_PROGRESS": "0"}  # for Popen
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, command: str, *words: str) -> str:

@@ -8,18 +8,16 @@ So these tests check the setting reached OpenMP, not merely os.environ.
 import os
 import re
 import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import run_cli
 
 SPIN_COUNTS = {"PASSIVE": "0", "ACTIVE": "30000000000"}
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "HYBRIDLM_"))}
-    environment.update(OMP_DISPLAY_ENV="VERBOSE", HYBRIDLM_PROGRESS="0", **env)
-    command = [sys.executable, "-m", "hybridlm", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=environment)
+    return run_cli(*args, env={"OMP_DISPLAY_ENV": "VERBOSE", **env}, clean_env=True)
 
 
 def openmp_settings(stderr: str) -> dict[str, str]:

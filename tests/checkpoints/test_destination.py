@@ -19,24 +19,15 @@ import hybridlm
 from hybridlm.checkpoints import save_pretrained
 from hybridlm.model import HybridLM
 from hybridlm.presets import get_preset
+from tests.helpers import run_cli
 
 
 def _cli(*args: str, cwd=None, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYBRIDLM_PROGRESS": "0"}
-
     def limit_file_size() -> None:  # a real write failure (EFBIG) that root cannot bypass, unlike chmod
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run(
-        [sys.executable, "-m", "hybridlm.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-        cwd=cwd,
-        preexec_fn=limit_file_size if file_size_limit else None,
-    )
+    preexec = limit_file_size if file_size_limit else None
+    return run_cli(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, preexec_fn=preexec)
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:

@@ -2,9 +2,7 @@
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from hybridlm.presets import get_preset
 from hybridlm.tokenizer import ByteTokenizer
 from tests.checkpoints.hf_tiny import build_nemotron_h, save_tiny
 from tests.checkpoints.parity import LOGIT_ATOL, hf_logits, max_diff, ours_logits, prompts
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.hf
 transformers = pytest.importorskip("transformers")
@@ -88,9 +87,7 @@ def test_native_and_hf_round_trip_is_lossless(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "hybridlm.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env)
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def _write_tokenizer(directory) -> None:

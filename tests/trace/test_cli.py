@@ -2,13 +2,11 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, run_cli
 
 KINETO = FIXTURES / "kineto" / "sampled_rank-1.json.gz"
 QUERY = (
@@ -18,10 +16,7 @@ QUERY = (
 )
 
 
-def hybridlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hybridlm.cli", *args], capture_output=True, text=True, timeout=600, check=False
-    )
+hybridlm = run_cli
 
 
 @pytest.fixture(scope="module")
