@@ -295,6 +295,25 @@ def test_plot_is_written_to_exactly_the_path_printed(recorded, tmp_path, capsys)
     assert path.read_bytes() == before and not (tmp_path / "plot.txt").exists()
 
 
+def test_plot_and_perfetto_replace_only_their_own_earlier_output(recorded, tmp_path, capsys):
+    """Re-running a report over its own PNG / trace JSON is the normal loop; a user's other file in the way
+    (a checkpoint's config.json, notes without a suffix) is refused, untouched."""
+    path = recorded[0]
+    plot, trace = tmp_path / "plot", tmp_path / "trace.json"
+    for _ in range(2):
+        assert report.report_main(path, plot=plot, perfetto=trace) == 0
+    capsys.readouterr()
+    assert png_size(plot)[0] > 0 and "traceEvents" in json.loads(trace.read_text())
+    config, notes = tmp_path / "config.json", tmp_path / "notes"
+    config.write_text('{"model_type": "nemotron_h"}')
+    notes.write_text("my notes")
+    with pytest.raises(TraceError, match=r"config\.json: exists and is not a Perfetto/Chrome trace JSON"):
+        report.report_main(path, perfetto=config)
+    with pytest.raises(TraceError, match="notes: exists and is not a PNG image"):
+        report.report_main(path, plot=notes)
+    assert config.read_text() == '{"model_type": "nemotron_h"}' and notes.read_text() == "my notes"
+
+
 def test_report_main_prints_writes_and_compares(recorded, tmp_path, capsys):
     path, first, second = recorded
     plot, trace = tmp_path / "out.png", tmp_path / "out.json"

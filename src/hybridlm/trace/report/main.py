@@ -70,6 +70,22 @@ def _check_output(path: str | os.PathLike, inputs: list[str | os.PathLike], what
             raise TraceError(f"--{what} {path}: is the trace database being read; choose another file name")
     if target.is_dir():
         raise TraceError(f"--{what} {path}: is a directory; give a file name")
+    # Replace only a file of the kind this option writes (a previous report's output), never the user's others.
+    if target.is_file() and target.stat().st_size and not _is_own_output(target, what):
+        kind = "a Perfetto/Chrome trace JSON" if what == "perfetto" else f"a {plot_format(path).upper()} image"
+        raise TraceError(f"--{what} {path}: exists and is not {kind}; remove it or choose another file name")
+
+
+# The first bytes of the files `report` writes: PNG, PDF and SVG images, and Chrome trace-event JSON.
+_IMAGE_MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xml", b"<svg")}
+
+
+def _is_own_output(path: Path, what: str) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    if what == "perfetto":
+        return head.lstrip().startswith(b"{") and b'"traceEvents"' in head
+    return head.startswith(_IMAGE_MAGIC[plot_format(path)])
 
 
 def report_main(
