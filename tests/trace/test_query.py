@@ -82,7 +82,7 @@ def test_sql_errors_are_trace_errors_with_duckdb_message(kineto_db):
         run_query(kineto_db, "SELEC name FROM events")
     with pytest.raises(TraceError, match=r'query failed: Binder Error: Referenced column "durration_us"'):
         run_query(kineto_db, "SELECT durration_us FROM events")
-    with pytest.raises(TraceError, match=r"read-only; got a DELETE statement"):
+    with pytest.raises(TraceError, match=r"read-only; this is a DELETE statement"):
         run_query(kineto_db, "DELETE FROM events")
     with pytest.raises(TraceError, match=r"nowhere\.duckdb: no such file"):
         run_query(kineto_db.parent / "nowhere.duckdb", "SELECT 1")
@@ -129,6 +129,24 @@ def test_cells_and_headers_are_printed_literally(kineto_db):
     lines = format_table(columns, rows).splitlines()
     assert lines[0].split() == ["a", "b", "c", "[red]d"]
     assert lines[2].split() == ["[true,", "false]", "[/]", "[bold]x[/bold]", ":smile:"]
+
+
+def test_control_characters_are_shown_escaped_in_the_table_and_kept_in_json(kineto_db):
+    """A trace can hold any name; an ESC sequence in a cell must not drive the user's terminal."""
+    sql = "SELECT chr(27) || '[31mRED' AS esc, 'a' || chr(10) || 'b' || chr(13) AS two_lines"
+    columns, rows = run_query(kineto_db, sql)
+    table = format_table(columns, rows)
+    assert not any(ord(c) < 0x20 and c != "\n" for c in table) and len(table.splitlines()) == 4
+    assert table.splitlines()[2].split() == ["\\x1b[31mRED", "a\\nb\\r"]
+    assert json.loads(format_json(columns, rows)) == [{"esc": "\x1b[31mRED", "two_lines": "a\nb\r"}]
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"), [("ATTACH 'x.duckdb' AS x", "an ATTACH statement"), ("INSTALL httpfs", "an INSTALL or LOAD")]
+)
+def test_refused_statements_are_named_as_a_user_wrote_them(kineto_db, sql, named):
+    with pytest.raises(TraceError, match=f"read-only; this is {named}"):
+        run_query(kineto_db, sql)
 
 
 def test_several_statements_are_refused_by_name(kineto_db):

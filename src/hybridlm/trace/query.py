@@ -43,6 +43,12 @@ from hybridlm.trace.store import open_readonly
 _READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL"}
 
 
+def _statement_name(kind: str) -> str:
+    """duckdb's StatementType as a user reads it: 'an ATTACH statement'; LOAD covers INSTALL too."""
+    name = "an INSTALL or LOAD" if kind == "LOAD" else f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind}"
+    return f"{name} statement"
+
+
 def run_query(db_path: str | os.PathLike, sql: str) -> tuple[list[str], list[tuple]]:
     """Run `sql` on the trace database read-only; (column names, rows) of its last statement."""
     con = open_readonly(db_path)
@@ -61,7 +67,7 @@ def run_query(db_path: str | os.PathLike, sql: str) -> tuple[list[str], list[tup
             )
         if kinds[0] not in _READ_STATEMENTS:
             hint = "; print with --csv or --json and redirect instead" if kinds[0] == "COPY" else ""
-            raise TraceError(f"query failed: queries are read-only; got a {kinds[0]} statement{hint}")
+            raise TraceError(f"query failed: queries are read-only; this is {_statement_name(kinds[0])}{hint}")
         try:
             con.execute(sql)
             columns = [d[0] for d in con.description or []]
@@ -97,7 +103,16 @@ def format_value(value: Any) -> str:
         return f"{x:.4g}"
     if isinstance(value, dt.datetime):
         return value.isoformat(sep=" ", timespec="seconds")
-    return str(value)
+    return _visible(str(value))
+
+
+# Control characters (ESC, CR, BEL, ...) in a cell would drive the user's terminal: a trace file can
+# hold any kernel or range name. The table shows them escaped (\x1b); --json and --csv keep them.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+
+
+def _visible(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 def _is_number(value: Any) -> bool:
@@ -112,10 +127,12 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
     for j, name in enumerate(columns):
         numeric = any(_is_number(row[j]) for row in rows) and all(row[j] is None or _is_number(row[j]) for row in rows)
-        table.add_column(Text(str(name)), justify="right" if numeric else "left", no_wrap=True, overflow="fold")
+        table.add_column(
+            Text(_visible(str(name))), justify="right" if numeric else "left", no_wrap=True, overflow="fold"
+        )
     for row in cells:
         table.add_row(*(Text(cell) for cell in row))
-    widths = [max([len(str(name))] + [len(row[j]) for row in cells]) for j, name in enumerate(columns)]
+    widths = [max([len(_visible(str(name)))] + [len(row[j]) for row in cells]) for j, name in enumerate(columns)]
     # As wide as the widest row needs: a long kernel name makes a long line, never a cut one.
     width = sum(widths) + 3 * len(widths) + 4
     buffer = io.StringIO()
