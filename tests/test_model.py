@@ -1,8 +1,12 @@
 """HybridLM end to end: cached prefill + decode == full forward, training, hook point, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from hybridlm.config import HybridConfig
+from hybridlm.memory import free_memory_bytes
 from hybridlm.model import HybridLM
 from hybridlm.presets import get_preset
 from tests.helpers import assert_close, tiny_config
@@ -198,3 +202,45 @@ def test_family_style_presets_decode_equals_full_forward(preset):
         pieces = [model(ids[:, :11], cache=cache).logits]
         pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(11, 19)]
     assert_close(torch.cat(pieces, dim=1), full, CACHED_RTOL, name="cached logits")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"hidden_size": 10**12}, {"vocab_size": 2**62}, {"hidden_size": 10**100}],
+    ids=["allocator", "storage-overflow", "long-long-overflow"],
+)
+def test_absurd_sizes_are_a_value_error_before_any_allocation(overrides):
+    # Before: the allocator was asked for 4 PB, or torch's size arithmetic overflowed (RuntimeError, TypeError).
+    config = HybridConfig.from_dict({**tiny_config("M*E").to_dict(), **overrides})
+    with pytest.raises(ValueError, match=r"this config has [\d,.e+]+ parameters \([\d,.e+]+ bytes in torch.float32\)"):
+        HybridLM(config)
+
+
+def _wide_mlp_config(hidden_size: int) -> HybridConfig:
+    """One MLP block: the parameters are easy to count by hand."""
+    return tiny_config("-", hidden_size=hidden_size)
+
+
+def test_a_model_larger_than_free_memory_is_refused_with_its_parameters_and_bytes():
+    hidden, config = 10**9, _wide_mlp_config(10**9)
+    vocab, inner = config.vocab_size, config.mlp.intermediate_size
+    # embedding + LM head, the block's and the final RMSNorm, SwiGLU's gate, up and down projections
+    parameters = 2 * vocab * hidden + 2 * hidden + 3 * hidden * inner
+    free = free_memory_bytes(torch.device("cpu"))
+    if free is None or free >= 4 * parameters:
+        pytest.skip("this machine reports no free memory, or more than the 2 TB the model needs")
+    with pytest.raises(ValueError, match=rf"{parameters:,} parameters: {4 * parameters:,} bytes .* free on cpu"):
+        HybridLM(config)
+
+
+def test_the_memory_check_follows_the_default_device():
+    # meta tensors take no memory: the same config builds there (as from_pretrained's empty-weights path would)
+    with torch.device("meta"):
+        model = HybridLM(_wide_mlp_config(10**9))
+    assert model.device.type == "meta"
+    assert model.num_parameters() == 2 * 256 * 10**9 + 2 * 10**9 + 3 * 10**9 * 128
+
+
+def test_a_dict_instead_of_a_config_is_a_value_error_pointing_at_from_dict():
+    with pytest.raises(ValueError, match=r"HybridLM takes a HybridConfig, got dict; .*HybridConfig.from_dict"):
+        HybridLM(dataclasses.asdict(tiny_config("M")))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from hybridlm.accounting import cache_bytes
 from hybridlm.cache import HybridCache
+from hybridlm.memory import free_memory_bytes  # also public here, where it was first
 from hybridlm.model import HybridLM
 
 # torch.Generator.manual_seed takes any integer in this range
@@ -231,26 +231,6 @@ def _check_request(
             f"{needed:,} bytes ({needed / 2**30:.1f} GiB), more than the {free:,} bytes free on {model.device}; "
             f"ask for fewer new tokens or a smaller batch"
         )
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory where ``device``'s tensors live: CUDA's free bytes, the host's available RAM for
-    the CPU; None where it cannot be asked (then nothing is refused for size)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:  # Linux: MemAvailable counts reclaimable cache
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def generate(

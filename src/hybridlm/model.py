@@ -8,11 +8,18 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from hybridlm.accounting import count_params
 from hybridlm.blocks import block_spec
 from hybridlm.cache import ForwardContext, HybridCache
 from hybridlm.config import HybridConfig
 from hybridlm.layers.moe import Experts
 from hybridlm.layers.norm import RMSNorm
+from hybridlm.memory import free_memory_bytes
+
+# Refused even where free memory cannot be asked (meta, mps): 4.4e12 parameters is far beyond any
+# model one process holds (17 TB in fp32) and far below the sizes where torch's int64 size arithmetic
+# overflows ("Storage size calculation overflowed", "Overflow when unpacking long long").
+MAX_PARAMETERS = 2**42
 
 
 class BlockObserver(Protocol):
@@ -62,7 +69,13 @@ class HybridOutput:
 class HybridLM(nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
+        if not isinstance(config, HybridConfig):
+            raise ValueError(
+                f"HybridLM takes a HybridConfig, got {type(config).__name__}; "
+                f"build one with HybridConfig.from_dict(...) or hybridlm.presets.get_preset(name)"
+            )
         config.validate()
+        check_fits_in_memory(config)
         self.config = config
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(i, c, config) for i, c in enumerate(config.pattern))
@@ -179,6 +192,34 @@ class HybridLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_fits_in_memory(config: HybridConfig) -> None:
+    """A ValueError, before anything is allocated, when the parameters of ``HybridLM(config)`` in
+    torch's default dtype would not fit in the free memory of torch's default device (or are absurd)."""
+    parameters = count_params(config).total  # exact, from the config alone
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()
+    needed = parameters * dtype.itemsize
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(
+            f"this config has {_large(parameters)} parameters ({_large(needed)} bytes in {dtype}), more than the "
+            f"{MAX_PARAMETERS:,} a HybridLM may have; check vocab_size, hidden_size and the sub-config sizes"
+        )
+    free = free_memory_bytes(device)
+    if free is not None and needed > free:
+        raise ValueError(
+            f"this config has {parameters:,} parameters: {needed:,} bytes ({needed / 2**30:.1f} GiB) in {dtype}, "
+            f"more than the {free:,} bytes ({free / 2**30:.1f} GiB) free on {device}; "
+            f"check vocab_size, hidden_size and the sub-config sizes"
+        )
+
+
+def _large(number: int) -> str:
+    """1,234,567 for a count a person reads digit by digit; 4.0e+102 past that (and past float's range)."""
+    digits = str(number)
+    if len(digits) <= 24:
+        return f"{number:,}"
+    return f"{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
 
 
 def _context_without_cache(B: int, T: int, token_mask: Tensor | None, device: torch.device) -> ForwardContext:
