@@ -5,6 +5,7 @@ looks at the disk: the user's files are still there byte for byte, nothing hidde
 and the error is one line naming the destination.
 """
 
+import json
 import os
 import resource
 import signal
@@ -247,3 +248,117 @@ def test_convert_carries_the_files_beside_the_weights(tmp_path):
     assert {name: written[name].decode() for name in kept} == kept
     # the weights are written anew in one file: the source's shards and index do not travel
     assert sorted(set(written) - set(kept)) == ["config.json", "model.safetensors"]
+
+
+def _project(path):
+    """A user's project folder made only of names a checkpoint also uses, with a non-model config.json."""
+    path.mkdir()
+    files = {"config.json": '{"name": "my app"}\n', "README.md": "notes\n", "LICENSE": "MIT\n", "vocab.txt": "w\n"}
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return {f"{path.name}/{name}": text.encode() for name, text in files.items()}
+
+
+def test_overwrite_refuses_a_folder_whose_config_is_not_a_models(tmp_path):
+    before = _project(tmp_path / "proj")
+    line = _error_line(_cli("convert", "debug-tiny", "proj", "--to", "hybridlm", "--overwrite", cwd=tmp_path))
+    assert line.startswith("hybridlm convert: error: proj: ") and "not a previous checkpoint" in line
+    assert "no *.safetensors weights" in line and "model_type" in line
+    with pytest.raises(ValueError, match=r"proj: .*not a previous checkpoint"):
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "proj", overwrite=True)
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_refuses_weights_beside_a_config_without_model_type(tmp_path):
+    before = _project(tmp_path / "proj")
+    (tmp_path / "proj" / "model.safetensors").write_bytes(b"not mine to delete")
+    before["proj/model.safetensors"] = b"not mine to delete"
+    with pytest.raises(ValueError, match=r"proj: .*config\.json that has no model_type"):
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "proj", overwrite=True)
+    assert _tree(tmp_path) == before
+
+
+def test_destination_inside_the_source_is_refused_before_loading(tmp_path, weightless):
+    before = _tree(weightless)
+    line = _error_line(_cli("convert", str(weightless), str(weightless / "sub"), "--to", "hybridlm"))
+    assert "the destination is inside the source checkpoint" in line and "model.safetensors" not in line
+    assert _tree(weightless) == before
+
+
+def test_convert_into_the_current_directory(tmp_path):
+    (tmp_path / "e").mkdir()
+    result = _cli("convert", "debug-tiny", ".", "--to", "hybridlm", cwd=tmp_path / "e")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]
+    hybridlm.from_pretrained(tmp_path / "e")
+
+
+def test_a_refused_current_directory_is_refused_before_loading(tmp_path, weightless):
+    (tmp_path / "notes.txt").write_text("x\n")
+    line = _error_line(_cli("convert", str(weightless), ".", "--to", "hybridlm", cwd=tmp_path))
+    assert "notes.txt" in line and "model.safetensors" not in line
+    assert _tree(tmp_path) == {"notes.txt": b"x\n"}
+
+
+@pytest.mark.parametrize("name", ["../precious.txt", "sub/x.txt", "/tmp/x.txt", "..", "", "."])
+def test_extra_files_stay_inside_the_checkpoint(tmp_path, name):
+    (tmp_path / "precious.txt").write_text("mine\n")
+    with pytest.raises(ValueError, match=r"extra_files: .*a plain file name"):
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "out", extra_files={name: b"gone"})
+    assert _tree(tmp_path) == {"precious.txt": b"mine\n"}
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json"])
+def test_extra_files_cannot_replace_what_the_writer_generates(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"extra_files: {name!r} .*written by save_pretrained"):
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "out", extra_files={name: b"{}"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extra_files_copy_paths_write_bytes_and_refuse_plain_strings(tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": {}}')
+    model = HybridLM(get_preset("debug-tiny"))
+    with pytest.raises(ValueError, match=r"extra_files\['tokenizer.json'\] is a str: .*Path"):
+        save_pretrained(model, tmp_path / "out", extra_files={"tokenizer.json": str(tokenizer)})
+    with pytest.raises(ValueError, match=r"extra_files\['LICENSE'\]: .*missing is not a file"):
+        save_pretrained(model, tmp_path / "out", extra_files={"LICENSE": tmp_path / "missing"})
+    assert not (tmp_path / "out").exists()
+    files = {"tokenizer.json": tokenizer, "README.md": b"# hello\n"}
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "out", extra_files=files)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    assert (tmp_path / "out" / "README.md").read_bytes() == b"# hello\n"
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "lots", "-5GB"])
+def test_max_shard_bytes_must_be_a_positive_size(tmp_path, size):
+    with pytest.raises(ValueError, match=r"max_shard_bytes"):
+        save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "out", max_shard_bytes=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_shard_bytes_takes_size_strings(tmp_path):
+    save_pretrained(HybridLM(get_preset("debug-tiny")), tmp_path / "out", max_shard_bytes="200KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = {tmp_path / "out" / name for name in index["weight_map"].values()}
+    assert len(shards) > 1 and all(p.stat().st_size <= 200_000 + 2**16 for p in shards)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--max-shard-size=1TB", None),
+        ("--max-shard-size=2TiB", None),
+        ("--max-shard-size=-5GB", "must be at least one byte"),
+    ],
+)
+def test_max_shard_size_in_terabytes(tmp_path, weightless, flag, message):
+    result = _cli(
+        "convert", "debug-tiny" if message is None else str(weightless), "out", "--to", "hybridlm", flag, cwd=tmp_path
+    )
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    else:
+        assert message in _error_line(result) and list(tmp_path.iterdir()) == []

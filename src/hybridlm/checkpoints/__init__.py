@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from hybridlm.checkpoints.destination import check_extra_files, check_shard_size
 from hybridlm.checkpoints.native import MODEL_TYPE, load_native, read_native_config, save_native
 from hybridlm.checkpoints.tokenizer import load_tokenizer
 from hybridlm.config import HybridConfig
@@ -89,8 +90,8 @@ def save_pretrained(
     path: str | os.PathLike,
     format: Literal["hybridlm", "hf"] = "hybridlm",
     family: str | None = None,
-    max_shard_bytes: int | None = None,
-    extra_files: Mapping[str, Path] | None = None,
+    max_shard_bytes: int | str | None = None,
+    extra_files: Mapping[str, os.PathLike | bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to the directory ``path``.
@@ -100,13 +101,18 @@ def save_pretrained(
     granitemoehybrid, jamba, falcon_h1); by default the family the model was read from, else the first
     whose block types cover the pattern (M * - E: nemotron_h; G * - E: qwen3_next; m * - E: jamba;
     P -: falcon_h1).
-    ``max_shard_bytes`` splits the weights into shards with an index; ``extra_files`` (name -> path)
-    are copied in (tokenizer files).
+    ``max_shard_bytes`` (a positive int, or a size like "5GB") splits the weights into shards with an
+    index. ``extra_files`` puts more files beside the weights (tokenizer files, README): name -> a
+    ``Path`` (that file is copied) or ``bytes`` (written as they are); a ``str`` value is refused as
+    ambiguous (a path to copy or the text to write?). Names are plain file names, never config.json,
+    the weights or their index.
 
     ``path`` must not exist, or be an empty directory, or (with ``overwrite=True``) hold a previous
     checkpoint and nothing else; anything else raises ValueError before a byte is written. A failed
     write (read-only or full file system) raises OSError naming ``path`` and leaves nothing behind.
     """
+    max_shard_bytes = check_shard_size(max_shard_bytes)
+    extra_files = check_extra_files(extra_files)
     if format == "hybridlm":
         if family is not None:
             raise ValueError("family applies to format='hf' only")

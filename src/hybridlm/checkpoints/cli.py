@@ -14,19 +14,24 @@ from pathlib import Path
 from hybridlm.checkpoints.destination import carried_files, check_destination
 from hybridlm.checkpoints.hf import FAMILY_NAMES
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
 
 
-def parse_size(text: str | None) -> int | None:
-    """'5GB' -> 5_000_000_000; None -> None; anything but a positive size is a ValueError."""
+def parse_size(text: str | None, what: str = "--max-shard-size") -> int | None:
+    """'5GB' -> 5_000_000_000, '1TiB' -> 2**40; None -> None; anything but a positive size is a ValueError
+    naming ``what`` (the flag or argument it came from)."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"--max-shard-size {text!r}: give a size like 500MB or 5GB")
+        raise ValueError(f"{what} {text!r}: give a size like 500MB, 5GB or 1TB")
     size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if size < 1:
-        raise ValueError(f"--max-shard-size {text!r}: must be at least one byte")
+        raise ValueError(f"{what} {text!r}: must be at least one byte")
     return size
 
 

@@ -33,6 +33,7 @@ from hybridlm.checkpoints.destination import (
     fsync_dir,
     make_staging_dir,
     move_into_place,
+    resolve_target,
 )
 from hybridlm.progress import progress
 
@@ -336,8 +337,8 @@ def write_checkpoint_dir(
 
     Raises ValueError (before writing) when ``target`` is not free to write, OSError naming ``target``
     when writing fails (read-only or full file system); either way nothing is left behind."""
-    target = Path(target)
     check_destination(target, overwrite)
+    shown, target = target, resolve_target(target)
     created_parents = [parent for parent in target.absolute().parents if not parent.exists()]
     staging = None
     is_written = False
@@ -353,7 +354,7 @@ def write_checkpoint_dir(
         move_into_place(staging, target, overwrite)
         is_written = True
     except OSError as error:
-        raise OSError(describe_os_error(target, error)) from error
+        raise OSError(describe_os_error(Path(shown), error)) from error
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
