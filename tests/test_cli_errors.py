@@ -2,6 +2,7 @@
 exit status 2; a traceback only with --debug or for a bug (exit 1); Ctrl-C is exit 130; a closed
 pipe is quiet."""
 
+import json
 import os
 import select
 import signal
@@ -48,6 +49,11 @@ HOSTILE = [
     (["info", "emptydir"], "hybridlm info", ["emptydir", "config.json"]),
     (["info", "broken"], "hybridlm info", ["broken/config.json"]),
     (["info", "debug-tiny", "--context", "0"], "hybridlm info", ["--context", "between 1 and"]),
+    (
+        ["generate", "debug-tiny", "--prompt", os.fsdecode(b"h\xffi")],
+        "hybridlm generate",
+        ["--prompt", "0xff", "UTF-8"],
+    ),
     (["info", "debug-tiny", "--context", "abc"], "hybridlm info", ["--context", "'abc'"]),
     (["info", "debug-tiny", "--context", "1" + "0" * 40], "hybridlm info", ["--context", "2**40"]),
     (["info", "debug-tiny", "--batch-size", "-1"], "hybridlm info", ["--batch-size"]),
@@ -193,3 +199,23 @@ def test_closed_pipe_is_quiet(tmp_path, output):
     assert process.returncode in (0, 128 + signal.SIGPIPE)
     if output == "table":
         assert process.returncode == 128 + signal.SIGPIPE
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    """rich's own closed-pipe handling exits 1; the command exits as generate and query do."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hybridlm", "info", "debug-small"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == b""
+
+
+def test_info_defaults_to_the_models_own_context():
+    result = run_cli("info", "debug-small", "--json")
+    assert result.returncode == 0 and result.stderr == ""  # no "more than the model's context" note
+    assert json.loads(result.stdout)["memory"]["context"] == 8192

@@ -93,7 +93,11 @@ def _print_info(report: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1 on a closed pipe; main() exits quietly with 141
+            raise BrokenPipeError
+
+    console = _Console()
     title = escape(report["name"] or "model")
     console.print(f"[bold]{title}[/bold]  {escape(str(report['source']))}", highlight=False)
     console.print(f"pattern ({report['num_blocks']} blocks): {escape(report['pattern'])}", highlight=False)
@@ -139,6 +143,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     dtype = parse_dtype(args.dtype)
     config = resolve_config(args.model)
+    if args.context is None:
+        args.context = config.max_position_embeddings
     if args.context > config.max_position_embeddings:
         print(
             f"note: --context {args.context:,} is more than the model's context of "
@@ -166,9 +172,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_sampling(args)
     config = resolve_config(args.model)
     tokenizer = _tokenizer_for(args.model)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
+        byte = ord(error.object[error.start]) & 0xFF  # surrogateescape keeps byte b as U+DC00 + b
+        raise ValueError(f"--prompt is not UTF-8 text (byte 0x{byte:02x} at position {error.start})") from None
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("--prompt is empty")
+    if max(prompt_ids) >= config.vocab_size:
+        raise ValueError(
+            f"the tokenizer gives token id {max(prompt_ids)} for --prompt, past the model's vocab_size "
+            f"{config.vocab_size}: the tokenizer does not belong to this model"
+        )
     if isinstance(tokenizer, ByteTokenizer) and config.vocab_size < 256:
         raise ValueError(f"the byte tokenizer needs vocab_size >= 256, the model has {config.vocab_size}")
     total, context = len(prompt_ids) + args.max_new_tokens, config.max_position_embeddings
@@ -275,7 +291,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "Reads only the config: no weights are loaded.",
     )
     p.add_argument("model", metavar="MODEL", help="preset name or checkpoint directory")
-    p.add_argument("--context", type=_size, default=131072, metavar="N", help="tokens per sequence (default 131072)")
+    p.add_argument(
+        "--context", type=_size, default=None, metavar="N", help="tokens per sequence (default: the model's context)"
+    )
     p.add_argument("--batch-size", type=_size, default=1, metavar="N", help="sequences (default 1)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the KV cache and conv state (default bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
