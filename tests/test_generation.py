@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,9 +117,11 @@ def test_bad_sampling_argument_is_a_value_error_naming_it(model, entry, kwargs, 
 
 @pytest.mark.parametrize(
     "prompts",
-    [[[1, 2.7]], [[1, "a"]], [[True, 2]], [[1, -4]], [[1, 9999]], [[]], [], "hello", torch.tensor([[0.5, 1.0]])],
-    ids=["float", "str", "bool", "negative", "out-of-vocab", "empty-row", "no-rows", "a-string", "float-tensor"],
-)
+    [[[1, 2.7]], [[1, "a"]], [[True, 2]], [[1, -4]], [[1, 9999]], [[]], [], "hello", torch.tensor([[0.5, 1.0]]),
+     [[1, 2**70]], [[-(2**64)]]],
+    ids=["float", "str", "bool", "negative", "out-of-vocab", "empty-row", "no-rows", "a-string", "float-tensor",
+         "beyond-int64", "below-int64"],
+)  # fmt: skip
 def test_bad_prompt_is_a_value_error_naming_input_ids(model, prompts):
     with pytest.raises(ValueError, match="input_ids"):
         stream_generate(model, prompts, 2)
@@ -169,3 +172,61 @@ def test_a_cache_that_cannot_fit_is_refused_with_its_size_before_allocating(shor
         generate(short_context_model, [[1, 2, 3]], 10**12, allow_longer_than_context=True)
     needed = int(re.search(r"needs ([\d,]+) bytes", str(error.value)).group(1).replace(",", ""))
     assert kv_bytes <= needed < kv_bytes * 1.001  # the recurrent states add a few kB
+
+
+def test_a_token_id_beyond_int64_is_named_before_torch_sees_it(model):
+    # Before: torch.tensor raised "Overflow when unpacking long long" (a RuntimeError)
+    with pytest.raises(ValueError, match=rf"input_ids\[0\]\[1\] = {2**70} is out of range"):
+        generate(model, [[1, 2**70]], 2)
+
+
+def test_an_attention_mask_given_as_lists_pads_like_a_tensor(model):
+    # Before: an AttributeError (a list has no .shape). Row 0 is left-padded: it must generate what it would alone.
+    out = generate(model, [[0, 5, 6], [7, 8, 9]], 3, attention_mask=[[0, 1, 1], [1, 1, 1]])
+    assert out[0, 3:].tolist() == _greedy_without_cache(model, [5, 6], 3)
+    assert out[1, 3:].tolist() == _greedy_without_cache(model, [7, 8, 9], 3)
+    as_bools = generate(model, [[0, 5, 6], [7, 8, 9]], 3, attention_mask=[[False, True, True], [True, True, True]])
+    assert torch.equal(as_bools, out)
+
+
+BAD_MASKS = [
+    ([[1.0, 0.5]], r"attention_mask\[0, 1\] = 0.5 in row 0"),
+    ([[1, 1], [2, 1]], r"attention_mask\[1, 0\] = 2 in row 1"),
+    ([[1, 1], [0, 0]], r"attention_mask row 1 is all zeros"),
+    ([[1, float("nan")]], r"attention_mask\[0, 1\] = nan in row 0"),
+    ([[1, 0]], r"attention_mask row 0 is not left-padded"),
+    ([[1, 1], [1]], r"attention_mask is not a rectangular list"),
+    ([[1, "a"]], r"attention_mask is not a rectangular list"),
+    ("11", r"attention_mask must be a \[batch, seq_len\] tensor or a list"),
+    ([[1, 1, 1]], r"attention_mask shape \(1, 3\) != input_ids shape \(1, 2\)"),
+]
+
+
+BAD_MASK_IDS = ["half", "two", "all-zero-row", "nan", "right-padded", "ragged", "str-value", "a-string", "wrong-shape"]
+
+
+@pytest.mark.parametrize(("mask", "message"), BAD_MASKS, ids=BAD_MASK_IDS)
+@pytest.mark.parametrize("entry", [generate, stream_generate], ids=["generate", "stream_generate"])
+def test_a_bad_attention_mask_is_a_value_error_naming_it_and_the_row(model, entry, mask, message):
+    # Before: 0.5, 2 and an all-zero row were accepted silently; a list was an AttributeError.
+    rows = len(mask) if isinstance(mask, list) else 1
+    with pytest.raises(ValueError, match=message):
+        entry(model, [[1, 2]] * rows, 2, attention_mask=mask)
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold(model):
+    # Before: "temperature must be a finite number >= 0 ..., got np.float32(0.5)", the same for the integers.
+    plain = dict(max_new_tokens=4, temperature=0.5, top_k=5, top_p=0.75, seed=3, eos_token_id=255)
+    numpy = dict(
+        max_new_tokens=np.int64(4),
+        temperature=np.float32(0.5),
+        top_k=np.int32(5),
+        top_p=np.float64(0.75),
+        seed=np.uint64(3),
+        eos_token_id=np.int16(255),
+    )
+    assert torch.equal(generate(model, [[1, 2, 3]], **numpy), generate(model, [[1, 2, 3]], **plain))
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert sample(logits, np.float64(0.0), top_k=np.int64(2)).tolist() == [1]
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [[1, 2, 3]], 2, temperature=1.0, top_k=np.bool_(True))

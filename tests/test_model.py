@@ -244,3 +244,19 @@ def test_the_memory_check_follows_the_default_device():
 def test_a_dict_instead_of_a_config_is_a_value_error_pointing_at_from_dict():
     with pytest.raises(ValueError, match=r"HybridLM takes a HybridConfig, got dict; .*HybridConfig.from_dict"):
         HybridLM(dataclasses.asdict(tiny_config("M")))
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.tensor([[1.0, 0.5]]), r"attention_mask\[0, 1\] = 0.5 in row 0"),
+        (torch.tensor([[1, 1], [2, 1]]), r"attention_mask\[1, 0\] = 2 in row 1"),
+        (torch.tensor([[1, 1], [0, 0]]), r"attention_mask row 1 is all zeros"),
+        (torch.tensor([[True, False]]), r"attention_mask row 0 is not left-padded"),
+    ],
+    ids=["half", "two", "all-zero-row", "right-padded"],
+)
+def test_forward_refuses_a_mask_that_is_not_left_padded_zeros_and_ones(mask, message):
+    # Before: 0.5 and 2 counted as tokens (mask.bool()), and an all-zero row ran on padding alone.
+    with pytest.raises(ValueError, match=message):
+        _model("M*")(torch.ones(mask.shape, dtype=torch.long), attention_mask=mask)

@@ -14,6 +14,7 @@ the device's free memory.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterator, Sequence
 
@@ -23,10 +24,12 @@ from torch import Tensor
 from hybridlm.accounting import cache_bytes
 from hybridlm.cache import HybridCache
 from hybridlm.memory import free_memory_bytes  # also public here, where it was first
-from hybridlm.model import HybridLM
+from hybridlm.model import HybridLM, check_attention_mask
 
 # torch.Generator.manual_seed takes any integer in this range
 _SEED_RANGE = (-(2**63), 2**64 - 1)
+# a torch.long holds these; a token id outside them cannot even be put in a tensor to be checked
+_INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]] | Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -61,9 +64,28 @@ def _token_id(token: object, row: int, column: int) -> int:
     if isinstance(token, bool):
         raise ValueError(f"input_ids[{row}][{column}] = {token!r} is not a token id (an integer)")
     try:
-        return operator.index(token)  # int, numpy and 0-d integer tensors; never a silently truncated float
+        value = operator.index(token)  # int, numpy and 0-d integer tensors; never a silently truncated float
     except TypeError:
         raise ValueError(f"input_ids[{row}][{column}] = {token!r} is not a token id (an integer)") from None
+    if not _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:
+        raise ValueError(f"input_ids[{row}][{column}] = {value} is out of range: a token id is in 0..vocab_size - 1")
+    return value
+
+
+def as_attention_mask(attention_mask: Tensor | Sequence[Sequence[int]] | None) -> Tensor | None:
+    """A mask given as a tensor or as nested lists of 0/1 (or bools) -> a tensor; its values are checked
+    against the prompt by ``check_attention_mask``."""
+    if attention_mask is None or isinstance(attention_mask, Tensor):
+        return attention_mask
+    if isinstance(attention_mask, (str, bytes)) or not isinstance(attention_mask, Sequence):
+        raise ValueError(
+            "attention_mask must be a [batch, seq_len] tensor or a list of 0/1 lists, "
+            f"got {type(attention_mask).__name__}"
+        )
+    try:
+        return torch.tensor(attention_mask)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:  # ragged rows, strings, huge ints
+        raise ValueError(f"attention_mask is not a rectangular list of 0/1 lists ({error})") from None
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -77,11 +99,19 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral takes numpy's integers too, as transformers' generate does; a bool is not a count
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain_sampling(
+    temperature: float, top_k: int | None, top_p: float | None
+) -> tuple[float, int | None, float | None]:
+    """Checked sampling arguments as Python numbers (numpy scalars are not what torch.topk takes)."""
+    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
 
 
 def sample(
@@ -93,6 +123,7 @@ def sample(
 ) -> Tensor:
     """logits [B, V] -> token ids [B]; greedy when temperature is 0."""
     check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = _plain_sampling(temperature, top_k, top_p)
     # A temperature below float32's reciprocal range (1e-320) is 0 once cast: that limit is greedy.
     if temperature < 1.0 / torch.finfo(torch.float32).max:
         return logits.argmax(dim=-1)
@@ -132,7 +163,7 @@ def stream_generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | None = None,
-    attention_mask: Tensor | None = None,
+    attention_mask: Tensor | Sequence[Sequence[int]] | None = None,
     allow_longer_than_context: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token of every sequence, [B], one step at a time.
@@ -141,9 +172,14 @@ def stream_generate(
     produced ``eos_token_id`` keeps yielding it; the iterator stops once all have.
     """
     ids, padded_mask = pad_prompts(input_ids)
+    attention_mask = as_attention_mask(attention_mask)
     mask = attention_mask if attention_mask is not None else padded_mask
     _check_request(model, ids, mask, max_new_tokens, seed, eos_token_id, allow_longer_than_context)
     check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = _plain_sampling(temperature, top_k, top_p)
+    max_new_tokens = int(max_new_tokens)
+    seed = None if seed is None else int(seed)
+    eos_token_id = None if eos_token_id is None else int(eos_token_id)
     return _stream(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
 
 
@@ -205,8 +241,8 @@ def _check_request(
     if bool(bad.any()):
         row, column = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"input_ids[{row}, {column}] = {int(ids[row, column])} is out of range for vocab_size {vocab}")
-    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    if mask is not None:
+        check_attention_mask(mask, tuple(ids.shape))
 
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
@@ -242,12 +278,13 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | None = None,
-    attention_mask: Tensor | None = None,
+    attention_mask: Tensor | Sequence[Sequence[int]] | None = None,
     allow_longer_than_context: bool = False,
 ) -> Tensor:
     """Prompt ids (a [B, T] tensor or a list of token lists) -> [B, T + new] ids (left-padded rows
     keep their padding). Greedy (temperature 0) is deterministic; sampling is with ``seed``."""
     ids, padded_mask = pad_prompts(input_ids)
+    attention_mask = as_attention_mask(attention_mask)
     mask = attention_mask if attention_mask is not None else padded_mask
     stream = stream_generate(
         model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, mask, allow_longer_than_context

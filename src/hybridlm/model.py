@@ -179,19 +179,43 @@ class HybridLM(nn.Module):
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
         if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-                )
-            mask = attention_mask.bool()
-            # Recurrent blocks can only skip padding that comes before every real token.
-            if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-                raise ValueError("attention_mask must be left-padded (zeros only before the first real token)")
-            if cache is not None and cache.seq_len > 0 and not bool(mask.all()):
+            check_attention_mask(attention_mask, tuple(input_ids.shape))
+            if cache is not None and cache.seq_len > 0 and not bool(attention_mask.bool().all()):
                 raise ValueError("attention_mask may hold padding only in the first chunk of a cached sequence")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_attention_mask(attention_mask: object, shape: tuple[int, ...]) -> None:
+    """A ValueError naming the first problem of a padding mask for input_ids of ``shape``: it must be a
+    tensor of that shape holding only 0 (padding) and 1 (token), or bools, left-padded, with at least one
+    token per row. A 0.5 or a 2 is not a weight this model could apply, so it is refused, not rounded."""
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(
+            f"attention_mask must be a tensor [batch, seq_len] of 0/1, got {type(attention_mask).__name__}"
+        )
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {shape}")
+    if attention_mask.dtype != torch.bool:
+        is_binary = (attention_mask == 0) | (attention_mask == 1)  # NaN is neither
+        if not bool(is_binary.all()):
+            row, column = (int(i) for i in (~is_binary).nonzero()[0])
+            raise ValueError(
+                f"attention_mask[{row}, {column}] = {attention_mask[row, column].item()!r} in row {row}: "
+                f"a mask holds only 0 (padding) and 1 (token)"
+            )
+    mask = attention_mask.bool()
+    empty_rows = (~mask.any(dim=1)).nonzero()
+    if len(empty_rows):
+        row = int(empty_rows[0])
+        raise ValueError(f"attention_mask row {row} is all zeros: every row needs at least one real token")
+    # Recurrent blocks can only skip padding that comes before every real token.
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        row = int((mask[:, :-1] & ~mask[:, 1:]).nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} is not left-padded: zeros may only come before the first real token"
+        )
 
 
 def check_fits_in_memory(config: HybridConfig) -> None:
