@@ -102,10 +102,21 @@ def test_profile_on_a_device_this_machine_lacks_is_one_clear_line(tmp_path):
         (["--new-tokens", "0"], "--new-tokens 0: give 1 to"),
         (["--batch-size", "0"], "--batch-size 0: give 1 to"),
         (["--prompt-len", "9-3"], "--prompt-len 9-3: need 1 <= MIN <= MAX"),
+        (["--prompt-len", "4-"], "--prompt-len: expected LEN or MIN-MAX, got '4-'"),
+        (["--seed=-5"], "--seed -5: give 0 to 2**64 - 1"),
         (["--db", "{tmp}/afile.txt/x.duckdb"], "afile.txt is a file, not a directory"),
         (["--db", "{tmp}"], "is a directory; give a file name"),
     ],
-    ids=["huge-requests", "no-new-tokens", "no-batch", "inverted-prompt-range", "file-as-parent", "dir-as-db"],
+    ids=[
+        "huge-requests",
+        "no-new-tokens",
+        "no-batch",
+        "inverted-prompt-range",
+        "open-prompt-range",
+        "negative-seed",
+        "file-as-parent",
+        "dir-as-db",
+    ],
 )
 def test_profile_refuses_a_bad_workload_before_building_the_model(tmp_path, args, message):
     """One line, nothing else on stderr: the preset's 'random weights' note would come from building the model

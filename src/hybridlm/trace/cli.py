@@ -14,9 +14,9 @@ from hybridlm.trace.schema import TraceError
 
 
 def _prompt_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
+    low, dash, high = text.partition("-")
     try:
-        return int(low), int(high or low)
+        return int(low), int(high if dash else low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LEN or MIN-MAX, got {text!r}") from None
 

@@ -53,6 +53,8 @@ class Workload:
         ):
             if not 1 <= value <= most:
                 raise ValueError(f"{flag} {value}: give 1 to {most:,}")
+        if not 0 <= self.seed < 2**64:  # what torch.manual_seed takes, as `generate --seed`
+            raise ValueError(f"--seed {self.seed}: give 0 to 2**64 - 1")
 
     def batches(self, vocab_size: int) -> list[list[list[int]]]:
         """The prompts, as token lists grouped in batches (deterministic in ``seed``)."""
