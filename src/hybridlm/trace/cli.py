@@ -138,7 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("db", metavar="DB", help="trace database (DuckDB file) written by profile or import")
     p.add_argument("--run", default=None, help="run id (default: the latest)")
     p.add_argument("--baseline", default=None, help="DuckDB file of the baseline run")
-    p.add_argument("--run2", default=None, help="run id in the baseline file (default: its latest)")
+    p.add_argument(
+        "--run2",
+        default=None,
+        help="baseline run id: in the --baseline file (default: its latest), or without --baseline a run of DB itself",
+    )
     p.add_argument(
         "--plot",
         default=None,
