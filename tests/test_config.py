@@ -187,6 +187,35 @@ def test_a_file_that_is_not_a_json_object_is_a_value_error(tmp_path):
             HybridConfig.load(path)
 
 
+def test_a_directory_or_a_binary_file_is_a_value_error_naming_it(tmp_path):
+    # Before: IsADirectoryError and UnicodeDecodeError, neither naming the file
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes([0x80, 0xFF, 0x00, 0xC3]) * 8)
+    for path, what in ((directory, "is a directory"), (binary, "not a text file")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {what}"):
+            HybridConfig.load(path)
+    with pytest.raises(FileNotFoundError):  # a missing file stays what open() says it is
+        HybridConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    ("parent", "field", "required"),
+    [
+        (None, "hidden_size", "HybridConfig needs vocab_size, hidden_size, pattern"),
+        ("moe", "num_experts", "moe needs num_experts, num_experts_per_tok, intermediate_size"),
+    ],
+)
+def test_a_missing_field_lists_only_the_fields_without_a_default(parent, field, required):
+    # Before: "HybridConfig needs vocab_size, hidden_size, pattern, extra", though extra defaults to {}
+    data = _tiny_dict()
+    del (data[parent] if parent else data)[field]
+    dotted = f"{parent}.{field}" if parent else field
+    with pytest.raises(ValueError, match=rf"^{re.escape(dotted)} is missing; {required}$"):
+        HybridConfig.from_dict(data)
+
+
 def test_sub_config_that_is_not_an_object_is_named():
     data = _tiny_dict()
     data["attention"] = [4, 2, 16]

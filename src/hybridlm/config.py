@@ -381,8 +381,19 @@ class HybridConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> HybridConfig:
-        """The config saved at ``path``; a bad one is a ValueError that starts with the file name."""
-        text = Path(path).read_text()
+        """The config saved at ``path``; a bad one is a ValueError that starts with the file name.
+
+        A missing file stays a FileNotFoundError (as ``open`` raises it); a directory or a file that is
+        not UTF-8 text is a ValueError naming the file."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not a config file (a JSON object of HybridConfig fields)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}: not a text file, so not a JSON config ({error.reason} at byte {error.start})"
+            ) from None
         try:
             return cls.from_json(text)
         except ValueError as error:
@@ -459,11 +470,15 @@ def _check_value(value: Any, hint: Any, path: str, may_be_infinite: bool) -> Non
 
 
 def _require_present(cls: type, data: dict[str, Any], path: str) -> None:
-    for f in dataclasses.fields(cls):
-        is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if is_required and f.name not in data:
-            required = [g.name for g in dataclasses.fields(cls) if g.default is dataclasses.MISSING]
-            raise ValueError(f"{_join(path, f.name)} is missing; {path or cls.__name__} needs {', '.join(required)}")
+    required = [f.name for f in dataclasses.fields(cls) if _is_required(f)]
+    for name in required:
+        if name not in data:
+            raise ValueError(f"{_join(path, name)} is missing; {path or cls.__name__} needs {', '.join(required)}")
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    """No default value and no default factory (``extra`` has a factory: it is optional)."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _sub_config_from_dict(key: str, cls: type[SubConfig], data: Any) -> SubConfig:
