@@ -73,3 +73,9 @@ def test_load_model_checks_dtype_and_device_before_building():
         load_model("debug-tiny", dtype="bfloat", quiet=True)
     with pytest.raises(ValueError, match="unknown device"):
         load_model("debug-tiny", device="gpu", quiet=True)
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "torch.float8_e5m2", torch.float8_e4m3fn, torch.float8_e5m2])
+def test_parse_dtype_refuses_float8_naming_what_hybridlm_computes_in(name):
+    with pytest.raises(ValueError, match=r"float8.*float32, bfloat16, float16"):
+        parse_dtype(name)

@@ -22,15 +22,26 @@ DTYPES = {
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
+# what hybridlm computes in; float8 is a storage format whose arithmetic torch does not provide
+# (matmul and most ops raise), so it is refused by name rather than failing inside generate
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """ "bf16", "torch.bfloat16", torch.bfloat16 -> torch.bfloat16; "auto" or None -> None (as stored)."""
-    if name is None or isinstance(name, torch.dtype):
-        if isinstance(name, torch.dtype) and not name.is_floating_point:
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        if not name.is_floating_point:
             raise ValueError(f"dtype {name} is not a floating-point type; expected one of {_dtype_names()}")
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype {name} is a float8 storage type; hybridlm computes in {compute_dtype_names()}")
         return name
     key = name.strip().lower().removeprefix("torch.") if isinstance(name, str) else None
     if key == "auto":
         return None
+    if key is not None and key.startswith("float8"):
+        raise ValueError(f"dtype {name!r} is a float8 storage type; hybridlm computes in {compute_dtype_names()}")
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {_dtype_names()}")
     return DTYPES[key]
@@ -38,6 +49,10 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def _dtype_names() -> str:
     return ", ".join(["auto", *DTYPES])
+
+
+def compute_dtype_names() -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in COMPUTE_DTYPES)
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:

@@ -9,7 +9,6 @@ writes for the family. Writing never replaces anything but a previous checkpoint
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Literal
 import torch
 
 from hybridlm.checkpoints.destination import check_extra_files, check_shard_size
-from hybridlm.checkpoints.native import MODEL_TYPE, load_native, read_native_config, save_native
+from hybridlm.checkpoints.native import MODEL_TYPE, load_native, read_config_file, read_native_config, save_native
 from hybridlm.checkpoints.tokenizer import load_tokenizer
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
@@ -32,10 +31,7 @@ def _read_config_json(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: not a directory; expected a checkpoint directory with config.json")
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: missing; a checkpoint directory needs config.json")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    data = read_config_file(config_file)
     if not isinstance(data, dict):
         raise ValueError(f"{config_file}: expected a JSON object")
     return data
@@ -46,23 +42,20 @@ def read_config(path: str | os.PathLike) -> HybridConfig:
     path = Path(path)
     data = _read_config_json(path)
     if data.get("model_type") == MODEL_TYPE:
-        return read_native_config(data)
+        return read_native_config(data, path / "config.json")
     from hybridlm.checkpoints.hf import read_hf_config
 
     return read_hf_config(path, data)
 
 
 def _weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype, a name transformers users write ("bfloat16", "bf16", "float32", "auto"), or None."""
-    if dtype == "auto":  # transformers' word for "as stored"
-        return None
-    if isinstance(dtype, str):
-        from hybridlm.loading import parse_dtype
+    """A torch dtype hybridlm computes in, a name transformers users write ("bfloat16", "bf16", "auto"), or None."""
+    from hybridlm.loading import parse_dtype
 
-        dtype = parse_dtype(dtype)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    is_number_type = isinstance(dtype, torch.dtype) and not dtype.is_floating_point
+    if is_number_type or (dtype is not None and not isinstance(dtype, (str, torch.dtype))):
         raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
-    return dtype
+    return parse_dtype(dtype)
 
 
 def from_pretrained(
@@ -71,15 +64,20 @@ def from_pretrained(
     """Load a checkpoint directory (hybridlm or Hugging Face) into a HybridLM in eval mode.
 
     ``dtype`` casts the floating-point weights: a torch dtype or its name ("bfloat16", "bf16",
-    "float32", ...); None or "auto" keeps the stored dtype of the embeddings. Every tensor is checked
+    "float32", ...; not float8, which hybridlm does not compute in); None or "auto" keeps the stored
+    dtype of the embeddings. ``device``: "cpu", "cuda", "cuda:N", "mps" or a torch.device this
+    machine has (``loading.resolve_device``). Every tensor is checked
     against the config (names, shapes, a floating dtype) from the file headers before any is read; a
     failure raises one ValueError or FileNotFoundError naming the file and the tensor.
     """
+    from hybridlm.loading import resolve_device
+
     dtype = _weight_dtype(dtype)
+    device = resolve_device(device)
     path = Path(path)
     data = _read_config_json(path)
     if data.get("model_type") == MODEL_TYPE:
-        return load_native(path, read_native_config(data), dtype, device)
+        return load_native(path, read_native_config(data, path / "config.json"), dtype, device)
     from hybridlm.checkpoints.hf import load_hf
 
     return load_hf(path, data, dtype, device)

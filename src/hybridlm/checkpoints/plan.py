@@ -29,6 +29,8 @@ from hybridlm.model import HybridLM
 from hybridlm.progress import progress
 
 Transform = Callable[[list[Tensor]], list[Tensor]]
+# the stored dtypes a weight may have: what hybridlm computes in (float8 is refused, see loading.py)
+STORED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _identity(tensors: list[Tensor]) -> list[Tensor]:
@@ -200,11 +202,13 @@ def _check_shapes_and_dtypes(
         expected = [tuple(t.shape) for t in layout.to_disk(meta)]
         for key, shape in zip(layout.keys, expected, strict=True):
             info = present[key]
-            if not info.dtype.is_floating_point and all(params[t].is_floating_point() for t in rule.targets):
-                # a cast would turn integer or boolean data into "weights" without a word
+            if info.dtype not in STORED_WEIGHT_DTYPES and all(params[t].is_floating_point() for t in rule.targets):
+                # a cast would turn integer or boolean data into "weights" without a word; float8 would
+                # load and then fail inside torch at the first matmul
                 raise ValueError(
                     f"{info.file}: tensor {info.name} has dtype {DTYPE_NAMES[info.dtype]}, expected a floating-point "
-                    f"type (F32, F16, BF16, ...) for the weight {', '.join(rule.targets)}"
+                    f"type hybridlm computes in (F32, BF16, F16, F64; not float8) for the weight "
+                    f"{', '.join(rule.targets)}"
                 )
             if info.shape != shape:
                 hint = ""
