@@ -212,3 +212,12 @@ def test_reference_matches_transformers_qwen3_next(decay, has_initial_state):
     assert_close(state_ref, state_hf)
     assert_close(o_chunked, o_hf)
     assert_close(state_chunked, state_hf)
+
+
+def test_a_chunk_longer_than_the_input_costs_only_the_input():
+    """chunk_size 10**12 on 5 tokens used to pad the input to 10**12 positions (a 256 TB allocation)."""
+    inputs = make_inputs(2, 5, 3, 32, 48, "mixed", True)
+    o_ref, state_ref = gated_deltanet_reference(**inputs)
+    o, state = gated_deltanet_chunked(**inputs, chunk_size=10**12)
+    assert_close(o, o_ref)
+    assert_close(state, state_ref)

@@ -190,6 +190,7 @@ def gated_deltanet_chunked(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = _compute_dtype(q, k, v, g, beta, initial_state)
     seq_len = q.shape[1]
+    chunk_size = min(chunk_size, seq_len)  # a chunk longer than the input would only pad it (as ssd does)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     # Zero padding is a no-op step: beta = 0 writes nothing, g = 0 keeps the state, k = q = 0.
