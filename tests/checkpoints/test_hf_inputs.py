@@ -18,6 +18,7 @@ import hybridlm
 from hybridlm.checkpoints import read_config, save_pretrained
 from hybridlm.model import HybridLM
 from hybridlm.presets import get_preset
+from tests.helpers import run_cli
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -181,4 +182,71 @@ def test_a_number_written_as_a_string_is_refused_naming_the_field(qwen, field, v
     _edit_config(qwen, **{field: value})
     name = field if isinstance(value, str) else f"{field}.rope_theta"
     with pytest.raises(ValueError, match=rf"qwen/config\.json: field {name} = '[0-9.e]+' is a string"):
+        read_config(qwen)
+
+
+@pytest.fixture(scope="module")
+def paired_exports(tmp_path_factory):
+    """falcon_h1 and granitemoehybrid configs written by our exporter (RoPE, Mamba-2, attention)."""
+    root = tmp_path_factory.mktemp("paired")
+    rope = {"rope_theta": 10000.0}
+    _export("debug-tiny-nemotron", root / "falcon", "falcon_h1", pattern="P-P-", mlp={"activation": "swiglu"},
+            attention=rope)  # fmt: skip
+    _export("debug-tiny-nemotron", root / "granite", "granitemoehybrid", pattern="M-*-",
+            mlp={"activation": "swiglu"}, attention=rope)  # fmt: skip
+    return root
+
+
+@pytest.fixture(params=["falcon", "granite"])
+def paired(request, paired_exports, tmp_path):
+    return shutil.copytree(paired_exports / request.param, tmp_path / request.param)
+
+
+def _rope_parameters(**changes):
+    return {"rope_theta": 10000.0, "rope_type": "default", **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_attention_heads": 0}, r"num_attention_heads = 0 must be a positive integer"),
+        ({"num_attention_heads": 2.5}, r"num_attention_heads = 2\.5 must be a positive integer"),
+        ({"num_attention_heads": True}, r"num_attention_heads = True must be a positive integer"),
+        ({"time_step_limit": [0.0]}, r"time_step_limit = \[0\.0\] must be a list \[low, high\] of two numbers"),
+        ({"time_step_limit": 5}, r"time_step_limit = 5 must be a list \[low, high\] of two numbers"),
+        ({"time_step_limit": [0.0, True]}, r"time_step_limit = \[0\.0, True\] must be a list"),
+        ({"rope_parameters": _rope_parameters(rope_theta=None)}, r"rope_parameters\.rope_theta = None must be a"),
+        ({"rope_parameters": _rope_parameters(rope_theta=[1])}, r"rope_parameters\.rope_theta = \[1\] must be a"),
+        ({"rope_parameters": _rope_parameters(rope_theta=True)}, r"rope_parameters\.rope_theta = True must be a"),
+        ({"rope_parameters": _rope_parameters(partial_rotary_factor=True)},
+         r"rope_parameters\.partial_rotary_factor = True must be a number"),
+        ({"hidden_size": False}, r"hidden_size = False must be a positive integer"),
+        ({"mamba_n_heads": 0}, r"mamba_n_heads = 0 must be a positive integer"),
+    ],
+    ids=["heads-0", "heads-float", "heads-bool", "limit-short", "limit-int", "limit-bool", "theta-null", "theta-list",
+         "theta-bool", "partial-bool", "hidden-bool", "mamba-heads-0"],
+)  # fmt: skip
+def test_bad_numbers_in_hf_configs_are_refused_naming_field_and_file(paired, changes, message):
+    _edit_config(paired, **changes)
+    with pytest.raises(ValueError, match=rf"{paired.name}/config\.json: (field )?{message}"):
+        read_config(paired)
+    result = run_cli("info", str(paired))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert f"{paired.name}/config.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_parameters": _rope_parameters(rope_theta=True)}, r"rope_parameters\.rope_theta = True must be a"),
+        ({"rope_parameters": _rope_parameters(partial_rotary_factor=True)},
+         r"rope_parameters\.partial_rotary_factor = True must be a number"),
+        ({"num_attention_heads": True}, r"num_attention_heads = True must be a positive integer"),
+        ({"linear_num_value_heads": 4.0}, r"linear_num_value_heads = 4\.0 must be a positive integer"),
+    ],
+    ids=["theta-bool", "partial-bool", "heads-bool", "value-heads-float"],
+)  # fmt: skip
+def test_qwen3_next_reads_only_real_numbers(qwen, changes, message):
+    _edit_config(qwen, **changes)
+    with pytest.raises(ValueError, match=rf"qwen/config\.json: (field )?{message}"):
         read_config(qwen)

@@ -62,6 +62,10 @@ def read_hf_config(path: Path, data: dict[str, Any]) -> HybridConfig:
         if str(config_file) in str(error):
             raise
         raise ValueError(f"{config_file}: {error}") from error
+    except (ZeroDivisionError, IndexError, KeyError) as error:
+        # arithmetic on a field a family reader did not check: still the file's fault, not an internal error
+        problem = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{config_file}: a field has a value hybridlm cannot use ({problem})") from error
     config.name = path.resolve().name
     config.source = str(path)
     return config

@@ -59,6 +59,23 @@ def encode_floats(value: Any) -> Any:
     return value
 
 
+_REQUIRED = object()
+
+
+def real_number(value: Any, field: str, path: Path) -> float:
+    """``value`` as a float if it is a JSON number; JSON true/false are numbers to Python and are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: field {field} = {value!r} must be a number")
+    return float(value)
+
+
+def whole_number(value: Any, field: str, path: Path, positive: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+        kind = "a positive integer" if positive else "an integer >= 0"
+        raise ValueError(f"{path}: field {field} = {value!r} must be {kind}")
+    return value
+
+
 class HFConfig:
     """A config.json dict plus where it came from, so every error names the file and the field."""
 
@@ -75,6 +92,16 @@ class HFConfig:
         if self.data.get(key) is None:
             raise ValueError(f"{self.path}: field {key!r} is missing")
         return self.data[key]
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        """A real-number field as a float; a bool (``true`` is not 1.0), a list, a string or null is refused."""
+        value = self.require(key) if default is _REQUIRED else self.get(key, default)
+        return real_number(value, key, self.path)
+
+    def integer(self, key: str, default: Any = _REQUIRED, positive: bool = True) -> int:
+        """A count or size: an int (not a bool, not 4.0), positive unless ``positive=False`` (then >= 0)."""
+        value = self.require(key) if default is _REQUIRED else self.get(key, default)
+        return whole_number(value, key, self.path, positive)
 
     def flag(self, key: str, default: bool) -> bool:
         """A true/false field; ``"false"`` or 0 is refused rather than read as Python would (``bool("false")``
@@ -139,9 +166,19 @@ def rope(cfg: HFConfig, default_partial: float = 1.0) -> tuple[float, float]:
         raise ValueError(
             f"{cfg.path}: {key}.rope_type = {rope_type!r} is not supported (only 'default' RoPE is ported)"
         )
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
-    return float(theta), float(partial)
+    values = []
+    for field, default in (("rope_theta", 10000.0), ("partial_rotary_factor", default_partial)):
+        if field in params:  # present but null is an error, not the default
+            values.append(real_number(params[field], f"{key}.{field}", cfg.path))
+        else:
+            values.append(cfg.number(field, default))
+    theta, partial = values
+    if not theta > 0 or not 0 < partial <= 1:
+        raise ValueError(
+            f"{cfg.path}: rope_theta = {theta} and partial_rotary_factor = {partial}: expected theta > 0 and "
+            "0 < factor <= 1"
+        )
+    return theta, partial
 
 
 def common_fields(cfg: HFConfig) -> dict[str, Any]:
@@ -151,10 +188,10 @@ def common_fields(cfg: HFConfig) -> dict[str, Any]:
         if cfg.data.get(key) is not None:
             extra[key] = cfg.data[key]
     return dict(
-        vocab_size=cfg.require("vocab_size"),
-        hidden_size=cfg.require("hidden_size"),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        initializer_range=cfg.get("initializer_range", 0.02),
+        vocab_size=cfg.integer("vocab_size"),
+        hidden_size=cfg.integer("hidden_size"),
+        max_position_embeddings=cfg.integer("max_position_embeddings", 4096),
+        initializer_range=cfg.number("initializer_range", 0.02),
         extra=extra,
     )
 
@@ -179,24 +216,32 @@ def mamba2_from_hf(cfg: HFConfig, inner: int, inner_source: str, **fields: Any) 
     """The Mamba-2 of granitemoehybrid and falcon_h1, which spell it as Bamba does (``mamba_n_heads``,
     ``mamba_d_head``, ...) with the same defaults. ``inner`` is the family's channel count and
     ``inner_source`` says where it came from (for the error); ``fields`` are the family's own."""
-    num_heads = cfg.get("mamba_n_heads", 128)
-    head_dim = cfg.get("mamba_d_head", "auto")
-    head_dim = inner // num_heads if head_dim == "auto" else head_dim
+    num_heads = cfg.integer("mamba_n_heads", 128)
+    is_auto = cfg.get("mamba_d_head", "auto") == "auto"  # Bamba's default: the inner size over the heads
+    head_dim = inner // num_heads if is_auto else cfg.integer("mamba_d_head")
     if num_heads * head_dim != inner:
         raise ValueError(f"{cfg.path}: mamba_n_heads x mamba_d_head = {num_heads} x {head_dim} != {inner_source}")
-    limit = cfg.get("time_step_limit", (0.0, math.inf))
     return Mamba2Config(
         num_heads=num_heads,
         head_dim=head_dim,
-        state_size=cfg.get("mamba_d_state", 256),
-        num_groups=cfg.get("mamba_n_groups", 1),
-        conv_kernel=cfg.get("mamba_d_conv", 4),
-        chunk_size=cfg.get("mamba_chunk_size", 256),
+        state_size=cfg.integer("mamba_d_state", 256),
+        num_groups=cfg.integer("mamba_n_groups", 1),
+        conv_kernel=cfg.integer("mamba_d_conv", 4),
+        chunk_size=cfg.integer("mamba_chunk_size", 256),
         use_conv_bias=cfg.flag("mamba_conv_bias", True),
         use_bias=cfg.flag("mamba_proj_bias", False),
-        time_step_limit=(float(limit[0]), float(limit[1])),
+        time_step_limit=time_step_limit(cfg),
         **fields,
     )
+
+
+def time_step_limit(cfg: HFConfig) -> tuple[float, float]:
+    """``time_step_limit`` as (low, high): a list of two numbers (high may be inf)."""
+    limit = cfg.get("time_step_limit", [0.0, math.inf])
+    is_pair = isinstance(limit, (list, tuple)) and len(limit) == 2
+    if not is_pair or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in limit):
+        raise ValueError(f"{cfg.path}: field time_step_limit = {limit!r} must be a list [low, high] of two numbers")
+    return float(limit[0]), float(limit[1])
 
 
 def cannot_export(family: str, option: str, why: str) -> ValueError:

@@ -60,6 +60,7 @@ from hybridlm.checkpoints.hf.common import (
     mamba2_from_hf,
     outer_rules,
     paired_layers,
+    real_number,
     rope,
 )
 from hybridlm.checkpoints.plan import Plan, scaled
@@ -87,15 +88,15 @@ def _multipliers(cfg: HFConfig) -> dict[str, Any]:
         if isinstance(neutral, list):
             if not isinstance(value, (list, tuple)) or len(value) != len(neutral):
                 raise ValueError(f"{cfg.path}: {key} = {value!r}; expected a list of {len(neutral)} numbers")
-            out[key] = [float(v) for v in value]
+            out[key] = [real_number(v, f"{key}[{i}]", cfg.path) for i, v in enumerate(value)]
         else:
-            out[key] = float(value)
+            out[key] = cfg.number(key, neutral)
     return out
 
 
 def config_from_hf(cfg: HFConfig) -> HybridConfig:
-    num_layers = cfg.require("num_hidden_layers")
-    hidden = cfg.require("hidden_size")
+    num_layers = cfg.integer("num_hidden_layers")
+    hidden = cfg.integer("hidden_size")
     cfg.expect("hidden_act", ("silu",), "silu", "hybridlm's Mamba-2 conv and SwiGLU use silu")
     in_bias, out_bias = cfg.flag("mamba_proj_bias", False), cfg.flag("projectors_bias", False)
     if in_bias != out_bias:
@@ -104,17 +105,18 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             "hybridlm's Mamba-2 has a bias on both in_proj and out_proj or on neither"
         )
 
-    heads = cfg.get("num_attention_heads", 32)
+    heads = cfg.integer("num_attention_heads", 32)
     theta, _ = rope(cfg)  # FalconH1RotaryEmbedding's default RoPE rotates the whole head
     attention = AttentionConfig(
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", heads),
-        head_dim=cfg.get("head_dim", hidden // heads),
+        num_kv_heads=cfg.integer("num_key_value_heads", heads),
+        head_dim=cfg.integer("head_dim") if cfg.get("head_dim") is not None else hidden // heads,
         rope_theta=theta,
         bias=cfg.flag("attention_bias", False),
     )
 
-    inner = cfg.get("mamba_d_ssm") or int(cfg.get("mamba_expand", 2) * hidden)
+    has_d_ssm = cfg.get("mamba_d_ssm") is not None
+    inner = cfg.integer("mamba_d_ssm") if has_d_ssm else int(cfg.number("mamba_expand", 2) * hidden)
     mamba2 = mamba2_from_hf(
         cfg,
         inner,
@@ -122,7 +124,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         has_gated_norm=cfg.flag("mamba_rms_norm", False),
         norm_before_gate=cfg.flag("mamba_norm_before_gate", True),
     )
-    lm_head_multiplier = float(cfg.get("lm_head_multiplier", 1.0))
+    lm_head_multiplier = cfg.number("lm_head_multiplier", 1.0)
     if lm_head_multiplier == 0.0:
         raise cfg.unsupported("lm_head_multiplier", "it zeroes every logit")
     fields = common_fields(cfg)
@@ -131,10 +133,10 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         pattern="P-" * num_layers,
         attention=attention,
         mamba2=mamba2,
-        mlp=MLPConfig(cfg.get("intermediate_size", 14336), "swiglu", bias=cfg.flag("mlp_bias", False)),
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        mlp=MLPConfig(cfg.integer("intermediate_size", 14336), "swiglu", bias=cfg.flag("mlp_bias", False)),
+        norm_eps=cfg.number("rms_norm_eps", 1e-5),
         tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
-        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+        embedding_multiplier=cfg.number("embedding_multiplier", 1.0),
         logits_scaling=1.0 / lm_head_multiplier,
         num_hidden_layers=num_layers,
         **fields,

@@ -41,13 +41,13 @@ TYPE_OF_MIXER = {char: name for name, char in MIXER_OF_TYPE.items()}
 
 
 def config_from_hf(cfg: HFConfig) -> HybridConfig:
-    num_layers = cfg.require("num_hidden_layers")
+    num_layers = cfg.integer("num_hidden_layers")
     types = layer_types(cfg, "layer_types", "layers_block_type") or ["linear_attention"] * num_layers
     if len(types) != num_layers:
         raise ValueError(f"{cfg.path}: layer_types has {len(types)} entries but num_hidden_layers is {num_layers}")
     cfg.expect("hidden_act", ("silu",), "silu", "hybridlm's Mamba-2 conv and SwiGLU use silu")
-    num_experts = cfg.get("num_local_experts", 8)
-    shared_size = cfg.get("shared_intermediate_size", 1024)
+    num_experts = cfg.integer("num_local_experts", 8, positive=False)
+    shared_size = cfg.integer("shared_intermediate_size", 1024, positive=False)
     ffn = "E" if num_experts > 0 else "-"
     pattern = ""
     for index, name in enumerate(types):
@@ -55,10 +55,10 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
             raise ValueError(f"{cfg.path}: layer_types[{index}] = {name!r}; expected mamba or attention")
         pattern += MIXER_OF_TYPE[name] + ffn
 
-    hidden = cfg.require("hidden_size")
+    hidden = cfg.integer("hidden_size")
     attention = mamba2 = mlp = moe = None
     if "*" in pattern:
-        heads = cfg.require("num_attention_heads")
+        heads = cfg.integer("num_attention_heads")
         theta = None
         position_embedding = cfg.get("position_embedding_type", "nope")
         if position_embedding not in ("nope", "rope"):
@@ -69,28 +69,28 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
                 raise ValueError(f"{cfg.path}: partial_rotary_factor = {partial} is not supported for granitemoehybrid")
         attention = AttentionConfig(
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim", hidden // heads),
+            num_kv_heads=cfg.integer("num_key_value_heads", heads),
+            head_dim=cfg.integer("head_dim") if cfg.get("head_dim") is not None else hidden // heads,
             rope_theta=theta,
             bias=cfg.flag("attention_bias", False),
-            softmax_scale=float(cfg.get("attention_multiplier", 1.0)),  # replaces head_dim^-0.5; read, never derive
+            softmax_scale=cfg.number("attention_multiplier", 1.0),  # replaces head_dim^-0.5; read, never derive
         )
     if "M" in pattern:
-        inner = int(cfg.get("mamba_expand", 2) * hidden)
+        inner = int(cfg.number("mamba_expand", 2) * hidden)
         mamba2 = mamba2_from_hf(cfg, inner, f"mamba_expand x hidden_size = {inner}")
     if num_experts > 0:
         if shared_size <= 0:
             raise cfg.unsupported("shared_intermediate_size", "hybridlm's E block needs the shared MLP")
         moe = MoEConfig(
             num_experts=num_experts,
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
-            intermediate_size=cfg.get("intermediate_size", 11008),
+            num_experts_per_tok=cfg.integer("num_experts_per_tok", 2),
+            intermediate_size=cfg.integer("intermediate_size", 11008),
             activation="swiglu",
             scoring="softmax",
             norm_topk_prob=True,  # softmax over the top-k logits = renormalised top-k softmax
             num_shared_experts=1,
             shared_intermediate_size=shared_size,
-            aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
+            aux_loss_coef=cfg.number("router_aux_loss_coef", 0.001),
         )
     else:
         mlp = MLPConfig(shared_size, "swiglu")
@@ -100,11 +100,11 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         mamba2=mamba2,
         mlp=mlp,
         moe=moe,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        norm_eps=cfg.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
-        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
-        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
-        logits_scaling=float(cfg.get("logits_scaling", 1.0)),
+        embedding_multiplier=cfg.number("embedding_multiplier", 1.0),
+        residual_multiplier=cfg.number("residual_multiplier", 1.0),
+        logits_scaling=cfg.number("logits_scaling", 1.0),
         num_hidden_layers=num_layers,
         **common_fields(cfg),
     )

@@ -59,17 +59,17 @@ def _text_config(cfg: HFConfig) -> HFConfig:
 
 def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
     cfg = _text_config(cfg)
-    num_layers = cfg.require("num_hidden_layers")
+    num_layers = cfg.integer("num_hidden_layers")
     types = layer_types(cfg, "layer_types")
     if types is None:
-        interval = cfg.get("full_attention_interval", 4)
+        interval = cfg.integer("full_attention_interval", 4)
         types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers)]
     if len(types) != num_layers:
         raise ValueError(f"{cfg.path}: layer_types has {len(types)} entries but num_hidden_layers is {num_layers}")
     cfg.expect("hidden_act", ("silu",), "silu", "hybridlm's DeltaNet conv and SwiGLU use silu")
-    num_experts = cfg.get("num_experts", 256 if is_qwen3_5 else 512)
+    num_experts = cfg.integer("num_experts", 256 if is_qwen3_5 else 512, positive=False)
     mlp_only = set(cfg.get("mlp_only_layers", []))
-    sparse_step = cfg.get("decoder_sparse_step", 1)
+    sparse_step = cfg.integer("decoder_sparse_step", 1)
     pattern = ""
     for index, name in enumerate(types):
         if name not in MIXER_OF_TYPE:
@@ -82,11 +82,11 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
     attention = gdn = mlp = moe = None
     if "*" in pattern:
         theta, partial = rope(cfg, default_partial=0.25)
-        heads = cfg.require("num_attention_heads")
+        heads = cfg.integer("num_attention_heads")
         attention = AttentionConfig(
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim", 256),
+            num_kv_heads=cfg.integer("num_key_value_heads", heads),
+            head_dim=cfg.integer("head_dim", 256),
             rope_theta=theta,
             partial_rotary_factor=partial,
             has_qk_norm=True,
@@ -95,30 +95,30 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
         )
     if "G" in pattern:
         gdn = GatedDeltaNetConfig(
-            num_key_heads=cfg.get("linear_num_key_heads", 16),
-            num_value_heads=cfg.get("linear_num_value_heads", 32),
-            key_head_dim=cfg.get("linear_key_head_dim", 128),
-            value_head_dim=cfg.get("linear_value_head_dim", 128),
-            conv_kernel=cfg.get("linear_conv_kernel_dim", 4),
+            num_key_heads=cfg.integer("linear_num_key_heads", 16),
+            num_value_heads=cfg.integer("linear_num_value_heads", 32),
+            key_head_dim=cfg.integer("linear_key_head_dim", 128),
+            value_head_dim=cfg.integer("linear_value_head_dim", 128),
+            conv_kernel=cfg.integer("linear_conv_kernel_dim", 4),
             chunk_size=64,  # transformers' torch_chunk_gated_delta_rule hard-codes 64
         )
     if "-" in pattern:
-        mlp = MLPConfig(cfg.get("intermediate_size", 5632), "swiglu")
+        mlp = MLPConfig(cfg.integer("intermediate_size", 5632), "swiglu")
     if "E" in pattern:
-        shared = cfg.get("shared_expert_intermediate_size", 512)
+        shared = cfg.integer("shared_expert_intermediate_size", 512, positive=False)
         if shared <= 0:
             raise cfg.unsupported("shared_expert_intermediate_size", "a Qwen MoE layer always has a shared expert")
         moe = MoEConfig(
             num_experts=num_experts,
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 8 if is_qwen3_5 else 10),
-            intermediate_size=cfg.get("moe_intermediate_size", 512),
+            num_experts_per_tok=cfg.integer("num_experts_per_tok", 8 if is_qwen3_5 else 10),
+            intermediate_size=cfg.integer("moe_intermediate_size", 512),
             activation="swiglu",
             scoring="softmax",
             norm_topk_prob=True if is_qwen3_5 else cfg.flag("norm_topk_prob", True),
             num_shared_experts=1,
             shared_intermediate_size=shared,
             has_shared_expert_gate=True,
-            aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
+            aux_loss_coef=cfg.number("router_aux_loss_coef", 0.001),
         )
     return HybridConfig(
         pattern=pattern,
@@ -126,7 +126,7 @@ def _config_from_hf(cfg: HFConfig, is_qwen3_5: bool) -> HybridConfig:
         gdn=gdn,
         mlp=mlp,
         moe=moe,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        norm_eps=cfg.number("rms_norm_eps", 1e-6),
         is_norm_zero_centered=True,
         tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         num_hidden_layers=num_layers,
