@@ -250,3 +250,22 @@ def test_qwen3_next_reads_only_real_numbers(qwen, changes, message):
     _edit_config(qwen, **changes)
     with pytest.raises(ValueError, match=rf"qwen/config\.json: (field )?{message}"):
         read_config(qwen)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mamba_num_heads": True}, r"mamba_num_heads = True must be a positive integer"),
+        ({"time_step_min": True}, r"time_step_min = True must be a number"),
+        ({"n_groups": 1.5}, r"n_groups = 1\.5 must be a positive integer"),
+        ({"head_dim": False}, r"head_dim = False must be a positive integer"),
+    ],
+    ids=["mamba-heads-bool", "dt-min-bool", "groups-float", "head-dim-bool"],
+)
+def test_nemotron_h_reads_only_real_numbers(tmp_path, changes, message):
+    """JSON true is 1 to Python's arithmetic: nemotron_h's reader must refuse it, not build with 1."""
+    path = tmp_path / "nemotron"
+    _export("debug-tiny-nemotron", path, family="nemotron_h")
+    _edit_config(path, **changes)
+    with pytest.raises(ValueError, match=rf"nemotron/config\.json: field {message}"):
+        read_config(path)

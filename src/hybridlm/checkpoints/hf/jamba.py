@@ -39,30 +39,38 @@ ARCHITECTURE = "JambaForCausalLM"
 
 
 def config_from_hf(cfg: HFConfig) -> HybridConfig:
-    num_layers = cfg.get("num_hidden_layers", 32)
-    attn_period, attn_offset = cfg.get("attn_layer_period", 8), cfg.get("attn_layer_offset", 4)
-    expert_period, expert_offset = cfg.get("expert_layer_period", 2), cfg.get("expert_layer_offset", 1)
-    num_experts = cfg.get("num_experts", 16)
+    num_layers = cfg.integer("num_hidden_layers", 32)
+    attn_period, attn_offset = cfg.integer("attn_layer_period", 8), cfg.integer("attn_layer_offset", 4, positive=False)
+    expert_period, expert_offset = (
+        cfg.integer("expert_layer_period", 2),
+        cfg.integer("expert_layer_offset", 1, positive=False),
+    )
+    num_experts = cfg.integer("num_experts", 16)
     cfg.expect("hidden_act", ("silu",), "silu", "hybridlm's Mamba-1 conv and SwiGLU use silu")
     pattern = ""
     for i in range(num_layers):
         pattern += "*" if i % attn_period == attn_offset else "m"
         pattern += "E" if i % expert_period == expert_offset and num_experts > 1 else "-"
 
-    hidden = cfg.require("hidden_size")
-    intermediate = cfg.get("intermediate_size", 14336)
+    hidden = cfg.integer("hidden_size")
+    intermediate = cfg.integer("intermediate_size", 14336)
     attention = mamba = mlp = moe = None
     if "*" in pattern:
-        heads = cfg.get("num_attention_heads", 32)
-        kv_heads = cfg.get("num_key_value_heads", heads)
-        attention = AttentionConfig(heads, kv_heads, cfg.get("head_dim", hidden // heads), rope_theta=None)
+        heads = cfg.integer("num_attention_heads", 32)
+        kv_heads = cfg.integer("num_key_value_heads", heads)
+        attention = AttentionConfig(
+            heads,
+            kv_heads,
+            cfg.integer("head_dim") if cfg.get("head_dim") is not None else hidden // heads,
+            rope_theta=None,
+        )
     if "m" in pattern:
         dt_rank = cfg.get("mamba_dt_rank", "auto")
         mamba = MambaConfig(
-            intermediate_size=int(cfg.get("mamba_expand", 2) * hidden),
-            state_size=cfg.get("mamba_d_state", 16),
-            conv_kernel=cfg.get("mamba_d_conv", 4),
-            dt_rank=math.ceil(hidden / 16) if dt_rank == "auto" else dt_rank,
+            intermediate_size=int(cfg.number("mamba_expand", 2) * hidden),
+            state_size=cfg.integer("mamba_d_state", 16),
+            conv_kernel=cfg.integer("mamba_d_conv", 4),
+            dt_rank=math.ceil(hidden / 16) if dt_rank == "auto" else cfg.integer("mamba_dt_rank"),
             use_conv_bias=cfg.flag("mamba_conv_bias", True),
             use_bias=cfg.flag("mamba_proj_bias", False),
             has_inner_norms=True,
@@ -72,12 +80,12 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
     if "E" in pattern:
         moe = MoEConfig(
             num_experts=num_experts,
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+            num_experts_per_tok=cfg.integer("num_experts_per_tok", 2),
             intermediate_size=intermediate,
             activation="swiglu",
             scoring="softmax",
             norm_topk_prob=False,  # JambaTopKRouter leaves the top-k softmax weights as they are
-            aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
+            aux_loss_coef=cfg.number("router_aux_loss_coef", 0.001),
         )
     return HybridConfig(
         pattern=pattern,
@@ -85,7 +93,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         mamba=mamba,
         mlp=mlp,
         moe=moe,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        norm_eps=cfg.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=cfg.flag("tie_word_embeddings", False),
         num_hidden_layers=num_layers,
         **common_fields(cfg),

@@ -24,6 +24,8 @@ from hybridlm.checkpoints.hf.common import (
     layer_types,
     mamba2_rules,
     mlp_rules,
+    real_number,
+    whole_number,
 )
 from hybridlm.checkpoints.plan import Plan, rename
 from hybridlm.config import AttentionConfig, HybridConfig, Mamba2Config, MLPConfig, MoEConfig
@@ -52,6 +54,14 @@ def _field(cfg: HFConfig, name: str, default: Any) -> Any:
     return cfg.get(name, default)
 
 
+def _integer(cfg: HFConfig, name: str, default: int) -> int:
+    return whole_number(_field(cfg, name, default), name, cfg.path)
+
+
+def _number(cfg: HFConfig, name: str, default: float) -> float:
+    return real_number(_field(cfg, name, default), name, cfg.path)
+
+
 def _pattern(cfg: HFConfig) -> str:
     types = layer_types(cfg, "layers_block_type", "layer_types")
     if types is None:
@@ -78,46 +88,49 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
     has_mlp_bias = cfg.flag("mlp_bias", False)
     if has_mlp_bias and "E" in pattern:
         raise cfg.unsupported("mlp_bias", "hybridlm's MoE experts and shared expert have no biases")
-    heads = cfg.get("num_attention_heads", 32)
+    heads = cfg.integer("num_attention_heads", 32)
     attention = mamba2 = mlp = moe = None
     if "*" in pattern:
         # attention_bias is ignored by transformers' NemotronHAttention (no bias ever)
-        head_dim = cfg.get("head_dim", cfg.get("attention_head_dim", 128))
-        attention = AttentionConfig(heads, cfg.get("num_key_value_heads", heads), head_dim, rope_theta=None)
+        head_key = "head_dim" if cfg.get("head_dim") is not None else "attention_head_dim"
+        head_dim = cfg.integer(head_key, 128)
+        attention = AttentionConfig(heads, cfg.integer("num_key_value_heads", heads), head_dim, rope_theta=None)
     if "M" in pattern:
-        time_step_min = _field(cfg, "time_step_min", 0.001)
+        time_step_min = _number(cfg, "time_step_min", 0.001)
         mamba2 = Mamba2Config(
-            num_heads=cfg.get("mamba_num_heads", 128),
-            head_dim=cfg.get("mamba_head_dim", 64),
-            state_size=cfg.get("ssm_state_size", 128),
-            num_groups=_field(cfg, "n_groups", 8),
-            conv_kernel=_field(cfg, "conv_kernel", 4),
-            chunk_size=_field(cfg, "chunk_size", 128),
+            num_heads=cfg.integer("mamba_num_heads", 128),
+            head_dim=cfg.integer("mamba_head_dim", 64),
+            state_size=cfg.integer("ssm_state_size", 128),
+            num_groups=_integer(cfg, "n_groups", 8),
+            conv_kernel=_integer(cfg, "conv_kernel", 4),
+            chunk_size=_integer(cfg, "chunk_size", 128),
             use_conv_bias=cfg.flag("use_conv_bias", _field(cfg, "use_conv_bias", True)),
             use_bias=cfg.flag("use_bias", False),
             # the dt init draws log-uniformly from [min, max]: a clamp at 0 (no clamp) needs another lower end
             time_step_min=time_step_min if time_step_min > 0 else Mamba2Config.time_step_min,
-            time_step_max=_field(cfg, "time_step_max", 0.1),
-            time_step_floor=_field(cfg, "time_step_floor", 1e-4),
+            time_step_max=_number(cfg, "time_step_max", 0.1),
+            time_step_floor=_number(cfg, "time_step_floor", 1e-4),
             # NemotronHMamba2Mixer: time_step_limit = (config.time_step_min, inf), whatever time_step_limit says
-            time_step_limit=(float(time_step_min), math.inf),
+            time_step_limit=(time_step_min, math.inf),
         )
     if "-" in pattern:
-        mlp = MLPConfig(cfg.get("intermediate_size", 21504), "relu2", bias=has_mlp_bias)
+        mlp = MLPConfig(cfg.integer("intermediate_size", 21504), "relu2", bias=has_mlp_bias)
     if "E" in pattern:
         moe = MoEConfig(
-            num_experts=cfg.get("n_routed_experts", cfg.get("num_local_experts", 8)),
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
-            intermediate_size=cfg.get("moe_intermediate_size", 7688),
+            num_experts=cfg.integer(
+                "n_routed_experts" if cfg.get("n_routed_experts") is not None else "num_local_experts", 8
+            ),
+            num_experts_per_tok=cfg.integer("num_experts_per_tok", 2),
+            intermediate_size=cfg.integer("moe_intermediate_size", 7688),
             activation="relu2",
             scoring="sigmoid",
             norm_topk_prob=cfg.flag("norm_topk_prob", True),
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=cfg.number("routed_scaling_factor", 1.0),
             use_expert_bias=True,
-            num_groups=cfg.get("n_group", 1),
-            topk_groups=cfg.get("topk_group", 1),
+            num_groups=cfg.integer("n_group", 1),
+            topk_groups=cfg.integer("topk_group", 1),
             num_shared_experts=1,
-            shared_intermediate_size=cfg.get("moe_shared_expert_intermediate_size", 7688),
+            shared_intermediate_size=cfg.integer("moe_shared_expert_intermediate_size", 7688),
         )
     return HybridConfig(
         pattern=pattern,
@@ -125,7 +138,7 @@ def config_from_hf(cfg: HFConfig) -> HybridConfig:
         mamba2=mamba2,
         mlp=mlp,
         moe=moe,
-        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        norm_eps=cfg.number("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=False,  # ignored by NemotronHForCausalLM: lm_head is always its own tensor
         num_hidden_layers=len(pattern),
         **common_fields(cfg),
