@@ -33,6 +33,20 @@ def run_cli(
     return subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd, env=environment, **kwargs)
 
 
+def gpt2_byte_symbols() -> list[str]:
+    """GPT-2's bytes_to_unicode table (byte-level BPE), written out from its definition: byte b is shown as
+    symbol [b] in a tokenizer.json's vocab."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
 # Default relative tolerance by the dtype of the result under test. float32 and float64: about 100 units of
 # rounding (eps 1.2e-7 and 2.2e-16); the largest errors measured over tests/ops and tests/layers are 3.5e-6
 # (float32, the rotary tables) and 3.5e-16 (float64), so an accidental float32 path in a float64 layer

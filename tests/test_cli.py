@@ -14,7 +14,7 @@ import torch
 
 from hybridlm.accounting import count_params
 from hybridlm.presets import get_preset
-from tests.helpers import run_cli
+from tests.helpers import gpt2_byte_symbols, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["info", "generate", "profile", "report", "query", "import", "convert"]
@@ -130,24 +130,11 @@ def _rigged_checkpoint(path: Path, token_ids: list[int]) -> Path:
     return path
 
 
-def _gpt2_byte_to_char() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE), written out from its definition."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _byte_level_bpe_json(path: Path) -> list[int]:
     """A byte-level BPE tokenizer.json (256 byte tokens, id = byte value, no merges); returns TEXT's ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {char: byte for byte, char in _gpt2_byte_to_char().items()}
+    vocab = {symbol: byte for byte, symbol in enumerate(gpt2_byte_symbols())}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

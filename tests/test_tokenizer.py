@@ -12,6 +12,7 @@ import pytest
 
 from hybridlm.checkpoints.tokenizer import HFTokenizer, load_tokenizer
 from hybridlm.tokenizer import REPLACEMENT, ByteTokenizer, IncrementalDetokenizer
+from tests.helpers import gpt2_byte_symbols
 
 TEXT = "héllo € 日本 🤖 naïve café — done"
 
@@ -79,23 +80,10 @@ def _bytes_of(tokenizer, ids: list[int]) -> bytes:
     # byte-level BPE: each token is a string over the 256-symbol ByteLevel alphabet, one symbol per byte
     from tokenizers import pre_tokenizers
 
-    symbol_to_byte = {symbol: index for index, symbol in enumerate(_byte_level_symbols(pre_tokenizers))}
+    symbols = gpt2_byte_symbols()
+    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())  # the table is the library's own
+    symbol_to_byte = {symbol: index for index, symbol in enumerate(symbols)}
     return bytes(symbol_to_byte[s] for i in ids for s in tokenizer.tokenizer.id_to_token(i))
-
-
-def _byte_level_symbols(pre_tokenizers) -> list[str]:
-    """GPT-2's bytes_to_unicode table: byte b is shown as this symbol."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    assert set(symbols.values()) == set(pre_tokenizers.ByteLevel.alphabet())
-    return [symbols[byte] for byte in range(256)]
 
 
 def test_random_ids_join_to_decode_of_all(tokenizer):
