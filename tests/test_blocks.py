@@ -11,7 +11,7 @@ from hybridlm.accounting import block_params, cache_bytes, count_params
 from hybridlm.blocks import BLOCKS, LAYER_TYPES, BlockSpec, block_spec
 from hybridlm.cache import RecurrentState
 from hybridlm.config import HybridConfig
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
 from hybridlm.model import HybridLM
 from hybridlm.presets import get_preset
 from tests.helpers import assert_close
@@ -75,8 +75,8 @@ class _Scale(BlockModule):
         return cls(config.hidden_size)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
-        return ParamCount(config.hidden_size, config.hidden_size)
+    def count_params(config: HybridConfig) -> BlockParams:
+        return BlockParams(config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.weight
@@ -92,8 +92,8 @@ class _Decay(BlockModule):
         return module
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
-        return ParamCount(0, 0)
+    def count_params(config: HybridConfig) -> BlockParams:
+        return BlockParams(0, 0)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

@@ -13,12 +13,7 @@ import torch
 
 from hybridlm.blocks import BLOCKS, block_spec
 from hybridlm.config import AttentionConfig, HybridConfig
-
-
-@dataclass
-class BlockParams:
-    total: int
-    active: int
+from hybridlm.layers.base import BlockParams
 
 
 @dataclass

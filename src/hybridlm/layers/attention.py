@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import AttentionState, ForwardContext
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
 
@@ -49,14 +49,14 @@ class Attention(BlockModule):
         return cls(config.hidden_size, config.attention, config.norm_eps, config.is_norm_zero_centered)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         d, a = config.hidden_size, config.attention
         q_out = a.num_heads * a.head_dim * (2 if a.has_output_gate else 1)  # the output gate rides on q_proj
         kv_out = a.num_kv_heads * a.head_dim
         n = linear_params(d, q_out, a.bias) + 2 * linear_params(d, kv_out, a.bias)
         n += linear_params(a.num_heads * a.head_dim, d, a.bias)  # o_proj
         n += 2 * a.head_dim if a.has_qk_norm else 0
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

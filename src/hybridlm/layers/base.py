@@ -50,8 +50,9 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
-class ParamCount:
-    """Parameters of one block's module (without the block's pre-norm); ``active`` < ``total`` only for MoE."""
+class BlockParams:
+    """Parameters of a block: from its module alone (``count_params``), or with its pre-norm (accounting's
+    ``block_params``); ``active`` < ``total`` only for MoE."""
 
     total: int
     active: int
@@ -65,7 +66,7 @@ class BlockModule(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         raise NotImplementedError
 
     @staticmethod

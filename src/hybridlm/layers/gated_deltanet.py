@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
@@ -48,12 +48,12 @@ class GatedDeltaNetMixer(BlockModule):
         return cls(config.hidden_size, config.gdn, config.norm_eps)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         d, g = config.hidden_size, config.gdn
         n = d * (g.conv_dim + g.value_dim + 2 * g.num_value_heads)  # in_proj_qkv, _z, _b, _a
         n += g.conv_dim * g.conv_kernel + 2 * g.num_value_heads + g.value_head_dim  # conv, dt_bias, A_log, norm
         n += g.value_dim * d  # out_proj
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

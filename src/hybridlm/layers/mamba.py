@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.precision import upcast
@@ -47,14 +47,14 @@ class MambaMixer(BlockModule):
         return cls(config.hidden_size, config.mamba, config.norm_eps)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         d, m = config.hidden_size, config.mamba
         inner, R, N = m.intermediate_size, m.dt_rank, m.state_size
         n = linear_params(d, 2 * inner, m.use_bias) + inner * m.conv_kernel + (inner if m.use_conv_bias else 0)
         n += inner * (R + 2 * N) + (R + 2 * N if m.has_inner_norms else 0)  # x_proj; dt/B/C norms
         n += linear_params(R, inner, True) + inner * N + inner  # dt_proj, A_log, D
         n += linear_params(inner, d, m.use_bias)  # out_proj
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

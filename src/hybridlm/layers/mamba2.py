@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor, allocate, linear_params
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.precision import upcast
@@ -44,13 +44,13 @@ class Mamba2Mixer(BlockModule):
         return cls(config.hidden_size, config.mamba2, config.norm_eps)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         d, m = config.hidden_size, config.mamba2
         n = linear_params(d, m.intermediate_size + m.conv_dim + m.num_heads, m.use_bias)  # in_proj
         n += m.conv_dim * m.conv_kernel + (m.conv_dim if m.use_conv_bias else 0)
         n += 3 * m.num_heads + (m.intermediate_size if m.has_gated_norm else 0)  # dt_bias, A_log, D; gated norm
         n += linear_params(m.intermediate_size, d, m.use_bias)  # out_proj
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridlm.layers.base import BlockModule, ParamCount, mlp_params
+from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
 
 if TYPE_CHECKING:
     from hybridlm.config import Activation, HybridConfig
@@ -32,10 +32,10 @@ class MLP(BlockModule):
         return cls(config.hidden_size, m.intermediate_size, m.activation, m.bias)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         m = config.mlp
         n = mlp_params(config.hidden_size, m.intermediate_size, m.activation, m.bias)
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":

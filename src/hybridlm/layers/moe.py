@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridlm.layers.base import BlockModule, ParamCount, mlp_params
+from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
 from hybridlm.layers.mlp import MLP
 from hybridlm.ops.moe import moe_experts_grouped, route, tokens_per_expert
 from hybridlm.ops.precision import upcast
@@ -86,7 +86,7 @@ class MoE(BlockModule):
         return cls(config.hidden_size, config.moe)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         """Active per token: the router, the shared experts and ``num_experts_per_tok`` routed experts."""
         d, e = config.hidden_size, config.moe
         router = e.num_experts * d + (e.num_experts if e.use_expert_bias else 0)
@@ -96,7 +96,7 @@ class MoE(BlockModule):
             shared = mlp_params(d, e.num_shared_experts * e.shared_intermediate_size, e.activation)
             shared += d if e.has_shared_expert_gate else 0
         fixed = router + shared
-        return ParamCount(fixed + e.num_experts * per_expert, fixed + e.num_experts_per_tok * per_expert)
+        return BlockParams(fixed + e.num_experts * per_expert, fixed + e.num_experts_per_tok * per_expert)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, D] -> [B, T, D]."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hybridlm.cache import ForwardContext, ParallelState
 from hybridlm.layers.attention import Attention
-from hybridlm.layers.base import BlockModule, ParamCount, StateTensor
+from hybridlm.layers.base import BlockModule, BlockParams, StateTensor
 from hybridlm.layers.mamba2 import Mamba2Mixer
 
 if TYPE_CHECKING:
@@ -32,9 +32,9 @@ class ParallelMixer(BlockModule):
         return cls(config)
 
     @staticmethod
-    def count_params(config: HybridConfig) -> ParamCount:
+    def count_params(config: HybridConfig) -> BlockParams:
         n = Mamba2Mixer.count_params(config).total + Attention.count_params(config).total
-        return ParamCount(n, n)
+        return BlockParams(n, n)
 
     @staticmethod
     def state_tensors(config: HybridConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:
