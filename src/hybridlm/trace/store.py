@@ -113,9 +113,7 @@ def _not_a_trace(path: Path, kind: str) -> TraceError:
 def check_trace_path(path: Path) -> None:
     """Refuse, before anything is built or written, a path a trace database cannot be written to:
     another kind of file, a directory, or a file standing where a parent directory must be."""
-    for ancestor in reversed(path.parents):
-        if ancestor.exists() and not ancestor.is_dir():
-            raise TraceError(f"{path}: {ancestor} is a file, not a directory")
+    _refuse_file_as_parent(path)
     if path.is_dir():
         raise TraceError(f"{path} is a directory; give a file name for the trace database")
     if path.exists():
@@ -125,12 +123,16 @@ def check_trace_path(path: Path) -> None:
 
 
 def make_parent_dirs(path: Path) -> None:
-    """Create ``path``'s missing parent directories; a file standing where a directory must be is a
-    TraceError naming it (``mkdir`` would only say "File exists")."""
+    """Create ``path``'s missing parent directories (for any file a report writes)."""
+    _refuse_file_as_parent(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_file_as_parent(path: Path) -> None:
+    """A file standing where a parent directory must be is named (``mkdir`` would only say "File exists")."""
     for ancestor in reversed(path.parents):
         if ancestor.exists() and not ancestor.is_dir():
             raise TraceError(f"{path}: {ancestor} is a file, not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 class TraceStore:
@@ -146,7 +148,7 @@ class TraceStore:
         self.path = Path(path)
         self.flush_every = flush_every
         check_trace_path(self.path)
-        make_parent_dirs(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = duckdb.connect(str(self.path))
         except duckdb.Error as e:
