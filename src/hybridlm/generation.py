@@ -123,7 +123,13 @@ def sample(
 ) -> Tensor:
     """logits [B, V] -> token ids [B]; greedy when temperature is 0."""
     check_sampling(temperature, top_k, top_p)
-    temperature, top_k, top_p = _plain_sampling(temperature, top_k, top_p)
+    return _sample(logits, *_plain_sampling(temperature, top_k, top_p), generator)
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
+    """``sample`` on arguments already checked (the decode loop checks them once, not every step)."""
     # A temperature below float32's reciprocal range (1e-320) is 0 once cast: that limit is greedy.
     if temperature < 1.0 / torch.finfo(torch.float32).max:
         return logits.argmax(dim=-1)
@@ -207,7 +213,7 @@ def _stream(
             logits = prefill(model, ids, cache, mask)
             finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, top_p, generator)
+                token = _sample(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     token = token.masked_fill(finished, eos_token_id)
                     finished |= token == eos_token_id
