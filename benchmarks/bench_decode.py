@@ -1,0 +1,628 @@
+"""Prefill and decode speed of hybridlm against transformers (and llama.cpp) on the same weights, with rooflines.
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.bench_decode [--families nemotron_h,qwen3_next]
+        [--repeats N] [--quick] [--json out/bench_decode.json] [--threads 2] [--llama-cpp auto|off]
+
+1. Measures the machine (``benchmarks.roofline``): copy, read and fp32 GEMV bandwidth, SGEMM rate,
+   before each family (the ceilings of a shared machine move with its load).
+2. Per family: builds the ~110M checkpoint with transformers (``benchmarks.hf_models``, cached under
+   ``out/bench_models/FAMILY``), loads it into hybridlm and checks the logits of a 16-token prompt agree.
+3. Times hybridlm and transformers interleaved in this process, best of ``--repeats`` runs: prefill
+   1x512 and 1x2048 (last logits only), decode at batch 1 and 8 (16-token random prompts, 128 greedy
+   tokens, EOS off; tokens/s = B * 127 / (time(16+128) - time(16+1)), so the prefill cancels out),
+   ``generate`` end to end (batch 1, 16 + 128). Rooflines: decode, weights read per step (the routed
+   experts actually touched, recorded from hybridlm's MoE blocks) / GEMV bandwidth; prefill, FLOPs /
+   SGEMM rate.
+4. With ``--llama-cpp auto`` and llama-cpp-python installed (in this python or in
+   ``/work/llamacpp/venv``), converts the checkpoint to an f32 GGUF with llama.cpp's own converter and
+   times prefill and decode at batch 1 and 8 in a subprocess through its low-level batch API.
+
+Prints one table per family and writes everything to the JSON file (default ``out/bench_decode.json``).
+``--quick`` is a smoke run (short lengths, two repeats): its numbers mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import roofline
+from benchmarks.common import print_table
+from hybridlm.generation import generate
+from hybridlm.loading import load_model
+
+FAMILIES = ("nemotron_h", "qwen3_next")
+MODELS_DIR = Path("out/bench_models")
+PARITY_TOLERANCE = 1e-3
+LLAMA_CPP_DIR = Path("/work/llamacpp")
+LLAMA_CPP_PYTHON = LLAMA_CPP_DIR / "venv/bin/python"
+LLAMA_CPP_SOURCE = LLAMA_CPP_DIR / "llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+
+@dataclass(frozen=True)
+class Settings:
+    prefill_lengths: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    prompt_len: int
+    new_tokens: int
+    repeats: int
+    machine_repeats: int
+
+    @classmethod
+    def from_args(cls, quick: bool, repeats: int | None) -> Settings:
+        if quick:
+            return cls((128,), (1, 2), 16, 16, repeats or 2, 2)
+        return cls((512, 2048), (1, 8), 16, 128, repeats or 3, 5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = Settings.from_args(args.quick, args.repeats)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    print(f"bench_decode {started}: {settings}", flush=True)
+
+    llama_python, llama_reason = find_llama_cpp(args.llama_cpp)
+    if llama_python is None:
+        print(f"llama.cpp: skipped ({llama_reason})", flush=True)
+
+    results = {}
+    for family in args.families:
+        # Measured again before each family: on a shared machine the ceilings move with the load.
+        machine = roofline.measure_machine(settings.machine_repeats)
+        print(machine.summary(), flush=True)
+        results[family] = bench_family(family, settings, machine, llama_python, llama_reason)
+        results[family]["machine"] = machine.to_dict()
+        print_family(family, results[family], machine)
+
+    report = {
+        "started": started,
+        "command": " ".join([sys.executable, "-m", "benchmarks.bench_decode", *(argv or sys.argv[1:])]),
+        "torch": torch.__version__,
+        "settings": asdict(settings),
+        "families": results,
+    }
+    write_json(args.json, report)
+    print(f"wrote {args.json}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: nemotron_h,qwen3_next")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, the best kept")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: short lengths, two repeats")
+    parser.add_argument("--json", type=Path, default=Path("out/bench_decode.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-cpp", choices=("auto", "off"), default="auto")
+    args = parser.parse_args(argv)
+    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown or not args.families:
+        parser.error(f"--families must name some of {', '.join(FAMILIES)}, got {args.families!r}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# One family: load, check, time
+
+
+def bench_family(
+    family: str, settings: Settings, machine: roofline.Machine, llama_python: Path | None, llama_reason: str
+) -> dict:
+    import transformers
+
+    from benchmarks.hf_models import build_and_save  # builds with transformers, which only this part needs
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    directory = MODELS_DIR / family
+    hf = build_and_save(family, directory)
+    hf.generation_config.eos_token_id = None  # EOS off: every run generates exactly the tokens asked
+    model = load_model(directory, quiet=True)
+    model.eval()
+    parity = max_logit_difference(hf, model)
+    print(f"{family}: hybridlm vs transformers logits, 16 tokens: max |diff| = {parity:.2e}", flush=True)
+    if not parity <= PARITY_TOLERANCE:
+        raise SystemExit(f"{family}: logits differ by {parity:.2e} > {PARITY_TOLERANCE:g}; not timing a wrong model")
+
+    counts = roofline.weight_counts(model)
+    rows: dict[str, dict] = {}
+    for length in settings.prefill_lengths:
+        rows[f"prefill 1x{length}"] = time_prefill(hf, model, length, settings.repeats, machine)
+    generated: dict[int, dict] = {}
+    for batch in settings.decode_batches:
+        decode, generated[batch] = time_decode(hf, model, batch, settings, machine, counts)
+        rows[f"decode b{batch}"] = decode
+    rows[f"generate e2e 1x{settings.prompt_len}+{settings.new_tokens} (s)"] = end_to_end_row(
+        generated[1], model, settings, machine
+    )
+    result = {
+        "checkpoint": str(directory),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "logits_max_abs_diff": parity,
+        "weights": counts.to_dict(),
+        "rows": rows,
+        "greedy_tokens_agree": generated[1]["tokens_agree"],
+    }
+    if llama_python is None:
+        result["llama_cpp"] = {"skipped": llama_reason}
+    else:
+        result["llama_cpp"] = bench_llama_cpp(
+            llama_python, directory, family, settings, model.config.vocab_size, generated[1]["tokens"]
+        )
+        merge_llama_cpp(rows, result["llama_cpp"], settings)
+    return result
+
+
+def max_logit_difference(hf: torch.nn.Module, model: torch.nn.Module) -> float:
+    ids = random_prompts(1, 16, model.config.vocab_size, seed=1)
+    with torch.inference_mode():
+        expected = hf(ids).logits
+        actual = model(ids).logits
+    return float((expected - actual).abs().max())
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """[batch, length] token ids, away from the low ids that checkpoints use for special tokens."""
+    return torch.randint(3, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def best_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest seconds of each function over ``repeats`` rounds, alternating so machine noise hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, lazy inits
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def time_prefill(
+    hf: torch.nn.Module, model: torch.nn.Module, length: int, repeats: int, machine: roofline.Machine
+) -> dict:
+    ids = random_prompts(1, length, model.config.vocab_size)
+
+    def hybridlm_prefill() -> None:
+        with torch.inference_mode():
+            model(ids, cache=model.new_cache(1, length), last_logits_only=True)
+
+    def transformers_prefill() -> None:
+        with torch.inference_mode():
+            hf(ids, use_cache=True, logits_to_keep=1)
+
+    seconds = best_interleaved({"transformers": transformers_prefill, "hybridlm": hybridlm_prefill}, repeats)
+    flops = roofline.prefill_flops(model, length)
+    row = {name: length / s for name, s in seconds.items()}
+    row.update(
+        unit="tokens/s",
+        roofline=roofline.prefill_roofline_tokens_per_s(flops, length, machine.sgemm_flops_per_s),
+        flops=flops.to_dict(),
+        seconds=seconds,
+    )
+    return row
+
+
+def transformers_generate(hf: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            use_cache=True,
+        )
+    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
+        raise RuntimeError(f"transformers generated {tuple(out.shape)}, asked for {ids.shape[1]} + {new_tokens}")
+    return out
+
+
+def hybridlm_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    out = generate(model, ids, max_new_tokens=new_tokens)
+    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
+        raise RuntimeError(f"hybridlm generated {tuple(out.shape)}, asked for {ids.shape[1]} + {new_tokens}")
+    return out
+
+
+def time_decode(
+    hf: torch.nn.Module,
+    model: torch.nn.Module,
+    batch: int,
+    settings: Settings,
+    machine: roofline.Machine,
+    counts: roofline.WeightCounts,
+) -> tuple[dict, dict]:
+    """Decode tokens/s without the prefill: B * (N - 1) tokens / (time(prompt + N) - time(prompt + 1))."""
+    ids = random_prompts(batch, settings.prompt_len, model.config.vocab_size, seed=batch)
+    n = settings.new_tokens
+    transformers_out: list[torch.Tensor] = []
+    seconds = best_interleaved(
+        {
+            "transformers_1": lambda: transformers_generate(hf, ids, 1),
+            "transformers_n": lambda: transformers_out.append(transformers_generate(hf, ids, n)),
+            "hybridlm_1": lambda: hybridlm_generate(model, ids, 1),
+            "hybridlm_n": lambda: hybridlm_generate(model, ids, n),
+        },
+        settings.repeats,
+    )
+    touched, source, hybridlm_out = experts_touched_per_step(model, hf, ids, n)
+    weight_bytes = counts.decode_bytes(touched)
+    row: dict = {
+        name: batch * (n - 1) / (seconds[f"{name}_n"] - seconds[f"{name}_1"]) for name in ("transformers", "hybridlm")
+    }
+    row.update(
+        unit="tokens/s",
+        roofline=roofline.decode_roofline_tokens_per_s(weight_bytes, batch, machine.gemv_bytes_per_s),
+        # A kernel of one's own can stream weights faster than torch's GEMV; reading is the harder ceiling.
+        roofline_at_read_bandwidth=roofline.decode_roofline_tokens_per_s(weight_bytes, batch, machine.read_bytes_per_s),
+        weight_bytes_per_step=weight_bytes,
+        experts_touched_per_block=touched,
+        experts_touched_source=source,
+        experts_touched_if_uniform=roofline.expected_distinct_experts(
+            counts.num_experts, counts.experts_per_token, batch
+        ),
+        state_bytes_per_step=roofline.state_bytes_per_step(model, batch),
+        seconds=seconds,
+    )
+    prompt = settings.prompt_len
+    ours, theirs = hybridlm_out[:, prompt:], transformers_out[-1][:, prompt:]
+    generated = {
+        "seconds": {"transformers": seconds["transformers_n"], "hybridlm": seconds["hybridlm_n"]},
+        "tokens": ours[0].tolist(),
+        "tokens_agree": f"{int((ours == theirs).all(0).cumprod(0).sum())}/{n}",
+    }
+    return row, generated
+
+
+def end_to_end_row(generated: dict, model: torch.nn.Module, settings: Settings, machine: roofline.Machine) -> dict:
+    row = dict(generated["seconds"])
+    row.update(
+        unit="s",
+        roofline=roofline.generate_roofline_seconds(model, machine, settings.prompt_len, settings.new_tokens),
+    )
+    return row
+
+
+def experts_touched_per_step(
+    model: torch.nn.Module, hf: torch.nn.Module, ids: torch.Tensor, new_tokens: int
+) -> tuple[list[float], str, torch.Tensor]:
+    """Distinct routed experts each MoE block reads per decode step, averaged over one greedy run of
+    hybridlm (whose output ids are returned too).
+
+    Read from hybridlm's MoE blocks (``last_tokens_per_expert`` after each single-token forward); if its
+    decode path no longer calls them, from transformers' routers on the same weights and prompts; else
+    the uniform-routing estimate E(1 - (1 - k/E)^B).
+    """
+    batch = ids.shape[0]
+    blocks = [block.mixer for block in model.layers if block.routes_experts]
+    outputs: list[torch.Tensor] = []
+
+    def hybridlm_counts(module: torch.nn.Module, inputs: tuple, output: object) -> int | None:
+        counts = getattr(module, "last_tokens_per_expert", None)
+        if counts is None or inputs[0].shape[-2] != 1:  # x [B, T, D]: a decode step has T == 1
+            return None
+        return int((counts > 0).sum())
+
+    def router_counts(module: torch.nn.Module, inputs: tuple, output: object) -> int | None:
+        indices = output[-1]  # transformers' routers return (logits, weights, top-k indices [N, k])
+        return int(indices.unique().numel()) if indices.shape[0] == batch else None  # prefill: N = B * T
+
+    run_hybridlm = lambda: outputs.append(hybridlm_generate(model, ids, new_tokens))  # noqa: E731
+    touched = record_decode_routing(blocks, run_hybridlm, hybridlm_counts)
+    top_k = model.config.moe.num_experts_per_tok
+    if touched is not None and (batch > 1 or all(n == top_k for n in touched)):  # one token touches exactly k
+        return touched, "measured: hybridlm MoE last_tokens_per_expert", outputs[0]
+    routers = [m for m in hf.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    if len(routers) == len(blocks):
+        touched = record_decode_routing(routers, lambda: transformers_generate(hf, ids, new_tokens), router_counts)
+        if touched is not None:
+            return touched, "measured: transformers router top-k indices", outputs[0]
+    config = model.config.moe
+    uniform = roofline.expected_distinct_experts(config.num_experts, config.num_experts_per_tok, batch)
+    return [uniform] * len(blocks), "estimated: E(1-(1-k/E)^B), routing could not be hooked", outputs[0]
+
+
+def record_decode_routing(
+    modules: list[torch.nn.Module], run: Callable[[], object], count: Callable[..., int | None]
+) -> list[float] | None:
+    """Mean of ``count`` over the decode-step calls of each module while ``run()`` runs; None if none."""
+    records: list[list[int]] = [[] for _ in modules]
+    handles = []
+    for index, module in enumerate(modules):
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: object, index: int = index) -> None:
+            value = count(module, inputs, output)
+            if value is not None:
+                records[index].append(value)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not modules or any(not r for r in records):
+        return None
+    return [sum(r) / len(r) for r in records]
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp (optional)
+
+
+def find_llama_cpp(mode: str) -> tuple[Path | None, str]:
+    """The python that imports llama_cpp (this one, else llama.cpp's own venv), or None and why not."""
+    if mode == "off":
+        return None, "--llama-cpp off"
+    if not (LLAMA_CPP_SOURCE / "convert_hf_to_gguf.py").exists():
+        return None, f"llama.cpp's converter not found under {LLAMA_CPP_SOURCE}"
+    for python in (Path(sys.executable), LLAMA_CPP_PYTHON):
+        if python.exists() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+            return python, ""
+    return None, f"llama_cpp is importable neither here nor with {LLAMA_CPP_PYTHON} (still building?)"
+
+
+def bench_llama_cpp(
+    python: Path, checkpoint: Path, family: str, settings: Settings, vocab_size: int, reference: list[int]
+) -> dict:
+    """llama.cpp's speeds on ``checkpoint`` (same prompts as the torch runs), and how many of its greedy
+    tokens at batch 1 match ``reference`` (hybridlm's)."""
+    prompt_len = settings.prompt_len
+    try:
+        gguf = convert_to_gguf(checkpoint, family)
+    except RuntimeError as error:
+        print(f"llama.cpp: skipped for {family} ({error})", flush=True)
+        return {"skipped": str(error)}
+    spec = {
+        "gguf": str(gguf),
+        "threads": torch.get_num_threads(),
+        "prefill_lengths": list(settings.prefill_lengths),
+        "decode_batches": list(settings.decode_batches),
+        "prompt_len": prompt_len,
+        "new_tokens": settings.new_tokens,
+        "repeats": settings.repeats,
+        "prompts": {str(b): random_prompts(b, prompt_len, vocab_size, b).tolist() for b in settings.decode_batches},
+        "prefill_prompts": {str(t): random_prompts(1, t, vocab_size)[0].tolist() for t in settings.prefill_lengths},
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
+        json.dump(spec, spec_file)
+        spec_file.flush()
+        done = subprocess.run(
+            [python, "-c", LLAMA_CPP_WORKER, spec_file.name], capture_output=True, text=True, env=passive_env()
+        )
+    if done.returncode != 0:
+        reason = f"llama.cpp worker failed (exit {done.returncode}): {done.stderr.strip()[-400:]}"
+        print(reason, flush=True)
+        return {"failed": reason}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    tokens = result.pop("tokens")
+    result["greedy_tokens_agree_with_hybridlm"] = f"{_prefix_length(tokens, reference)}/{len(reference)}"
+    result["gguf"] = str(gguf)
+    return result
+
+
+def _prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def passive_env() -> dict[str, str]:
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def convert_to_gguf(checkpoint: Path, family: str) -> Path:
+    """``checkpoint`` as an f32 GGUF written by llama.cpp's ``convert_hf_to_gguf.py`` (cached beside it).
+
+    The converter insists on a tokenizer and on recognising its pre-tokenizer by hash. The checkpoint
+    has none, so a staging folder links its weights and config and adds a byte-level BPE tokenizer of
+    the model's vocabulary; the pre-tokenizer is declared "gpt-2" (the benchmark feeds token ids, so
+    text handling never runs). Qwen3-Next's converter expects an MTP head unless told ``--no-mtp``.
+    """
+    gguf = checkpoint.parent / f"{checkpoint.name}.f32.gguf"
+    weights = checkpoint / "model.safetensors"
+    if gguf.exists() and gguf.stat().st_mtime >= weights.stat().st_mtime:
+        return gguf
+    print(f"llama.cpp: converting {checkpoint} to {gguf}", flush=True)
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as staging:
+        source = Path(staging) / "source"
+        source.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (source / name).symlink_to((checkpoint / name).resolve())
+        write_byte_level_tokenizer(source, json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+        partial = Path(staging) / "model.gguf"
+        command = [sys.executable, "-c", CONVERTER_SHIM, str(LLAMA_CPP_SOURCE), str(source)]
+        command += ["--outtype", "f32", "--outfile", str(partial)] + (["--no-mtp"] if family == "qwen3_next" else [])
+        done = subprocess.run(command, capture_output=True, text=True, env=passive_env())
+        if done.returncode != 0 or not partial.exists():
+            raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+        partial.replace(gguf)
+    return gguf
+
+
+def write_byte_level_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A GPT-2-style byte-level BPE with exactly ``vocab_size`` tokens: the 256 byte symbols, then
+    merges of symbol pairs in order. Enough for converters that want a tokenizer; it tokenises nothing well."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    merges = []
+    pairs = ((a, b) for a in symbols for b in symbols)
+    while len(vocab) < vocab_size:
+        a, b = next(pairs)
+        vocab[a + b] = len(vocab)
+        merges.append((a, b))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+# Runs llama.cpp's converter with its gguf-py on the path and the pre-tokenizer check answered "gpt-2".
+CONVERTER_SHIM = r"""
+import runpy, sys
+source = sys.argv.pop(1)
+sys.path[:0] = [source, source + "/gguf-py"]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv[0] = source + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Times a GGUF with llama-cpp-python's low-level API (one llama_batch per step, every sequence of the
+# batch in it, greedy argmax in numpy), interleaving nothing: it runs alone in its own process.
+LLAMA_CPP_WORKER = r"""
+import ctypes, json, sys, time
+import numpy as np
+from llama_cpp import llama_cpp as C
+
+spec = json.load(open(sys.argv[1]))
+quiet = C.llama_log_callback(lambda level, text, data: None)
+C.llama_log_set(quiet, None)
+C.llama_backend_init()
+model = C.llama_model_load_from_file(spec["gguf"].encode(), C.llama_model_default_params())
+n_vocab = C.llama_vocab_n_tokens(C.llama_model_get_vocab(model))
+longest = max(spec["prefill_lengths"] + [spec["prompt_len"] + spec["new_tokens"]])
+max_batch = max(spec["decode_batches"])
+params = C.llama_context_default_params()
+params.n_ctx = max_batch * longest  # split evenly between the n_seq_max sequences
+params.n_batch = params.n_ubatch = max(longest, max_batch * spec["prompt_len"])
+params.n_seq_max = max_batch
+params.n_threads = params.n_threads_batch = spec["threads"]
+params.type_k = params.type_v = 0  # GGML_TYPE_F32: an fp32 KV cache like the other two (default f16)
+ctx = C.llama_init_from_model(model, params)
+memory = C.llama_get_memory(ctx)
+batch = C.llama_batch_init(params.n_batch, 0, max_batch)
+
+def decode(rows):  # rows: (token, position, sequence, wants logits)
+    batch.n_tokens = len(rows)
+    for i, (token, position, sequence, logits) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+        batch.seq_id[i][0], batch.logits[i] = sequence, logits
+    code = C.llama_decode(ctx, batch)
+    if code != 0:
+        raise RuntimeError(f"llama_decode returned {code}")
+
+def argmax(i):
+    return int(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+def prefill(prompts):
+    C.llama_memory_clear(memory, True)
+    T = len(prompts[0])
+    decode([(t, p, s, p == T - 1) for s, prompt in enumerate(prompts) for p, t in enumerate(prompt)])
+    return [argmax(s * T + T - 1) for s in range(len(prompts))]
+
+def generate(prompts, new_tokens):
+    out = [[t] for t in prefill(prompts)]
+    T = len(prompts[0])
+    for step in range(new_tokens - 1):
+        decode([(row[-1], T + step, s, True) for s, row in enumerate(out)])
+        for s, row in enumerate(out):
+            row.append(argmax(s))
+    return out
+
+def best(fn):
+    fn()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+n = spec["new_tokens"]
+result = {"prefill": {}, "decode": {}, "generate_seconds": None, "n_threads": spec["threads"], "n_seq_max": max_batch}
+for T, prompt in spec["prefill_prompts"].items():
+    result["prefill"][T] = int(T) / best(lambda: prefill([prompt]))
+for B, prompts in spec["prompts"].items():
+    one, full = best(lambda: generate(prompts, 1)), best(lambda: generate(prompts, n))
+    result["decode"][B] = int(B) * (n - 1) / (full - one)
+    if B == "1":
+        result["generate_seconds"] = full
+result["tokens"] = generate(spec["prompts"]["1"], n)[0]
+print(json.dumps(result))
+"""
+
+
+def merge_llama_cpp(rows: dict[str, dict], llama: dict, settings: Settings) -> None:
+    if "prefill" not in llama:
+        return
+    for length in settings.prefill_lengths:
+        rows[f"prefill 1x{length}"]["llama_cpp"] = llama["prefill"].get(str(length))
+    for batch in settings.decode_batches:
+        rows[f"decode b{batch}"]["llama_cpp"] = llama["decode"].get(str(batch))
+    rows[f"generate e2e 1x{settings.prompt_len}+{settings.new_tokens} (s)"]["llama_cpp"] = llama["generate_seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def print_family(family: str, result: dict, machine: roofline.Machine) -> None:
+    headers = ["", "transformers", "hybridlm", "hybridlm/tf", "llama.cpp", "roofline", "hybridlm % roof", "tf % roof"]
+    table = []
+    for name, row in result["rows"].items():
+        is_seconds = row["unit"] == "s"
+        speed = (lambda v: 1 / v) if is_seconds else (lambda v: v)  # e2e: fewer seconds is faster
+        ours, theirs, best = row["hybridlm"], row["transformers"], row["roofline"]
+        llama = row.get("llama_cpp")
+        table.append(
+            [
+                name,
+                _number(theirs),
+                _number(ours),
+                f"{speed(ours) / speed(theirs):.2f}x",
+                "-" if llama is None else _number(llama),
+                _number(best),
+                f"{100 * speed(ours) / speed(best):.0f}%",
+                f"{100 * speed(theirs) / speed(best):.0f}%",
+            ]
+        )
+        row["hybridlm_over_transformers"] = speed(ours) / speed(theirs)
+        row["hybridlm_fraction_of_roofline"] = speed(ours) / speed(best)
+        row["transformers_fraction_of_roofline"] = speed(theirs) / speed(best)
+        if llama is not None:
+            row["llama_cpp_fraction_of_roofline"] = speed(llama) / speed(best)
+    print(
+        f"\n{family}: {result['parameters'] / 1e6:.1f}M parameters, "
+        f"logits max |diff| {result['logits_max_abs_diff']:.1e}, "
+        f"greedy tokens agree {result['greedy_tokens_agree']}; tokens/s unless marked (s)"
+    )
+    print_table(headers, table)
+    print(machine.summary(), flush=True)
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:,.0f}"
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+        json.dump(report, file, indent=2)
+    Path(file.name).replace(path)
+
+
+if __name__ == "__main__":
+    main()
