@@ -66,13 +66,14 @@ def test_reset_zeroes_every_recurrent_state_in_place(pattern):
     filled = list(state_tensors(cache))
     assert filled, "the pattern has no state to reset"
     for name, owner, tensor in filled:  # the prefill really wrote every state, so zeros below mean something
-        written = tensor[:, : cache.seq_len] if isinstance(owner, AttentionState) else tensor
+        written = tensor[:, : max(cache.host_lengths)] if isinstance(owner, AttentionState) else tensor
         assert written.count_nonzero() > 0, f"{name} was not written by the prefill"
     storage = {name: tensor.data_ptr() for name, _, tensor in filled}
 
     cache.reset()
 
-    assert cache.seq_len == 0
+    assert cache.host_lengths == [0] * BATCH
+    assert cache.lengths.tolist() == [0] * BATCH
     for name, owner, tensor in state_tensors(cache):
         assert tensor.data_ptr() == storage[name], f"{name} was reallocated, not overwritten"
         # KV is not cleared: a reset cache reads keys and values only up to the positions it has written

@@ -41,7 +41,7 @@ def test_prefill_in_chunks_then_decode_equals_full_forward(pattern, splits):
         for t in range(start, 23):  # one token at a time
             pieces.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert_close(torch.cat(pieces, dim=1), full, CACHED_RTOL, name="cached logits")
-    assert cache.seq_len == 23
+    assert cache.lengths.tolist() == cache.host_lengths == [23, 23]
 
 
 @pytest.mark.parametrize("pattern", ["MEGm*-EM", "*", "M", "G", "m", "P"])
@@ -153,7 +153,7 @@ def test_sequence_longer_than_cache_is_a_clear_error():
     model = _model("M*")
     cache = model.new_cache(1, 8)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match=r"6 cached \+ 3 new tokens > max_seq_len 8"):
+    with pytest.raises(ValueError, match=r"slot 0 holds 6 tokens \+ 3 new > max_seq_len 8"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
 
 

@@ -60,23 +60,39 @@ def _leaf_states(states: list[BlockState | None]) -> list[AttentionState | Recur
 class ForwardContext:
     """What every block of one forward call shares.
 
-    positions: [B, T] position of each new token among its sequence's real tokens (RoPE).
-    token_mask: [B, past_len + T] bool over every cached and new position, True at a real token and
-        False at left padding (the model's ``attention_mask``, transformers' name for it); None when
-        there is no padding anywhere. Recurrent blocks read the last T columns, attention all of them.
+    Each cache row is a slot holding one sequence; a slot's token i lives at position (and KV
+    column) i whatever the other slots hold, so slots of different lengths run in one batch.
+
+    positions: [B, T] each new token's position in its own sequence (RoPE, and its KV column).
+    token_mask: [B, T] bool, True at a real token and False at left padding (only the first chunk of
+        a sequence may be padded); None when every new token is real.
+    past_lengths: [B] tokens each slot held before this call (a tensor: no host synchronisation).
+    past_length: the same number as a Python int when every slot held the same, else None.
+    max_length: the longest slot after this call: the cache columns attention reads.
     """
 
     positions: Tensor
-    past_len: int
     token_mask: Tensor | None = None
+    past_lengths: Tensor | None = None
+    past_length: int | None = 0
+    max_length: int = 0
 
-    def new_token_mask(self, num_new: int) -> Tensor | None:
-        """[B, num_new]: the mask of this call's tokens (None when there is no padding)."""
-        return None if self.token_mask is None else self.token_mask[:, -num_new:]
+    @classmethod
+    def without_cache(cls, token_mask: Tensor | None, batch: int, num_new: int, device: torch.device) -> ForwardContext:
+        """A whole sequence in one call: positions count the real tokens of each row."""
+        if token_mask is None:
+            positions = torch.arange(num_new, device=device).expand(batch, num_new)
+        else:
+            positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return cls(positions=positions, token_mask=token_mask, past_length=0, max_length=num_new)
 
 
 class HybridCache:
-    """Preallocated per-block generation state for ``batch_size`` sequences of up to ``max_seq_len``."""
+    """Preallocated per-block generation state for ``batch_size`` slots of up to ``max_seq_len`` tokens.
+
+    ``lengths`` [B] (on the model's device) counts the tokens each slot holds; the same counts are
+    kept on the host, so a step learns how many KV columns to read without synchronising.
+    """
 
     def __init__(
         self,
@@ -90,13 +106,16 @@ class HybridCache:
         self.states = states
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        self.seq_len = 0  # positions filled (the same for every row: prompts are left-padded)
-        self.token_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
-        self.num_real_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.has_padding = False
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._host_lengths = [0] * batch_size
 
     def __getitem__(self, index: int) -> BlockState | None:
         return self.states[index]
+
+    @property
+    def host_lengths(self) -> list[int]:
+        """Tokens held per slot, as Python ints (a copy)."""
+        return list(self._host_lengths)
 
     def nbytes(self) -> int:
         """Bytes held by the block states (KV + conv + recurrent)."""
@@ -114,39 +133,44 @@ class HybridCache:
         return out
 
     def reset(self) -> None:
-        """Empty the cache so it can serve new sequences (states are overwritten, not reallocated)."""
-        self.seq_len = 0
-        self.token_mask.fill_(True)
-        self.num_real_tokens.zero_()
-        self.has_padding = False
+        """Empty every slot so the cache can serve new sequences (states are zeroed, not reallocated)."""
+        self.lengths.zero_()
+        self._host_lengths = [0] * self.batch_size
         for state in _leaf_states(self.states):
             if isinstance(state, RecurrentState):
                 state.conv.zero_()
                 state.recurrent.zero_()
 
     def begin(self, num_new: int, token_mask: Tensor | None) -> ForwardContext:
-        """Check room for ``num_new`` tokens and build the context for the blocks (does not advance)."""
-        if self.seq_len + num_new > self.max_seq_len:
+        """Check room for this call's tokens and build the context for the blocks (does not advance).
+
+        A prefill may synchronise (it counts the real tokens of a padded chunk on the host); a
+        one-token step without padding never does.
+        """
+        new_real = [num_new] * self.batch_size if token_mask is None else token_mask.sum(-1).tolist()
+        after = [held + new for held, new in zip(self._host_lengths, new_real, strict=True)]
+        longest = max(after)
+        if longest > self.max_seq_len:
+            slot = after.index(longest)
             raise ValueError(
-                f"sequence too long for the cache: {self.seq_len} cached + {num_new} new tokens > "
-                f"max_seq_len {self.max_seq_len}; create the cache with a larger max_seq_len"
+                f"sequence too long for the cache: slot {slot} holds {self._host_lengths[slot]} tokens + "
+                f"{new_real[slot]} new > max_seq_len {self.max_seq_len}; create the cache with a larger max_seq_len"
             )
-        device = self.token_mask.device
-        start, end = self.seq_len, self.seq_len + num_new
         if token_mask is None:
-            offsets = torch.arange(num_new, device=device)
-            positions = self.num_real_tokens[:, None] + offsets
+            positions = self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)
         else:
-            self.token_mask[:, start:end] = token_mask
-            positions = self.num_real_tokens[:, None] + token_mask.long().cumsum(-1) - 1
-            positions = positions.clamp_min(0)
-            self.has_padding = self.has_padding or not bool(token_mask.all())
+            positions = self.lengths[:, None] + (token_mask.long().cumsum(-1) - 1).clamp_min(0)
+        uniform = all(held == self._host_lengths[0] for held in self._host_lengths)
         return ForwardContext(
             positions=positions,
-            past_len=start,
-            token_mask=self.token_mask[:, :end] if self.has_padding else None,
+            token_mask=token_mask,
+            past_lengths=self.lengths,
+            past_length=self._host_lengths[0] if uniform else None,
+            max_length=longest,
         )
 
     def advance(self, num_new: int, token_mask: Tensor | None) -> None:
-        self.seq_len += num_new
-        self.num_real_tokens += num_new if token_mask is None else token_mask.long().sum(-1)
+        """Count this call's real tokens into every slot (after the blocks have read ``begin``'s context)."""
+        new_real = [num_new] * self.batch_size if token_mask is None else token_mask.sum(-1).tolist()
+        self._host_lengths = [held + new for held, new in zip(self._host_lengths, new_real, strict=True)]
+        self.lengths = self.lengths + (num_new if token_mask is None else token_mask.long().sum(-1))

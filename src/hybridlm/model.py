@@ -12,6 +12,7 @@ from hybridlm.accounting import count_params
 from hybridlm.blocks import block_spec
 from hybridlm.cache import ForwardContext, HybridCache
 from hybridlm.config import HybridConfig
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.moe import Experts
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.memory import free_memory_bytes
@@ -80,7 +81,7 @@ class HybridLM(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(i, c, config) for i, c in enumerate(config.pattern))
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.block_observer: BlockObserver | None = None
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
@@ -133,10 +134,12 @@ class HybridLM(nn.Module):
         self._check_inputs(input_ids, cache, attention_mask)
         token_mask = None if attention_mask is None else attention_mask.bool()
         B, T = input_ids.shape
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None  # no padding after all: the fast paths apply
         if cache is not None:
             context = cache.begin(T, token_mask)
         else:
-            context = _context_without_cache(B, T, token_mask, input_ids.device)
+            context = ForwardContext.without_cache(token_mask, B, T, input_ids.device)
 
         hidden = self.embeddings(input_ids)
         if self.config.embedding_multiplier != 1.0:
@@ -180,7 +183,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids has batch {input_ids.shape[0]} but the cache holds {cache.batch_size}")
         if attention_mask is not None:
             check_attention_mask(attention_mask, tuple(input_ids.shape))
-            if cache is not None and cache.seq_len > 0 and not bool(attention_mask.bool().all()):
+            if cache is not None and max(cache.host_lengths) > 0 and not bool(attention_mask.bool().all()):
                 raise ValueError("attention_mask may hold padding only in the first chunk of a cached sequence")
 
     def num_parameters(self) -> int:
@@ -244,11 +247,3 @@ def _large(number: int) -> str:
     if len(digits) <= 24:
         return f"{number:,}"
     return f"{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
-
-
-def _context_without_cache(B: int, T: int, token_mask: Tensor | None, device: torch.device) -> ForwardContext:
-    if token_mask is None or bool(token_mask.all()):
-        positions = torch.arange(T, device=device).expand(B, T)
-        return ForwardContext(positions=positions, past_len=0)
-    positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return ForwardContext(positions=positions, past_len=0, token_mask=token_mask)

@@ -31,13 +31,21 @@ def perturb_(module: nn.Module, std: float = 0.3, seed: int = 1) -> nn.Module:
 
 
 def context(batch: int, seq_len: int, past_len: int = 0, token_mask: Tensor | None = None) -> ForwardContext:
-    """Positions past_len .. past_len + seq_len - 1, or, with a token mask over all past_len + seq_len
-    positions, each new token's index among its row's real tokens."""
+    """The context of a call of seq_len tokens after past_len earlier ones (in the same calls for every
+    row). Without a mask, positions past_len .. past_len + seq_len - 1; with a token mask over all
+    past_len + seq_len tokens (left padding), each new token's index among its row's real tokens, and
+    each row's cache holding only its real past tokens (the slot layout of hybridlm.cache)."""
     if token_mask is None:
         positions = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len)
-    else:
-        positions = (token_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
-    return ForwardContext(positions=positions, past_len=past_len, token_mask=token_mask)
+        past_lengths = torch.full((batch,), past_len)
+        return ForwardContext(positions, None, past_lengths, past_len, past_len + seq_len)
+    past_lengths = token_mask[:, :past_len].sum(-1)
+    new_mask = token_mask[:, past_len:]
+    positions = past_lengths[:, None] + (new_mask.long().cumsum(-1) - 1).clamp_min(0)
+    lengths = past_lengths.tolist()
+    uniform = lengths[0] if all(n == lengths[0] for n in lengths) else None
+    longest = int(token_mask.sum(-1).max())
+    return ForwardContext(positions, None if bool(new_mask.all()) else new_mask, past_lengths, uniform, longest)
 
 
 def left_padding_mask(seq_len: int, pads: list[int]) -> Tensor:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hybridlm.cache import AttentionState, ForwardContext
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
 
@@ -34,10 +35,10 @@ class Attention(BlockModule):
         self.config = config
         c = config
         q_out = c.num_heads * c.head_dim * (2 if c.has_output_gate else 1)
-        self.q_proj = nn.Linear(hidden_size, q_out, bias=c.bias)
-        self.k_proj = nn.Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
-        self.v_proj = nn.Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, hidden_size, bias=c.bias)
+        self.q_proj = Linear(hidden_size, q_out, bias=c.bias)
+        self.k_proj = Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
+        self.v_proj = Linear(hidden_size, c.num_kv_heads * c.head_dim, bias=c.bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, hidden_size, bias=c.bias)
         if c.has_qk_norm:
             self.q_norm = RMSNorm(c.head_dim, norm_eps, is_norm_zero_centered)
             self.k_norm = RMSNorm(c.head_dim, norm_eps, is_norm_zero_centered)
@@ -88,13 +89,10 @@ class Attention(BlockModule):
             cos, sin = self.rotary(context.positions)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        past = context.past_len
         if state is not None:
-            state.key[:, past : past + T] = k
-            state.value[:, past : past + T] = v
-            k, v = state.key[:, : past + T], state.value[:, : past + T]
-
-        mask, is_causal = self._mask(T, past, context.token_mask, x.device)
+            k, v, mask, is_causal = self._append_to_cache(k, v, context, state)
+        else:
+            mask, is_causal = _mask_within_call(T, context.token_mask)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, H, T, D)
             k.transpose(1, 2),  # (B, H_kv, S, D)
@@ -110,20 +108,44 @@ class Attention(BlockModule):
         return self.o_proj(out)
 
     @staticmethod
-    def _mask(T: int, past: int, token_mask: Tensor | None, device: torch.device) -> tuple[Tensor | None, bool]:
-        """A boolean mask [B, 1, T, past + T] (True = may attend), or the is_causal shortcut."""
-        if token_mask is None:
+    def _append_to_cache(
+        k: Tensor, v: Tensor, context: ForwardContext, state: AttentionState
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """Write this call's keys and values at their positions; return every slot's keys and values
+        up to the longest slot, with the mask (or the is_causal shortcut) for this call's queries."""
+        B, T = k.shape[:2]
+        past, positions, token_mask = context.past_length, context.positions, context.token_mask
+        if past is not None and token_mask is None:  # every slot equally long: one slice each
+            state.key[:, past : past + T] = k
+            state.value[:, past : past + T] = v
+            keys, values = state.key[:, : past + T], state.value[:, : past + T]
             if past == 0:
-                return None, T > 1
+                return keys, values, None, T > 1
             if T == 1:
-                return None, False
-        query_pos = torch.arange(past, past + T, device=device)[:, None]
-        key_pos = torch.arange(past + T, device=device)[None, :]
-        allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
-        if token_mask is not None:
-            # A padded query would see no key at all (and SDPA would return NaN): let it see itself.
-            allowed = (allowed & token_mask[:, None, None, :]) | (key_pos == query_pos)
-        return allowed, False
+                return keys, values, None, False
+        else:
+            rows = torch.arange(B, device=k.device)[:, None].expand(B, T)
+            if token_mask is None:
+                state.key[rows, positions] = k
+                state.value[rows, positions] = v
+            else:  # padding is only ever in a prefill chunk: selecting the real tokens may synchronise
+                state.key[rows[token_mask], positions[token_mask]] = k[token_mask]
+                state.value[rows[token_mask], positions[token_mask]] = v[token_mask]
+            keys, values = state.key[:, : context.max_length], state.value[:, : context.max_length]
+        # A padded query sits at its row's first real position and sees real keys only: never empty.
+        key_positions = torch.arange(keys.shape[1], device=k.device)
+        allowed = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        return keys, values, allowed[:, None], False
+
+
+def _mask_within_call(T: int, token_mask: Tensor | None) -> tuple[Tensor | None, bool]:
+    """A boolean mask [B, 1, T, T] (True = may attend) for a call without a cache, or is_causal."""
+    if token_mask is None:
+        return None, T > 1
+    causal = torch.ones(T, T, dtype=torch.bool, device=token_mask.device).tril()
+    # A padded query would see no key at all (and SDPA would return NaN): let it see itself.
+    allowed = (causal[None] & token_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=token_mask.device)
+    return allowed[:, None], False
 
 
 def _state_tensors(c: AttentionConfig, batch_size: int, max_seq_len: int) -> list[StateTensor]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
@@ -33,15 +34,15 @@ class GatedDeltaNetMixer(BlockModule):
     def __init__(self, hidden_size: int, config: GatedDeltaNetConfig, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.config = c = config
-        self.in_proj_qkv = nn.Linear(hidden_size, c.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(hidden_size, c.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(hidden_size, c.num_value_heads, bias=False)
-        self.in_proj_a = nn.Linear(hidden_size, c.num_value_heads, bias=False)
+        self.in_proj_qkv = Linear(hidden_size, c.conv_dim, bias=False)
+        self.in_proj_z = Linear(hidden_size, c.value_dim, bias=False)
+        self.in_proj_b = Linear(hidden_size, c.num_value_heads, bias=False)
+        self.in_proj_a = Linear(hidden_size, c.num_value_heads, bias=False)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(c.num_value_heads))
         self.A_log = nn.Parameter(torch.log(torch.empty(c.num_value_heads).uniform_(1.0, 16.0)))
         self.norm = GatedRMSNorm(c.value_head_dim, c.value_head_dim, norm_eps, norm_before_gate=True)
-        self.out_proj = nn.Linear(c.value_dim, hidden_size, bias=False)
+        self.out_proj = Linear(c.value_dim, hidden_size, bias=False)
 
     @classmethod
     def from_config(cls, config: HybridConfig) -> GatedDeltaNetMixer:
@@ -67,7 +68,7 @@ class GatedDeltaNetMixer(BlockModule):
         c = self.config
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x)
-        mask = context.new_token_mask(x.shape[1])
+        mask = context.token_mask
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)

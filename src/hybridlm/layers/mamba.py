@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
+from hybridlm.ops import native
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.precision import upcast
 from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
@@ -29,18 +30,18 @@ class MambaMixer(BlockModule):
         super().__init__()
         self.config = c = config
         inner, N, R = c.intermediate_size, c.state_size, c.dt_rank
-        self.in_proj = nn.Linear(hidden_size, 2 * inner, bias=c.use_bias)
+        self.in_proj = Linear(hidden_size, 2 * inner, bias=c.use_bias)
         self.conv1d = nn.Conv1d(inner, inner, c.conv_kernel, groups=inner, bias=c.use_conv_bias)
-        self.x_proj = nn.Linear(inner, R + 2 * N, bias=False)
+        self.x_proj = Linear(inner, R + 2 * N, bias=False)
         if c.has_inner_norms:
             self.dt_layernorm = RMSNorm(R, norm_eps)
             self.b_layernorm = RMSNorm(N, norm_eps)
             self.c_layernorm = RMSNorm(N, norm_eps)
-        self.dt_proj = nn.Linear(R, inner, bias=True)
+        self.dt_proj = Linear(R, inner, bias=True)
         # S4D-real initialisation: A_n = -(n + 1) for every channel
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(inner, 1))
         self.D = nn.Parameter(torch.ones(inner))
-        self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
+        self.out_proj = Linear(inner, hidden_size, bias=c.use_bias)
 
     @classmethod
     def from_config(cls, config: HybridConfig) -> MambaMixer:
@@ -68,7 +69,7 @@ class MambaMixer(BlockModule):
         c = self.config
         T = x.shape[1]
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # x first, gate second (the opposite of Mamba-2)
-        mask = context.new_token_mask(x.shape[1])
+        mask = context.token_mask
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)
@@ -84,7 +85,7 @@ class MambaMixer(BlockModule):
         dt, B, C = self.x_proj(xs).split([c.dt_rank, c.state_size, c.state_size], dim=-1)
         if c.has_inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        dt = F.linear(dt, self.dt_proj.weight)  # the bias goes inside the softplus, in the scan
+        dt = native.linear(dt, self.dt_proj.weight)  # the bias goes inside the softplus, in the scan
         A = -torch.exp(upcast(self.A_log))
         if is_decode:
             y, ssm_state = selective_scan_step(

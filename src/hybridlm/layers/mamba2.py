@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
 from hybridlm.ops.precision import upcast
@@ -29,7 +30,7 @@ class Mamba2Mixer(BlockModule):
         super().__init__()
         self.config = c = config
         inner, conv_dim, H = c.intermediate_size, c.conv_dim, c.num_heads
-        self.in_proj = nn.Linear(hidden_size, inner + conv_dim + H, bias=c.use_bias)
+        self.in_proj = Linear(hidden_size, inner + conv_dim + H, bias=c.use_bias)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.conv_kernel, groups=conv_dim, bias=c.use_conv_bias)
         self.dt_bias = nn.Parameter(_init_dt_bias(c))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
@@ -37,7 +38,7 @@ class Mamba2Mixer(BlockModule):
         self.norm = (
             GatedRMSNorm(inner, inner // c.num_groups, norm_eps, c.norm_before_gate) if c.has_gated_norm else None
         )
-        self.out_proj = nn.Linear(inner, hidden_size, bias=c.use_bias)
+        self.out_proj = Linear(inner, hidden_size, bias=c.use_bias)
 
     @classmethod
     def from_config(cls, config: HybridConfig) -> Mamba2Mixer:
@@ -65,7 +66,7 @@ class Mamba2Mixer(BlockModule):
         B, T, _ = x.shape
         inner, conv_dim = c.intermediate_size, c.conv_dim
         z, xBC, dt = self.in_proj(x).split([inner, conv_dim, c.num_heads], dim=-1)
-        mask = context.new_token_mask(x.shape[1])
+        mask = context.token_mask
         if mask is not None:  # left padding must not leak into the state: zero it before and after the conv
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
+from hybridlm.layers.linear import Linear
 
 if TYPE_CHECKING:
     from hybridlm.config import Activation, HybridConfig
@@ -22,9 +23,9 @@ class MLP(BlockModule):
             raise ValueError(f"MLP activation must be 'swiglu' or 'relu2', got {activation!r}")
         self.activation = activation
         if activation == "swiglu":
-            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+            self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     @classmethod
     def from_config(cls, config: HybridConfig) -> MLP:

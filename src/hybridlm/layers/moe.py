@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
+from hybridlm.layers.linear import Linear
 from hybridlm.layers.mlp import MLP
-from hybridlm.ops.moe import moe_experts_grouped, route, tokens_per_expert
+from hybridlm.ops import native
+from hybridlm.ops.moe import moe_experts_few_tokens, moe_experts_grouped, route, tokens_per_expert
 from hybridlm.ops.precision import upcast
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        return F.linear(upcast(x_ND), upcast(self.weight))  # router logits (N, E), at least fp32
+        return native.linear(upcast(x_ND), upcast(self.weight))  # router logits (N, E), at least fp32
 
 
 class Experts(nn.Module):
@@ -54,14 +55,10 @@ class Experts(nn.Module):
         return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
 
     def forward(self, x_ND: Tensor, topk_ids_NK: Tensor, topk_weights_NK: Tensor) -> Tensor:
-        return moe_experts_grouped(
-            x_ND,
-            topk_ids_NK,
-            topk_weights_NK.to(x_ND.dtype),
-            self.input_proj,
-            self.down_proj,
-            self.activation,
-        )
+        # Decoding (a few tokens): stream each chosen expert once; prefill: grouped matmuls.
+        few_tokens = native.expert_linear_applies(x_ND, topk_ids_NK.numel(), self.input_proj)
+        run = moe_experts_few_tokens if few_tokens else moe_experts_grouped
+        return run(x_ND, topk_ids_NK, topk_weights_NK.to(x_ND.dtype), self.input_proj, self.down_proj, self.activation)
 
 
 class MoE(BlockModule):
@@ -75,7 +72,7 @@ class MoE(BlockModule):
         if c.num_shared_experts:
             shared_size = c.num_shared_experts * c.shared_intermediate_size
             self.shared_experts = MLP(hidden_size, shared_size, c.activation)
-            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if c.has_shared_expert_gate else None
+            self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if c.has_shared_expert_gate else None
         else:
             self.shared_experts = None
         self.last_tokens_per_expert: Tensor | None = None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridlm.ops import native
 from hybridlm.ops.precision import upcast
 
 ACTIVATIONS = ("swiglu", "relu2")
@@ -193,6 +194,32 @@ def moe_experts_grouped(
 
     out_ND = torch.zeros_like(hidden_ND)
     return out_ND.index_add_(0, token_M, y_MD * weights_M[:, None])
+
+
+def moe_experts_few_tokens(
+    hidden_ND: Tensor,
+    topk_ids_NK: Tensor,
+    topk_weights_NK: Tensor,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    activation: str,
+) -> Tensor:
+    """Same contract as `moe_experts_reference`, for decoding: a few tokens, memory-bound.
+
+    Each (token, chosen expert) pair is a row; `native.expert_linear` streams every chosen expert's
+    weights once for all rows routed to it (no sort, no Python loop over experts or tokens), then
+    the K rows of each token are weighted and summed (in slot order, not expert order: the sums
+    agree with the reference to fp32 round-off).
+    """
+    _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
+    N, K = topk_ids_NK.shape
+    expert_M = topk_ids_NK.reshape(-1)
+    token_M = torch.arange(N, device=hidden_ND.device).repeat_interleave(K)
+    h_MF = native.expert_linear(hidden_ND, token_M, expert_M, up_proj_EFD)
+    a_MI = _activate(h_MF, activation)
+    y_MD = native.expert_linear(a_MI, torch.arange(N * K, device=hidden_ND.device), expert_M, down_proj_EDI)
+    weights_NK = topk_weights_NK.to(hidden_ND.dtype)
+    return (y_MD.view(N, K, -1) * weights_NK[:, :, None]).sum(dim=1)
 
 
 def route(

@@ -1,0 +1,208 @@
+/* CPU kernels for decoding, where the work is memory-bound: few-row fp32 matrix products
+ * (y[r, n] = sum_k x[r, k] * W[n, k] + bias[n]) and the recurrent state updates, in place.
+ *
+ * Decoding multiplies a handful of token rows (1-16) by weight matrices that do not fit in any
+ * cache, so the time is the time to stream W from memory once. BLAS libraries pick a GEMV or a
+ * packing GEMM for such shapes and reach a fraction of the memory bandwidth on them (a [2320, 512]
+ * GEMV at 10 GB/s where summing the same bytes runs at 25 GB/s per core, 2-8 rows slower still).
+ * Here each thread streams its own contiguous block of W rows exactly once, one row at a time
+ * (several rows read side by side halved the bandwidth: the prefetcher follows one stream best),
+ * and multiplies each row with up to 8 token rows held in L1 before moving on.
+ *
+ * Each function names its plain twin; tests/ops/test_native.py compares them. Compiled at first
+ * use by hybridlm/ops/native.py with -O3 -march=native -fopenmp; GCC vector extensions map v16 onto AVX-512, AVX2 or NEON.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TOKENS_PER_PASS 8 /* token rows multiplied per pass over one W row (8 accumulators) */
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* A tree of adds (a serial chain of 16 scalar adds would cost more than streaming a short row). */
+static inline float sum16(v16 v) {
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* dot[t] = w . xr[t] for t < tokens (a constant after inlining, so the accumulators are registers). */
+static inline __attribute__((always_inline)) void row_times_tokens(const float *w, const float *const *xr,
+                                                                   int64_t K, int64_t tokens, float *dot) {
+    const int64_t k_vec = K - K % 16;
+    v16 acc[TOKENS_PER_PASS];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < k_vec; k += 16) {
+        const v16 wv = load16(w + k);
+        for (int64_t t = 0; t < tokens; t++) acc[t] += wv * load16(xr[t] + k);
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        float s = sum16(acc[t]);
+        for (int64_t k = k_vec; k < K; k++) s += w[k] * xr[t][k];
+        dot[t] = s;
+    }
+}
+
+/* W rows [n_begin, n_end) times the token rows x[rows[t]], t < num_tokens; results go to
+ * y[rows_out[t] * y_stride + n]. */
+static void rows_times_tokens(const float *x, const int64_t *rows, const int64_t *rows_out, int64_t num_tokens,
+                              const float *W, int64_t n_begin, int64_t n_end, int64_t K, const float *bias,
+                              float *y, int64_t y_stride) {
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const float *w = W + n * K;
+        for (int64_t t0 = 0; t0 < num_tokens; t0 += TOKENS_PER_PASS) {
+            const int64_t tokens = (num_tokens - t0) < TOKENS_PER_PASS ? (num_tokens - t0) : TOKENS_PER_PASS;
+            const float *xr[TOKENS_PER_PASS];
+            for (int64_t t = 0; t < tokens; t++) xr[t] = x + rows[t0 + t] * K;
+            float dot[TOKENS_PER_PASS];
+            switch (tokens) {
+                case 1: row_times_tokens(w, xr, K, 1, dot); break;
+                case 2: row_times_tokens(w, xr, K, 2, dot); break;
+                case 3: row_times_tokens(w, xr, K, 3, dot); break;
+                case 4: row_times_tokens(w, xr, K, 4, dot); break;
+                case 5: row_times_tokens(w, xr, K, 5, dot); break;
+                case 6: row_times_tokens(w, xr, K, 6, dot); break;
+                case 7: row_times_tokens(w, xr, K, 7, dot); break;
+                default: row_times_tokens(w, xr, K, 8, dot); break;
+            }
+            const float b = bias ? bias[n] : 0.0f;
+            for (int64_t t = 0; t < tokens; t++) y[rows_out[t0 + t] * y_stride + n] = dot[t] + b;
+        }
+    }
+}
+
+/* The rows [begin, end) of [0, N) that thread `thread` of `threads` computes. */
+static void thread_share(int64_t N, int thread, int threads, int64_t *begin, int64_t *end) {
+    *begin = N * thread / threads;
+    *end = N * (thread + 1) / threads;
+}
+
+static void this_thread(int *thread, int *threads) {
+#ifdef _OPENMP
+    *thread = omp_get_thread_num();
+    *threads = omp_get_num_threads();
+#else
+    *thread = 0;
+    *threads = 1;
+#endif
+}
+
+/* y [M, N] = x [M, K] @ W[N, K]^T + bias (bias may be NULL). All contiguous fp32; M <= 64. */
+void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64_t K, const float *bias, float *y,
+                     int threads) {
+    int64_t rows[64];
+    for (int64_t m = 0; m < M; m++) rows[m] = m;
+#pragma omp parallel num_threads(threads)
+    {
+        int thread, count;
+        int64_t begin, end;
+        this_thread(&thread, &count);
+        thread_share(N, thread, count, &begin, &end);
+        rows_times_tokens(x, rows, rows, M, W, begin, end, K, bias, y, N);
+    }
+}
+
+/* y[r] = W[expert[r]] @ x[input_row[r]] for r < R, W [E, N, K]: each expert with rows is streamed
+ * once for all of its rows. R <= 256, E <= 1024, expert ids in [0, E) (checked by the caller). */
+void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int64_t *expert, int64_t R,
+                            const float *W, int64_t E, int64_t N, int64_t K, float *y, int threads) {
+    int64_t start[1024 + 1], next[1024], order[256], inputs[256];
+    memset(start, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t r = 0; r < R; r++) start[expert[r] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(next, start, sizeof(int64_t) * E);
+    for (int64_t r = 0; r < R; r++) order[next[expert[r]]++] = r; /* rows grouped by expert, in order */
+    for (int64_t i = 0; i < R; i++) inputs[i] = input_row[order[i]];
+#pragma omp parallel num_threads(threads)
+    {
+        int thread, count;
+        int64_t begin, end;
+        this_thread(&thread, &count);
+        thread_share(N, thread, count, &begin, &end);
+        for (int64_t e = 0; e < E; e++) {
+            if (start[e] == start[e + 1]) continue;
+            rows_times_tokens(x, inputs + start[e], order + start[e], start[e + 1] - start[e], W + e * N * K, begin,
+                              end, K, NULL, y, N);
+        }
+    }
+}
+
+/* Mamba-2 decode step, in place (twin: hybridlm.ops.ssd.ssd_step). Per (batch, head):
+ *   state[p, :] = exp(dt * A) * state[p, :] + dt * x[p] * B[:]
+ *   y[p] = state[p, :] . C[:] + D * x[p]
+ * x [Bt, H, P], dt [Bt, H], A [H], Bm/Cm [Bt, G, N] (head h reads group h / (H / G)), D [H] or NULL,
+ * state [Bt, H, P, N], y [Bt, H, P]; all contiguous fp32. One pass over the state. */
+void hybridlm_ssd_step(const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
+                       const float *D, float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G,
+                       int64_t N, int threads) {
+    const int64_t heads_per_group = H / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < batch * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
+        const float step = dt[bh], decay = __builtin_expf(step * A[h]), skip = D ? D[h] : 0.0f;
+        const float *Bv = Bm + (b * G + g) * N, *Cv = Cm + (b * G + g) * N, *xv = x + bh * P;
+        for (int64_t p = 0; p < P; p++) {
+            float *s = state + (bh * P + p) * N;
+            const float dtx = step * xv[p];
+            float out = 0.0f;
+#pragma omp simd reduction(+ : out)
+            for (int64_t n = 0; n < N; n++) {
+                const float value = decay * s[n] + dtx * Bv[n];
+                s[n] = value;
+                out += value * Cv[n];
+            }
+            y[bh * P + p] = out + skip * xv[p];
+        }
+    }
+}
+
+/* Gated DeltaNet decode step, in place (twin: hybridlm.ops.gated_deltanet.gated_deltanet_step).
+ * Per (batch, head), with S = state [K, V]:
+ *   S = exp(g) * S;  delta = beta * (v - k^T S);  S += k delta^T;  o = scale * q^T S
+ * q/k [Bt, H, K] (L2-normalised), v [Bt, H, V], g/beta [Bt, H], state [Bt, H, K, V], o [Bt, H, V].
+ * V <= 1024. The head's state stays in cache between the two passes. */
+void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, const float *g, const float *beta,
+                               float *state, float *o, int64_t batch, int64_t H, int64_t K, int64_t V, float scale,
+                               int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < batch * H; bh++) {
+        float *S = state + bh * K * V;
+        const float *qv = q + bh * K, *kv = k + bh * K, *vv = v + bh * V;
+        const float decay = __builtin_expf(g[bh]), strength = beta[bh];
+        float predicted[1024], delta[1024], out[1024];
+        for (int64_t j = 0; j < V; j++) predicted[j] = 0.0f;
+        for (int64_t i = 0; i < K; i++) {
+            float *row = S + i * V;
+            const float ki = kv[i];
+            for (int64_t j = 0; j < V; j++) {
+                row[j] *= decay;
+                predicted[j] += ki * row[j];
+            }
+        }
+        for (int64_t j = 0; j < V; j++) {
+            delta[j] = strength * (vv[j] - predicted[j]);
+            out[j] = 0.0f;
+        }
+        for (int64_t i = 0; i < K; i++) {
+            float *row = S + i * V;
+            const float ki = kv[i], qi = qv[i];
+            for (int64_t j = 0; j < V; j++) {
+                row[j] += ki * delta[j];
+                out[j] += qi * row[j];
+            }
+        }
+        for (int64_t j = 0; j < V; j++) o[bh * V + j] = scale * out[j];
+    }
+}

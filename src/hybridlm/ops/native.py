@@ -1,0 +1,242 @@
+"""CPU kernels for decoding (native.c), compiled at first use, with torch as the fallback.
+
+Decoding multiplies 1-16 token rows by weights that stream from memory. On CPU, torch's BLAS
+reaches a fraction of the memory bandwidth on these shapes (a [32000, 512] GEMV at ~10 GB/s where
+a plain read of the same bytes runs at ~25 GB/s per core, and 2-8 rows slower still), and a
+recurrent step written as torch ops reads and writes the whole state several times. So:
+
+- ``linear``, ``expert_linear``: few-row products that read each weight once (twins: ``F.linear``,
+  ``expert_linear_reference``);
+- ``ssd_step_``, ``gated_delta_step_``: the Mamba-2 and Gated DeltaNet decode steps, updating the
+  state in place in one pass (twins: ``ssd_step``, ``gated_deltanet_step``).
+
+Each runs the kernel when it applies (CPU, fp32, contiguous, no autograd, within the size limits)
+and its twin otherwise; tests/ops/test_native.py holds every pair to each other.
+
+The library is built once per machine and source version with the system C compiler (``$CC``, else
+``cc``) into ``$HYBRIDLM_CACHE_DIR`` (default ``~/.cache/hybridlm``), written beside its final
+name and renamed into place. ``HYBRIDLM_NATIVE=0`` turns it off; without a compiler, or when the
+build fails (a warning says why), everything runs on torch alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 64  # token rows per call (the kernel's limit; decode batches are far smaller)
+MAX_EXPERT_ROWS = 256  # (token, expert) pairs per expert_linear call
+MAX_EXPERTS = 1024
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HYBRIDLM_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridlm"
+
+
+def _machine_key() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", staging], check=True, capture_output=True, text=True, timeout=120
+        )
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("HYBRIDLM_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _machine_key()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "native" / f"native-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(
+            f"hybridlm: the decode kernel {SOURCE.name} could not be built with {compiler} "
+            f"({detail.strip()[-300:]}); decoding runs on torch alone (slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.hybridlm_linear.argtypes = [p, i64, p, i64, i64, p, p, i32]
+    library.hybridlm_linear.restype = None
+    library.hybridlm_expert_linear.argtypes = [p, p, p, i64, p, i64, i64, i64, p, i32]
+    library.hybridlm_expert_linear.restype = None
+    library.hybridlm_ssd_step.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32]
+    library.hybridlm_ssd_step.restype = None
+    library.hybridlm_gated_delta_step.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i32]
+    library.hybridlm_gated_delta_step.restype = None
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (they are where a C compiler with OpenMP exists)."""
+    return _library() is not None
+
+
+def _applies(*tensors: Tensor) -> bool:
+    first = tensors[0]
+    if first.device.type != "cpu" or _library() is None:
+        return False
+    if any(t.dtype != torch.float32 for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; x [..., K] with at most ``MAX_ROWS`` rows runs the kernel."""
+    K = weight.shape[1]
+    rows = x.numel() // K if K else 0
+    parts = (x, weight) if bias is None else (x, weight, bias)
+    if not 0 < rows <= MAX_ROWS or x.shape[-1] != K or not _applies(*parts) or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    x_MK = x.reshape(rows, K).contiguous()
+    N = weight.shape[0]
+    y_MN = torch.empty(rows, N, dtype=torch.float32)
+    _library().hybridlm_linear(
+        x_MK.data_ptr(),
+        rows,
+        weight.data_ptr(),
+        N,
+        K,
+        None if bias is None else bias.contiguous().data_ptr(),
+        y_MN.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y_MN.view(*x.shape[:-1], N)
+
+
+def expert_linear_reference(x_XK: Tensor, input_row_R: Tensor, expert_R: Tensor, weight_ENK: Tensor) -> Tensor:
+    """The plain twin: y[r] = weight[expert[r]] @ x[input_row[r]], one expert at a time."""
+    y_RN = x_XK.new_zeros(input_row_R.shape[0], weight_ENK.shape[1])
+    for e in expert_R.unique().tolist():
+        (rows,) = torch.where(expert_R == e)
+        y_RN[rows] = F.linear(x_XK[input_row_R[rows]], weight_ENK[e])
+    return y_RN
+
+
+def expert_linear_applies(x_XK: Tensor, rows: int, weight_ENK: Tensor) -> bool:
+    """Whether ``expert_linear`` runs the kernel for ``rows`` (token, expert) rows of these tensors."""
+    fits = 0 < rows <= MAX_EXPERT_ROWS and weight_ENK.shape[0] <= MAX_EXPERTS and weight_ENK.is_contiguous()
+    return fits and _applies(x_XK, weight_ENK)
+
+
+def expert_linear(x_XK: Tensor, input_row_R: Tensor, expert_R: Tensor, weight_ENK: Tensor) -> Tensor:
+    """y [R, N]: row r is ``weight_ENK[expert_R[r]] @ x_XK[input_row_R[r]]``.
+
+    Every expert that has rows is read from memory once for all of them (the MoE decode product:
+    rows are (token, chosen expert) pairs). Ids are trusted (the router made them): in range.
+    """
+    R = input_row_R.shape[0]
+    E, N, K = weight_ENK.shape
+    if not expert_linear_applies(x_XK, R, weight_ENK):
+        return expert_linear_reference(x_XK, input_row_R, expert_R, weight_ENK)
+    x_XK = x_XK.contiguous()
+    input_row_R = input_row_R.to(torch.int64).contiguous()
+    expert_R = expert_R.to(torch.int64).contiguous()
+    y_RN = torch.empty(R, N, dtype=torch.float32)
+    _library().hybridlm_expert_linear(
+        x_XK.data_ptr(),
+        input_row_R.data_ptr(),
+        expert_R.data_ptr(),
+        R,
+        weight_ENK.data_ptr(),
+        E,
+        N,
+        K,
+        y_RN.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y_RN
+
+
+def _pointers(*tensors: Tensor | None) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
+def ssd_step_(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor) -> Tensor:
+    """``ssd_step`` that writes the new state into ``state`` and returns y [batch, H, P].
+
+    Shapes as ``hybridlm.ops.ssd.ssd_step``: x [batch, H, P], dt [batch, H], A [H], B/C [batch, G, N],
+    D [H] or None, state [batch, H, P, N].
+    """
+    tensors = (x, dt, A, B, C, state) if D is None else (x, dt, A, B, C, D, state)
+    if not _applies(*tensors) or not state.is_contiguous():
+        from hybridlm.ops.ssd import ssd_step
+
+        y, new_state = ssd_step(x, dt, A, B, C, D, state)
+        state.copy_(new_state)
+        return y
+    batch, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    D = None if D is None else D.contiguous()
+    y = torch.empty_like(x)
+    _library().hybridlm_ssd_step(*_pointers(x, dt, A, B, C, D, state, y), batch, H, P, G, N, torch.get_num_threads())
+    return y
+
+
+def gated_delta_step_(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, scale: float | None = None
+) -> Tensor:
+    """``gated_deltanet_step`` that writes the new state into ``state`` and returns o [batch, H, V].
+
+    Shapes as ``hybridlm.ops.gated_deltanet.gated_deltanet_step``: q/k [batch, H, K], v [batch, H, V],
+    g/beta [batch, H], state [batch, H, K, V].
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fits = v.shape[-1] <= 1024 and state.is_contiguous()
+    if not fits or not _applies(q, k, v, g, beta, state):
+        from hybridlm.ops.gated_deltanet import gated_deltanet_step
+
+        o, new_state = gated_deltanet_step(q, k, v, g, beta, state, scale)
+        state.copy_(new_state)
+        return o
+    batch, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    o = torch.empty_like(v)
+    _library().hybridlm_gated_delta_step(
+        *_pointers(q, k, v, g, beta, state, o), batch, H, K, V, scale, torch.get_num_threads()
+    )
+    return o

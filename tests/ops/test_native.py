@@ -1,0 +1,119 @@
+"""The C decode kernels (hybridlm.ops.native) against their plain twins, on shapes with tails."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm.ops import native
+from hybridlm.ops.gated_deltanet import gated_deltanet_step
+from hybridlm.ops.moe import moe_experts_few_tokens, moe_experts_reference, route
+from hybridlm.ops.ssd import ssd_step
+from tests.helpers import assert_close
+
+requires_kernels = pytest.mark.skipif(not native.available(), reason="no C compiler: the torch twins run instead")
+
+
+def test_kernels_build_where_a_compiler_exists():
+    """A machine with a C compiler must get the kernels, not a silent fallback to the slower twins."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.available()
+
+
+@requires_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (33, 17), (100, 512), (7, 1000)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_f_linear(rows, out_features, in_features, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    assert_close(native.linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_linear_falls_back_for_many_rows_autograd_and_other_dtypes():
+    weight = torch.randn(6, 5, requires_grad=True)
+    x = torch.randn(native.MAX_ROWS + 1, 5)
+    assert_close(native.linear(x, weight), F.linear(x, weight))
+    y = native.linear(torch.randn(2, 5), weight)
+    assert y.requires_grad  # autograd took F.linear: gradients flow
+    x64 = torch.randn(2, 5, dtype=torch.float64)
+    assert native.linear(x64, weight.detach().double()).dtype == torch.float64
+
+
+@requires_kernels
+@pytest.mark.parametrize("rows", [1, 5, 16, 200])
+def test_expert_linear_matches_per_expert_loop(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(7, 48, generator=g)
+    weight = torch.randn(9, 40, 48, generator=g)
+    input_row = torch.randint(0, 7, (rows,), generator=g)
+    expert = torch.randint(0, 9, (rows,), generator=g)
+    expected = native.expert_linear_reference(x, input_row, expert, weight)
+    assert_close(native.expert_linear(x, input_row, expert, weight), expected)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_moe_few_tokens_matches_reference(activation, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    E, D, I, K = 8, 32, 24, 2
+    hidden = torch.randn(tokens, D, generator=g)
+    ids, weights, _ = route(torch.randn(tokens, E, generator=g), K)
+    up = torch.randn(E, 2 * I if activation == "swiglu" else I, D, generator=g) * 0.2
+    down = torch.randn(E, D, I, generator=g) * 0.2
+    expected = moe_experts_reference(hidden, ids, weights, up, down, activation)
+    assert_close(moe_experts_few_tokens(hidden, ids, weights, up, down, activation), expected)
+
+
+@requires_kernels
+@pytest.mark.parametrize(("batch", "heads", "head_dim", "groups", "state_size"), [(1, 16, 64, 1, 128), (3, 8, 12, 2, 7)])
+@pytest.mark.parametrize("with_d", [True, False])
+def test_ssd_step_in_place_matches_ssd_step(batch, heads, head_dim, groups, state_size, with_d):
+    g = torch.Generator().manual_seed(heads)
+    x = torch.randn(batch, heads, head_dim, generator=g)
+    dt = F.softplus(torch.randn(batch, heads, generator=g))
+    A = -torch.rand(heads, generator=g) - 0.1
+    B = torch.randn(batch, groups, state_size, generator=g)
+    C = torch.randn(batch, groups, state_size, generator=g)
+    D = torch.randn(heads, generator=g) if with_d else None
+    state = torch.randn(batch, heads, head_dim, state_size, generator=g)
+    y_expected, state_expected = ssd_step(x, dt, A, B, C, D, state)
+    y = native.ssd_step_(x, dt, A, B, C, D, state)
+    assert_close(y, y_expected, name="y")
+    assert_close(state, state_expected, name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize(("batch", "heads", "key_dim", "value_dim"), [(1, 8, 64, 64), (3, 4, 16, 12)])
+def test_gated_delta_step_in_place_matches_gated_deltanet_step(batch, heads, key_dim, value_dim):
+    g = torch.Generator().manual_seed(key_dim)
+    q = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
+    k = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
+    v = torch.randn(batch, heads, value_dim, generator=g)
+    log_decay = -F.softplus(torch.randn(batch, heads, generator=g))
+    beta = torch.rand(batch, heads, generator=g)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=g)
+    o_expected, state_expected = gated_deltanet_step(q, k, v, log_decay, beta, state)
+    o = native.gated_delta_step_(q, k, v, log_decay, beta, state)
+    assert_close(o, o_expected, name="o")
+    assert_close(state, state_expected, name="state")
+
+
+def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path, monkeypatch):
+    """The library is written under HYBRIDLM_CACHE_DIR (staged, then renamed) and loaded from there."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("HYBRIDLM_CACHE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        built = list((tmp_path / "native").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so", built  # no staging file left behind
+    finally:
+        native._library.cache_clear()
