@@ -156,8 +156,8 @@ def prefill(model: HybridLM, input_ids: Tensor, cache: HybridCache, attention_ma
 
 
 def decode_one_token(model: HybridLM, token: Tensor, cache: HybridCache) -> Tensor:
-    """token [B] -> logits [B, V] for the next position."""
-    return model(token[:, None], cache=cache).logits[:, -1]
+    """token [B] -> logits [B, V] for the next position (the model's per-slot decode step)."""
+    return model.decode_step(token, cache)
 
 
 def stream_generate(

@@ -50,6 +50,14 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
         self.mixer = spec.module.from_config(config)
 
+    def step(self, x: Tensor, context: ForwardContext, cache: HybridCache) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden]."""
+        h = self.norm(x)
+        h = self.mixer.step(h, context, cache[self.index]) if self.is_sequence_mixer else self.mixer(h)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        return x + h
+
     def forward(self, x: Tensor, context: ForwardContext, cache: HybridCache | None) -> Tensor:
         h = self.norm(x)
         if self.is_sequence_mixer:
@@ -165,6 +173,41 @@ class HybridLM(nn.Module):
             logits = logits / self.config.logits_scaling
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         return HybridOutput(logits=logits, aux_loss=aux_loss)
+
+    def decode_step(self, token_ids: Tensor, cache: HybridCache) -> Tensor:
+        """One token for every slot of ``cache``: token_ids [B] -> next-token logits [B, vocab].
+
+        Each slot continues at its own position (``cache.lengths``); nothing here waits for the
+        device (no ``.item()``, no data-dependent branch), so an engine can call it every step and a
+        CUDA graph can capture it. The ids are trusted to be in range (they come from sampling); an
+        out-of-range id is reported as a ValueError where the device reports it at all.
+        """
+        if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size or token_ids.is_floating_point():
+            raise ValueError(
+                f"token_ids must be integer ids [batch={cache.batch_size}], "
+                f"got {tuple(token_ids.shape)} {token_ids.dtype}"
+            )
+        context = cache.begin(1, None)
+        try:
+            hidden = self.embeddings(token_ids)
+        except IndexError:
+            self._check_inputs(token_ids[:, None], cache, None)  # names the bad id
+            raise
+        if self.config.embedding_multiplier != 1.0:
+            hidden = hidden * self.config.embedding_multiplier
+        observer = self.block_observer
+        for block in self.layers:
+            if observer is not None:
+                observer.before_block(block.index, block.layer_type, hidden)
+            hidden = block.step(hidden, context, cache)
+            if observer is not None:
+                counts = block.mixer.last_tokens_per_expert if block.routes_experts else None
+                observer.after_block(block.index, block.layer_type, hidden, counts)
+        cache.advance(1, None)
+        logits = self.lm_head(self.norm_f(hidden))
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits
 
     def _check_inputs(self, input_ids: Tensor, cache: HybridCache | None, attention_mask: Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):

@@ -72,7 +72,9 @@ def test_moe_few_tokens_matches_reference(activation, tokens):
 
 
 @requires_kernels
-@pytest.mark.parametrize(("batch", "heads", "head_dim", "groups", "state_size"), [(1, 16, 64, 1, 128), (3, 8, 12, 2, 7)])
+@pytest.mark.parametrize(
+    ("batch", "heads", "head_dim", "groups", "state_size"), [(1, 16, 64, 1, 128), (3, 8, 12, 2, 7)]
+)
 @pytest.mark.parametrize("with_d", [True, False])
 def test_ssd_step_in_place_matches_ssd_step(batch, heads, head_dim, groups, state_size, with_d):
     g = torch.Generator().manual_seed(heads)

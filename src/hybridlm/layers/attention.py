@@ -18,6 +18,7 @@ from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
+from hybridlm.ops import native
 
 if TYPE_CHECKING:
     from hybridlm.config import AttentionConfig, HybridConfig
@@ -71,18 +72,28 @@ class Attention(BlockModule):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         return AttentionState(**allocate(_state_tensors(self.config, batch_size, max_seq_len), device, dtype))
 
+    def step(self, x: Tensor, context: ForwardContext, state: AttentionState) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden], each slot at its own position
+        (``context.positions`` [B, 1]); the keys and values are written into ``state``."""
+        return self.forward(x[:, None], context, state)[:, 0]
+
     def forward(self, x: Tensor, context: ForwardContext, state: AttentionState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; appends this call's keys and values to ``state``."""
         c = self.config
         B, T, _ = x.shape
-        q = self.q_proj(x)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if x.numel() // x.shape[-1] <= native.MAX_ROWS:  # decoding: q, k and v in one pass over the weights
+            fused = native.linear_many(x, [p.weight for p in projections], [p.bias for p in projections])
+            q, k, v = fused.split([p.out_features for p in projections], dim=-1)
+        else:
+            q, k, v = (p(x) for p in projections)
         gate = None
         if c.has_output_gate:
             q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(B, T, c.num_heads * c.head_dim)
         q = q.reshape(B, T, c.num_heads, c.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
         if c.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:

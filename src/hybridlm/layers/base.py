@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hybridlm.ops.precision import state_dtype
 
 if TYPE_CHECKING:
     from typing import Self
 
+    from hybridlm.cache import ForwardContext
     from hybridlm.config import HybridConfig
 
 
@@ -81,6 +82,11 @@ class BlockModule(nn.Module):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> object:
         """Zeroed generation state for ``batch_size`` slots of up to ``max_seq_len`` tokens (None: stateless)."""
         return None
+
+    def step(self, x: Tensor, context: ForwardContext, state: object) -> Tensor:
+        """Sequence mixers: one decoding token per slot, x [B, hidden] -> [B, hidden], updating ``state``
+        (the object ``new_state`` made) in place; each slot at its own position (``context.positions``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no state: it has no decoding step")
 
 
 def allocate(tensors: list[StateTensor], device: torch.device, weight_dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
+from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
-from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
-from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
+from hybridlm.ops import native
+from hybridlm.ops.conv import causal_conv1d
+from hybridlm.ops.gated_deltanet import gated_deltanet_chunked
 from hybridlm.ops.precision import upcast
 
 if TYPE_CHECKING:
@@ -63,21 +65,44 @@ class GatedDeltaNetMixer(BlockModule):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
+    def step(self, x: Tensor, context: ForwardContext, state: RecurrentState) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden]; ``state`` is updated in place."""
+        c = self.config
+        B = x.shape[0]
+        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        fused = native.linear_many(x, [p.weight for p in projections], [None] * len(projections))
+        qkv, z, b, a = fused.split([c.conv_dim, c.value_dim, c.num_value_heads, c.num_value_heads], dim=-1)
+        qkv = conv_step(qkv, state.conv, self.conv1d)
+        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
+        q = l2_normalize(upcast(q.reshape(B, c.num_key_heads, c.key_head_dim)))
+        k = l2_normalize(upcast(k.reshape(B, c.num_key_heads, c.key_head_dim)))
+        repeats = c.num_value_heads // c.num_key_heads
+        if repeats > 1:  # value head h reads key head h // repeats
+            q, k = q.repeat_interleave(repeats, dim=1), k.repeat_interleave(repeats, dim=1)
+        beta, g = self._gates(b, a)
+        v = upcast(v.reshape(B, c.num_value_heads, c.value_head_dim))
+        o = native.gated_delta_step_(q, k, v, g, beta, state.recurrent)
+        o = self.norm(o.to(x.dtype), z.view(B, c.num_value_heads, c.value_head_dim))
+        return self.out_proj(o.reshape(B, c.value_dim))
+
+    def _gates(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """The write strength beta = sigmoid(b) and the log-decay g = -exp(A_log) * softplus(a + dt_bias)."""
+        beta = torch.sigmoid(upcast(b))
+        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
+        return beta, g
+
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
         c = self.config
         B, T, _ = x.shape
+        if state is not None and T == 1 and context.token_mask is None:
+            return self.step(x[:, 0], context, state)[:, None]
         qkv = self.in_proj_qkv(x)
         mask = context.token_mask
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)
-        is_decode = state is not None and T == 1
-        if is_decode:
-            qkv_step, conv_state = causal_conv1d_step(qkv[:, 0], state.conv, conv_weight, None)
-            qkv = qkv_step[:, None]
-        else:
-            qkv, conv_state = causal_conv1d(qkv, conv_weight, None, None if state is None else state.conv)
+        qkv, conv_state = causal_conv1d(qkv, conv_weight, self.conv1d.bias, None if state is None else state.conv)
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
 
@@ -88,16 +113,10 @@ class GatedDeltaNetMixer(BlockModule):
         repeats = c.num_value_heads // c.num_key_heads
         if repeats > 1:  # value head h reads key head h // repeats
             q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
-        beta = torch.sigmoid(upcast(self.in_proj_b(x)))  # (B, T, H_v)
-        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.in_proj_a(x)) + upcast(self.dt_bias))
-
-        if is_decode:
-            o, recurrent = gated_deltanet_step(q[:, 0], k[:, 0], upcast(v[:, 0]), g[:, 0], beta[:, 0], state.recurrent)
-            o = o[:, None]
-        else:
-            o, recurrent = gated_deltanet_chunked(
-                q, k, upcast(v), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
-            )
+        beta, g = self._gates(self.in_proj_b(x), self.in_proj_a(x))  # (B, T, H_v) each
+        o, recurrent = gated_deltanet_chunked(
+            q, k, upcast(v), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
+        )
         if state is not None:
             state.conv.copy_(conv_state)
             state.recurrent.copy_(recurrent)

@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
+from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.ops import native
-from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops.conv import causal_conv1d
 from hybridlm.ops.precision import upcast
 from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
 
@@ -64,40 +65,44 @@ class MambaMixer(BlockModule):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
+    def step(self, x: Tensor, context: ForwardContext, state: RecurrentState) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden]; ``state`` is updated in place."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs = conv_step(xs, state.conv, self.conv1d)
+        dt, B, C = self._scan_inputs(xs)
+        y, ssm_state = selective_scan_step(
+            xs, dt, -torch.exp(upcast(self.A_log)), B, C, self.D, z, state.recurrent,
+            delta_bias=self.dt_proj.bias, delta_softplus=True,
+        )  # fmt: skip
+        state.recurrent.copy_(ssm_state)
+        return self.out_proj(y)
+
+    def _scan_inputs(self, xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """dt (before its bias and softplus, which the scan applies), B and C from the conv output."""
+        c = self.config
+        dt, B, C = self.x_proj(xs).split([c.dt_rank, c.state_size, c.state_size], dim=-1)
+        if c.has_inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        return native.linear(dt, self.dt_proj.weight), B, C
+
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
         c = self.config
-        T = x.shape[1]
+        if state is not None and x.shape[1] == 1 and context.token_mask is None:
+            return self.step(x[:, 0], context, state)[:, None]
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # x first, gate second (the opposite of Mamba-2)
         mask = context.token_mask
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
         conv_weight = self.conv1d.weight.squeeze(1)
-        is_decode = state is not None and T == 1
-        if is_decode:
-            xs_step, conv_state = causal_conv1d_step(xs[:, 0], state.conv, conv_weight, self.conv1d.bias)
-            xs = xs_step[:, None]
-        else:
-            xs, conv_state = causal_conv1d(xs, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        xs, conv_state = causal_conv1d(xs, conv_weight, self.conv1d.bias, None if state is None else state.conv)
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
-
-        dt, B, C = self.x_proj(xs).split([c.dt_rank, c.state_size, c.state_size], dim=-1)
-        if c.has_inner_norms:
-            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        dt = native.linear(dt, self.dt_proj.weight)  # the bias goes inside the softplus, in the scan
-        A = -torch.exp(upcast(self.A_log))
-        if is_decode:
-            y, ssm_state = selective_scan_step(
-                xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0], state.recurrent,
-                delta_bias=self.dt_proj.bias, delta_softplus=True,
-            )  # fmt: skip
-            y = y[:, None]
-        else:
-            y, ssm_state = selective_scan_chunked(
-                xs, dt, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-                initial_state=None if state is None else state.recurrent, chunk_size=c.chunk_size,
-            )  # fmt: skip
+        dt, B, C = self._scan_inputs(xs)
+        y, ssm_state = selective_scan_chunked(
+            xs, dt, -torch.exp(upcast(self.A_log)), B, C, self.D, z, delta_bias=self.dt_proj.bias,
+            delta_softplus=True, initial_state=None if state is None else state.recurrent, chunk_size=c.chunk_size,
+        )  # fmt: skip
         if state is not None:
             state.conv.copy_(conv_state)
             state.recurrent.copy_(ssm_state)

@@ -15,11 +15,13 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
+from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
-from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+from hybridlm.ops import native
+from hybridlm.ops.conv import causal_conv1d
 from hybridlm.ops.precision import upcast
-from hybridlm.ops.ssd import ssd_chunked, ssd_step
+from hybridlm.ops.ssd import ssd_chunked
 
 if TYPE_CHECKING:
     from hybridlm.config import HybridConfig, Mamba2Config
@@ -60,10 +62,41 @@ class Mamba2Mixer(BlockModule):
     def new_state(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         return RecurrentState(**allocate(_state_tensors(self.config, batch_size), device, dtype))
 
+    def step(self, x: Tensor, context: ForwardContext, state: RecurrentState) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden]; ``state`` is updated in place."""
+        c = self.config
+        B = x.shape[0]
+        z, xBC, dt = self.in_proj(x).split([c.intermediate_size, c.conv_dim, c.num_heads], dim=-1)
+        xBC = conv_step(xBC, state.conv, self.conv1d)
+        G, N = c.num_groups, c.state_size
+        xs, Bs, Cs = xBC.split([c.intermediate_size, G * N, G * N], dim=-1)
+        dt = self._time_step(dt)
+        y = native.ssd_step_(
+            xs.view(B, c.num_heads, c.head_dim),
+            dt,
+            -torch.exp(upcast(self.A_log)),
+            Bs.view(B, G, N),
+            Cs.view(B, G, N),
+            self.D,
+            state.recurrent,
+        ).view(B, c.intermediate_size)
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        return self.out_proj(y)
+
+    def _time_step(self, dt: Tensor) -> Tensor:
+        """softplus(dt + dt_bias), clamped to the configured time_step_limit."""
+        dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
+        low, high = self.config.time_step_limit
+        if low > 0.0 or high < math.inf:
+            dt = dt.clamp(low, high)
+        return dt
+
     def forward(self, x: Tensor, context: ForwardContext, state: RecurrentState | None = None) -> Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]; updates ``state`` in place when given."""
         c = self.config
         B, T, _ = x.shape
+        if state is not None and T == 1 and context.token_mask is None:
+            return self.step(x[:, 0], context, state)[:, None]
         inner, conv_dim = c.intermediate_size, c.conv_dim
         z, xBC, dt = self.in_proj(x).split([inner, conv_dim, c.num_heads], dim=-1)
         mask = context.token_mask
@@ -71,12 +104,7 @@ class Mamba2Mixer(BlockModule):
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
         conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
-        is_decode = state is not None and T == 1
-        if is_decode:
-            xBC_step, conv_state = causal_conv1d_step(xBC[:, 0], state.conv, conv_weight, self.conv1d.bias)
-            xBC = xBC_step[:, None]
-        else:
-            xBC, conv_state = causal_conv1d(xBC, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        xBC, conv_state = causal_conv1d(xBC, conv_weight, self.conv1d.bias, None if state is None else state.conv)
         if mask is not None:
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
@@ -84,19 +112,12 @@ class Mamba2Mixer(BlockModule):
         xs, Bs, Cs = xBC.split([inner, G * N, G * N], dim=-1)
         xs = xs.view(B, T, c.num_heads, c.head_dim)
         Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
-        dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
-        low, high = c.time_step_limit
-        if low > 0.0 or high < math.inf:
-            dt = dt.clamp(low, high)
+        dt = self._time_step(dt)
         A = -torch.exp(upcast(self.A_log))
 
-        if is_decode:
-            y, ssm_state = ssd_step(xs[:, 0], dt[:, 0], A, Bs[:, 0], Cs[:, 0], self.D, state.recurrent)
-            y = y[:, None]
-        else:
-            y, ssm_state = ssd_chunked(
-                xs, dt, A, Bs, Cs, self.D, None if state is None else state.recurrent, chunk_size=c.chunk_size
-            )
+        y, ssm_state = ssd_chunked(
+            xs, dt, A, Bs, Cs, self.D, None if state is None else state.recurrent, chunk_size=c.chunk_size
+        )
         if state is not None:
             state.conv.copy_(conv_state)
             state.recurrent.copy_(ssm_state)

@@ -38,6 +38,18 @@ class MLP(BlockModule):
         n = mlp_params(config.hidden_size, m.intermediate_size, m.activation, m.bias)
         return BlockParams(n, n)
 
+    @property
+    def input_projections(self) -> list[Linear]:
+        """The projections that read the block's input (gate then up for swiglu; up for relu2)."""
+        return [self.gate_proj, self.up_proj] if self.activation == "swiglu" else [self.up_proj]
+
+    def from_projections(self, h: Tensor) -> Tensor:
+        """The output from the input projections' outputs joined on the last dim (see ``input_projections``)."""
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.relu(h).square())
+
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

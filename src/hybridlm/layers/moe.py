@@ -99,7 +99,11 @@ class MoE(BlockModule):
         """x: [B, T, D] -> [B, T, D]."""
         c = self.config
         x_ND = x.reshape(-1, x.shape[-1])
-        logits_NE = self.gate(x_ND)
+        shared_ND = None
+        if self._fuses_input_projections(x_ND):
+            logits_NE, shared_ND = self._fused_input_projections(x_ND)
+        else:
+            logits_NE = self.gate(x_ND)
         topk_ids_NK, topk_weights_NK, scores_NE = route(
             logits_NE,
             c.num_experts_per_tok,
@@ -114,13 +118,44 @@ class MoE(BlockModule):
         self.last_tokens_per_expert = counts_E
         out_ND = self.experts(x_ND, topk_ids_NK, topk_weights_NK)
         if self.shared_experts is not None:
-            shared_ND = self.shared_experts(x_ND)
-            if self.shared_expert_gate is not None:
-                shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
+            if shared_ND is None:
+                shared_ND = self.shared_experts(x_ND)
+                if self.shared_expert_gate is not None:
+                    shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
             out_ND = out_ND + shared_ND
         # Only training forwards carry a loss; an eval forward must not leave a stale one behind.
         self.last_aux_loss = self._aux_loss(logits_NE, scores_NE, counts_E) if self.training else None
         return out_ND.view_as(x)
+
+    def _input_projections(self) -> list[nn.Module]:
+        """Everything that reads the block's input: router, shared-expert gate, shared-expert input."""
+        modules: list[nn.Module] = [self.gate]
+        if self.shared_experts is not None:
+            if self.shared_expert_gate is not None:
+                modules.append(self.shared_expert_gate)
+            modules += self.shared_experts.input_projections
+        return modules
+
+    def _fuses_input_projections(self, x_ND: Tensor) -> bool:
+        """Decoding in fp32: the router (always fp32) and the shared expert read x in one kernel call."""
+        weights = [m.weight for m in self._input_projections()]
+        return x_ND.shape[0] <= native.MAX_ROWS and all(w.dtype == x_ND.dtype == torch.float32 for w in weights)
+
+    def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Router logits [N, E] and the (gated) shared-expert output [N, D] from one pass over the weights."""
+        modules = self._input_projections()
+        fused = native.linear_many(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
+        parts = fused.split([m.weight.shape[0] for m in modules], dim=-1)
+        logits_NE, rest = parts[0], parts[1:]
+        if self.shared_experts is None:
+            return logits_NE, None
+        gate_N1 = None
+        if self.shared_expert_gate is not None:
+            gate_N1, rest = rest[0], rest[1:]
+        shared_ND = self.shared_experts.from_projections(torch.cat(rest, dim=-1) if len(rest) > 1 else rest[0])
+        if gate_N1 is not None:
+            shared_ND = torch.sigmoid(gate_N1) * shared_ND
+        return logits_NE, shared_ND
 
     def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:
         """Load balancing (Switch Transformer eq. 4: E * sum_e f_e * P_e) + router z-loss (ST-MoE eq. 5)."""

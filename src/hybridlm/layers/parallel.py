@@ -52,6 +52,10 @@ class ParallelMixer(BlockModule):
             attention=self.self_attn.new_state(batch_size, max_seq_len, device, dtype),
         )
 
+    def step(self, x: Tensor, context: ForwardContext, state: ParallelState) -> Tensor:
+        """One decoding token per slot: x [B, hidden] -> [B, hidden]; both states updated in place."""
+        return self.mamba.step(x, context, state.mamba) + self.self_attn.step(x, context, state.attention)
+
     def forward(self, x: Tensor, context: ForwardContext, state: ParallelState | None = None) -> Tensor:
         mamba_state = None if state is None else state.mamba
         attention_state = None if state is None else state.attention

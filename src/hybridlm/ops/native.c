@@ -206,3 +206,53 @@ void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, c
         for (int64_t j = 0; j < V; j++) o[bh * V + j] = scale * out[j];
     }
 }
+
+/* Several weights sharing one input as one product (q/k/v, router + shared expert): y [M, sum N_i]
+ * = x @ [W_0; W_1; ...]^T + [b_0; b_1; ...], the weights left where they are. Bias pointers may be
+ * NULL. count <= 8. */
+void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, const int64_t *Ns,
+                          const float *const *biases, int64_t count, int64_t K, float *y, int threads) {
+    int64_t rows[64], total = 0, offset[9];
+    for (int64_t m = 0; m < M; m++) rows[m] = m;
+    for (int64_t i = 0; i < count; i++) {
+        offset[i] = total;
+        total += Ns[i];
+    }
+    offset[count] = total;
+#pragma omp parallel num_threads(threads)
+    {
+        int thread, threads_here;
+        int64_t begin, end;
+        this_thread(&thread, &threads_here);
+        thread_share(total, thread, threads_here, &begin, &end);
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t lo = begin > offset[i] ? begin : offset[i], hi = end < offset[i + 1] ? end : offset[i + 1];
+            if (lo >= hi) continue;
+            /* rows lo..hi of the stacked weight are rows lo - offset[i].. of W_i, written at column lo.. of y */
+            rows_times_tokens(x, rows, rows, M, Ws[i] - offset[i] * K, lo, hi, K, biases[i] ? biases[i] - offset[i] : NULL,
+                              y, total);
+        }
+    }
+}
+
+/* Short causal convolution, one step, in place (twin: hybridlm.ops.conv.causal_conv1d_step):
+ *   y[c] = act(bias[c] + sum_j weight[c, j] * window[c, j]),  window = [state[c, :], x[c]]
+ * and state[c, :] becomes the last W-1 entries of the window. x [Bt, C] (rows x_stride apart),
+ * state [Bt, C, W-1], weight [C, W], bias [C] or NULL, y [Bt, C]; silu when apply_silu. */
+void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const float *weight, const float *bias,
+                        float *y, int64_t batch, int64_t C, int64_t W, int apply_silu, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t c = 0; c < C; c++) {
+            float *s = state + (b * C + c) * (W - 1);
+            const float *w = weight + c * W;
+            const float input = x[b * x_stride + c];
+            float acc = bias ? bias[c] : 0.0f;
+            for (int64_t j = 0; j < W - 1; j++) acc += w[j] * s[j];
+            acc += w[W - 1] * input;
+            for (int64_t j = 0; j + 1 < W - 1; j++) s[j] = s[j + 1];
+            if (W > 1) s[W - 2] = input;
+            y[b * C + c] = apply_silu ? acc / (1.0f + __builtin_expf(-acc)) : acc;
+        }
+    }
+}

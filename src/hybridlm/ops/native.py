@@ -5,8 +5,12 @@ reaches a fraction of the memory bandwidth on these shapes (a [32000, 512] GEMV 
 a plain read of the same bytes runs at ~25 GB/s per core, and 2-8 rows slower still), and a
 recurrent step written as torch ops reads and writes the whole state several times. So:
 
-- ``linear``, ``expert_linear``: few-row products that read each weight once (twins: ``F.linear``,
-  ``expert_linear_reference``);
+- ``linear``, ``linear_many``, ``expert_linear``: few-row products that read each weight once
+  (twins: ``F.linear``, ``F.linear`` per weight then ``torch.cat``, ``expert_linear_reference``);
+  ``linear_many`` fuses the projections of one input (q/k/v; router, shared-expert gate and up)
+  into one call without moving the weights;
+- ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
+  ``causal_conv1d_step``);
 - ``ssd_step_``, ``gated_delta_step_``: the Mamba-2 and Gated DeltaNet decode steps, updating the
   state in place in one pass (twins: ``ssd_step``, ``gated_deltanet_step``).
 
@@ -106,6 +110,10 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_ssd_step.restype = None
     library.hybridlm_gated_delta_step.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i32]
     library.hybridlm_gated_delta_step.restype = None
+    library.hybridlm_linear_many.argtypes = [p, i64, p, p, p, i64, i64, p, i32]
+    library.hybridlm_linear_many.restype = None
+    library.hybridlm_conv_step.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i32, i32]
+    library.hybridlm_conv_step.restype = None
     return library
 
 
@@ -144,6 +152,66 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         torch.get_num_threads(),
     )
     return y_MN.view(*x.shape[:-1], N)
+
+
+MAX_WEIGHTS = 8  # weights per linear_many call
+
+
+def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one kernel call."""
+    K = weights[0].shape[1]
+    rows = x.numel() // K if K else 0
+    present = [b for b in biases if b is not None]
+    fits = 0 < rows <= MAX_ROWS and len(weights) <= MAX_WEIGHTS and x.shape[-1] == K
+    fits = (
+        fits and all(w.shape[1] == K and w.is_contiguous() for w in weights) and all(b.is_contiguous() for b in present)
+    )
+    if not fits or not _applies(x, *weights, *present):
+        return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+    x_MK = x.reshape(rows, K).contiguous()
+    count = len(weights)
+    out_features = [w.shape[0] for w in weights]
+    y_MN = torch.empty(rows, sum(out_features), dtype=torch.float32)
+    pointer_array = ctypes.c_void_p * count
+    _library().hybridlm_linear_many(
+        x_MK.data_ptr(),
+        rows,
+        pointer_array(*(w.data_ptr() for w in weights)),
+        (ctypes.c_int64 * count)(*out_features),
+        pointer_array(*(None if b is None else b.data_ptr() for b in biases)),
+        count,
+        K,
+        y_MN.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y_MN.view(*x.shape[:-1], -1)
+
+
+def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    """``causal_conv1d_step`` that rolls ``state`` [B, C, W-1] in place and returns y [B, C].
+
+    x [B, C] may be a column slice of a wider projection (rows any distance apart)."""
+    tensors = (x, state, weight) if bias is None else (x, state, weight, bias)
+    fits = x.dim() == 2 and x.stride(1) == 1 and state.is_contiguous() and weight.is_contiguous()
+    if not fits or activation not in ("silu", None) or not _applies(*tensors):
+        from hybridlm.ops.conv import causal_conv1d_step
+
+        y, new_state = causal_conv1d_step(x, state, weight, bias, activation)
+        state.copy_(new_state)
+        return y
+    batch, channels = x.shape
+    y = torch.empty(batch, channels, dtype=torch.float32)
+    _library().hybridlm_conv_step(
+        *_pointers(x),
+        x.stride(0),
+        *_pointers(state, weight, bias, y),
+        batch,
+        channels,
+        weight.shape[1],
+        int(activation == "silu"),
+        torch.get_num_threads(),
+    )
+    return y
 
 
 def expert_linear_reference(x_XK: Tensor, input_row_R: Tensor, expert_R: Tensor, weight_ENK: Tensor) -> Tensor:
