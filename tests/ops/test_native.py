@@ -119,3 +119,31 @@ def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path, monkeypatch):
         assert len(built) == 1 and built[0].suffix == ".so", built  # no staging file left behind
     finally:
         native._library.cache_clear()
+
+
+def _rms_norm_truth(x, weight, eps, group, add_one, gate, gate_first):
+    x64, w64 = x.double(), weight.double()
+    silu = None if gate is None else torch.nn.functional.silu(gate.double())
+    if silu is not None and gate_first:
+        x64 = x64 * silu
+    grouped = x64.unflatten(-1, (-1, group))
+    normed = (grouped / torch.sqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    y = normed * (1 + w64 if add_one else w64)
+    if silu is not None and not gate_first:
+        y = y * silu
+    return y
+
+
+@requires_kernels
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize(("dim", "group"), [(48, 48), (48, 16), (7, 7)])
+@pytest.mark.parametrize("add_one", [False, True])
+@pytest.mark.parametrize("gated", [None, "gate first", "gate after"])
+def test_rms_norm_matches_float64_formula(rows, dim, group, add_one, gated):
+    g = torch.Generator().manual_seed(rows + dim)
+    x = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(dim, generator=g)
+    gate = torch.randn(rows, dim, generator=g) if gated else None
+    assert native.rms_norm_applies(x, weight)
+    y = native.rms_norm(x, weight, 1e-5, group, add_one, gate, gated == "gate first")
+    assert_close(y, _rms_norm_truth(x, weight, 1e-5, group, add_one, gate, gated == "gate first").float())
