@@ -197,12 +197,12 @@ class HybridLM(nn.Module):
             hidden = hidden * self.config.embedding_multiplier
         observer = self.block_observer
         for block in self.layers:
-            if observer is not None:
-                observer.before_block(block.index, block.layer_type, hidden)
+            if observer is not None:  # observers see [B, T, hidden], as from forward
+                observer.before_block(block.index, block.layer_type, hidden[:, None])
             hidden = block.step(hidden, context, cache)
             if observer is not None:
                 counts = block.mixer.last_tokens_per_expert if block.routes_experts else None
-                observer.after_block(block.index, block.layer_type, hidden, counts)
+                observer.after_block(block.index, block.layer_type, hidden[:, None], counts)
         cache.advance(1, None)
         logits = self.lm_head(self.norm_f(hidden))
         if self.config.logits_scaling != 1.0:
