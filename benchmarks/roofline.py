@@ -133,6 +133,25 @@ def measure_machine(repeats: int = 5) -> Machine:
     )
 
 
+def best_of(machines: Sequence[Machine]) -> Machine:
+    """Each ceiling at the best any measurement saw (a busy moment only ever lowers a measurement)."""
+
+    def best_by_key(dicts: list[dict[str, float]]) -> dict[str, float]:
+        return {key: max(d[key] for d in dicts) for key in dicts[0]}
+
+    gemv = best_by_key([m.gemv_by_method for m in machines])
+    sgemm = best_by_key([m.sgemm_by_shape for m in machines])
+    return Machine(
+        threads=machines[0].threads,
+        copy_bytes_per_s=max(m.copy_bytes_per_s for m in machines),
+        read_bytes_per_s=max(m.read_bytes_per_s for m in machines),
+        gemv_bytes_per_s=max(gemv.values()),
+        gemv_by_method=gemv,
+        sgemm_flops_per_s=max(sgemm.values()),
+        sgemm_by_shape=sgemm,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # What the model must read (decode) and compute (prefill)
 
