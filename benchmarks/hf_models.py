@@ -100,7 +100,8 @@ def build_and_save(family: str, directory: str | Path, seed: int = 0):
 
     directory = Path(directory)
     saved = directory / "config.json"
-    if saved.exists() and _same_config(json.loads(saved.read_text()), config(family).to_dict()):
+    wanted = json.loads(config(family).to_json_string(use_diff=False))  # as save_pretrained writes it
+    if saved.exists() and _same_config(json.loads(saved.read_text()), wanted):
         return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     model = build(family, seed)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,5 @@ def build_and_save(family: str, directory: str | Path, seed: int = 0):
 
 def _same_config(saved: dict, wanted: dict) -> bool:
     """Every field the saved config.json records (past the bookkeeping ones) has the wanted value."""
-    wanted = json.loads(json.dumps(wanted, default=str))  # tuples as lists, as the file holds them
     ignored = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"}
     return all(wanted.get(key) == value for key, value in saved.items() if key not in ignored)
