@@ -173,4 +173,4 @@ class HybridCache:
         """Count this call's real tokens into every slot (after the blocks have read ``begin``'s context)."""
         new_real = [num_new] * self.batch_size if token_mask is None else token_mask.sum(-1).tolist()
         self._host_lengths = [held + new for held, new in zip(self._host_lengths, new_real, strict=True)]
-        self.lengths = self.lengths + (num_new if token_mask is None else token_mask.long().sum(-1))
+        self.lengths += num_new if token_mask is None else token_mask.long().sum(-1)  # in place: graph-safe

@@ -94,8 +94,11 @@ def moe_experts_reference(
 
 
 def tokens_per_expert(topk_ids_NK: Tensor, num_experts: int) -> Tensor:
-    """Number of (token, slot) pairs routed to each expert: [E] int64."""
-    return torch.bincount(topk_ids_NK.flatten(), minlength=num_experts)
+    """Number of (token, slot) pairs routed to each expert: [E] int64 (a scatter-add, not bincount,
+    which on CUDA waits for the device to size its output)."""
+    ids_M = topk_ids_NK.flatten()
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_M.device)
+    return counts_E.scatter_add_(0, ids_M, torch.ones_like(ids_M, dtype=torch.int64))
 
 
 def _is_16_byte_aligned(t: Tensor) -> bool:
