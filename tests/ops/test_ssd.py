@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops import ssd as ssd_module
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference, ssd_step
 from tests.helpers import assert_close
 
@@ -82,6 +83,36 @@ def test_chunked_matches_reference(seq_len, chunk_size, num_heads, num_groups, s
     assert set(grads) == set(grads_ref)
     for name, grad_ref in grads_ref.items():
         assert_close(grads[name], grad_ref)
+
+
+@pytest.mark.parametrize("with_state", WITH_STATE)
+@pytest.mark.parametrize(("seq_len", "chunk_size", "num_heads", "num_groups", "state_size"), SHAPES)
+def test_chunked_without_autograd_matches_reference(seq_len, chunk_size, num_heads, num_groups, state_size, with_state):
+    # Without autograd the chunk states are passed on in place (another code path than with gradients).
+    inputs = make_inputs(seq_len, num_heads, num_groups, state_size, with_state=with_state, with_d=True)
+    y_ref, state_ref = ssd_reference(**inputs)
+    with torch.no_grad():
+        y, state = ssd_chunked(**inputs, chunk_size=chunk_size)
+    assert_close(y, y_ref)
+    assert_close(state, state_ref)
+
+
+@pytest.mark.parametrize("with_grads", [False, True], ids=["no-grad", "grad"])
+def test_long_input_in_segments_matches_reference(monkeypatch, with_grads):
+    # Segments of 32 tokens (two chunks of 16) over T=130: four full segments and a padded 2-token one.
+    monkeypatch.setattr(ssd_module, "SEGMENT_TOKENS", 40)
+    inputs = make_inputs(130, 6, 3, 7, with_state=True, with_d=True)
+    if with_grads:
+        y_ref, state_ref, grads_ref = run_with_grads(ssd_reference, inputs)
+        y, state, grads = run_with_grads(ssd_chunked, inputs, chunk_size=16)
+        for name, grad_ref in grads_ref.items():
+            assert_close(grads[name], grad_ref, name=f"grad {name}")
+    else:
+        y_ref, state_ref = ssd_reference(**inputs)
+        with torch.no_grad():
+            y, state = ssd_chunked(**inputs, chunk_size=16)
+    assert_close(y, y_ref)
+    assert_close(state, state_ref)
 
 
 @pytest.mark.parametrize("with_d", WITH_D)

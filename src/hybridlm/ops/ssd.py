@@ -25,9 +25,12 @@ Shape suffixes:
     N  state size
     c  number of chunks (z: c + 1, the chunk boundaries including the initial state)
     L  chunk length, target position inside a chunk (S: source position inside a chunk)
+    R  the H // G heads of one group side by side, times P (H // G * P)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +43,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def _groups_to_heads(t_xGN: Tensor, num_heads: int) -> Tensor:
-    """Repeat each group for the H // G heads that read it: ``[..., G, N] -> [..., H, N]``."""
-    num_groups = t_xGN.shape[-2]
+def _heads_per_group(num_heads: int, num_groups: int) -> int:
     if num_heads % num_groups != 0:
         raise ValueError(f"number of heads ({num_heads}) must be divisible by the number of B/C groups ({num_groups})")
-    return t_xGN.repeat_interleave(num_heads // num_groups, dim=-2)
+    return num_heads // num_groups
+
+
+def _groups_to_heads(t_xGN: Tensor, num_heads: int) -> Tensor:
+    """Repeat each group for the H // G heads that read it: ``[..., G, N] -> [..., H, N]``."""
+    return t_xGN.repeat_interleave(_heads_per_group(num_heads, t_xGN.shape[-2]), dim=-2)
 
 
 def _initial_state(initial_state: Tensor | None, batch: int, x: Tensor, state_size: int, dtype: torch.dtype) -> Tensor:
@@ -58,24 +64,6 @@ def _initial_state(initial_state: Tensor | None, batch: int, x: Tensor, state_si
             f"initial_state must have shape [B, H, P, N] = {list(expected)}, got {list(initial_state.shape)}"
         )
     return initial_state.to(dtype)
-
-
-def _segsum(a_xL: Tensor) -> Tensor:
-    """Segment sums ``out[..., i, j] = a[j+1] + ... + a[i]`` for ``i >= j``, ``-inf`` above the diagonal.
-
-    ``[..., L] -> [..., L, L]``. ``exp`` of it is the decay from step j to step i. Summing the masked
-    terms directly, rather than taking ``cumsum[i] - cumsum[j]``, avoids cancellation: inside a chunk
-    of 64 the cumsum of ``dt * A`` reaches tens to hundreds, and an fp32 difference of such numbers
-    carries an absolute error of ~1e-6 to 1e-5 in the exponent, i.e. that relative error on the decay
-    of two nearby steps (on the tests' inputs, 20x the chunked-vs-reference error of this form).
-    """
-    length = a_xL.shape[-1]
-    ones_LL = torch.ones(length, length, dtype=torch.bool, device=a_xL.device)
-    # Column j holds a[j+1 .. L-1] in rows j+1 .. L-1 and zeros above; a cumsum down the rows sums them.
-    a_xLL = a_xL.unsqueeze(-1).expand(*a_xL.shape, length)
-    a_xLL = a_xLL.masked_fill(~torch.tril(ones_LL, diagonal=-1), 0)
-    segsum_xLL = torch.cumsum(a_xLL, dim=-2)
-    return segsum_xLL.masked_fill(~torch.tril(ones_LL), float("-inf"))
 
 
 def ssd_reference(
@@ -121,6 +109,12 @@ def ssd_reference(
     return y_BTHP.to(out_dtype), state_BHPN
 
 
+# Sequences longer than this are scanned in segments of about this many tokens, the state carried
+# from one to the next: every intermediate then stays a few MB (cache-sized) and the cost grows
+# linearly with T. Below it, one segment does everything in a handful of large batched matmuls.
+SEGMENT_TOKENS = 512
+
+
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
@@ -135,7 +129,8 @@ def ssd_chunked(
 
     Cost is O(T * L) inside chunks plus O(T / L) sequential steps between chunks instead of T.
     T need not be a multiple of ``chunk_size``: inputs are padded with ``dt = 0`` (decay 1, no input),
-    which leaves the state untouched, so ``final_state`` is the state after step T.
+    which leaves the state untouched, so ``final_state`` is the state after step T. Inputs longer than
+    ``SEGMENT_TOKENS`` go through in segments of whole chunks, the state carried between them.
 
     Args:
         x: ``[B, T, H, P]``.
@@ -153,53 +148,135 @@ def ssd_chunked(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     out_dtype, dtype = x.dtype, _compute_dtype(x)
-    batch, seq_len, num_heads, head_dim = x.shape
-    state_size = B.shape[-1]
-    initial_state_BHPN = _initial_state(initial_state, batch, x, state_size, dtype)
-    B_BTHN = _groups_to_heads(B, num_heads).to(dtype)
-    C_BTHN = _groups_to_heads(C, num_heads).to(dtype)
-    x_BTHP, dt_BTH, A_H = x.to(dtype), dt.to(dtype), A.to(dtype)
+    batch, seq_len, num_heads, _ = x.shape
+    _heads_per_group(num_heads, B.shape[-2])
+    state_BHPN = _initial_state(initial_state, batch, x, B.shape[-1], dtype)
+    x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN = (t.to(dtype) for t in (x, dt, A, B, C))
+    D_H = None if D is None else D.to(dtype)
 
-    # Pad T up to a multiple of L. Padded steps get dt = 0: decay exp(0) = 1 and input 0 * x = 0.
     chunk_len = max(1, min(chunk_size, seq_len))
+    segment_len = max(1, SEGMENT_TOKENS // chunk_len) * chunk_len
+    ys = []
+    for start in range(0, seq_len, segment_len):
+        part = slice(start, start + segment_len)
+        y_BTHP, state_BHPN = _ssd_segment(
+            x_BTHP[:, part], dt_BTH[:, part], A_H, B_BTGN[:, part], C_BTGN[:, part], D_H, state_BHPN, chunk_len
+        )
+        ys.append(y_BTHP)
+    y_BTHP = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return y_BTHP.to(out_dtype), state_BHPN
+
+
+def _ssd_segment(
+    x_BTHP: Tensor,
+    dt_BTH: Tensor,
+    A_H: Tensor,
+    B_BTGN: Tensor,
+    C_BTGN: Tensor,
+    D_H: Tensor | None,
+    state_BHPN: Tensor,
+    chunk_len: int,
+) -> tuple[Tensor, Tensor]:
+    """``ssd_chunked`` on one segment, all its chunks at once: inputs already in the compute dtype.
+
+    The big work is four batched matmuls, arranged so that B and C are never repeated per head: a
+    group's H // G heads sit side by side (R = H // G * P) and share one matmul with that group's B or C.
+    """
+    batch, seq_len, num_heads, head_dim = x_BTHP.shape
+    num_groups = B_BTGN.shape[-2]
+    heads_per_group = _heads_per_group(num_heads, num_groups)
     pad = -seq_len % chunk_len
     num_chunks = (seq_len + pad) // chunk_len
 
-    def to_chunks(t_BTxx: Tensor) -> Tensor:  # [B, T, ...] -> [B, c, L, ...]
-        padded = F.pad(t_BTxx, (0, 0) * (t_BTxx.dim() - 2) + (0, pad))
-        return padded.reshape(batch, num_chunks, chunk_len, *t_BTxx.shape[2:])
+    def to_chunks(t_BTxx: Tensor) -> Tensor:  # [B, T, ...] -> [B, c, L, ...]; padded steps get dt = 0
+        if pad:
+            t_BTxx = F.pad(t_BTxx, (0, 0) * (t_BTxx.dim() - 2) + (0, pad))
+        return t_BTxx.reshape(batch, num_chunks, chunk_len, *t_BTxx.shape[2:])
 
-    dtx_BcLHP = to_chunks(x_BTHP * dt_BTH[..., None])
-    B_BcLHN, C_BcLHN = to_chunks(B_BTHN), to_chunks(C_BTHN)
-    dtA_BHcL = to_chunks(dt_BTH * A_H).permute(0, 3, 1, 2)
-    dtA_cumsum_BHcL = torch.cumsum(dtA_BHcL, dim=-1)
+    x_BcLHP = to_chunks(x_BTHP)
+    dt_BcHL = to_chunks(dt_BTH).transpose(2, 3)
+    dtA_BcHL = dt_BcHL * A_H[:, None]
+    B_BcGLN, C_BcGLN = to_chunks(B_BTGN).transpose(2, 3), to_chunks(C_BTGN).transpose(2, 3)
 
-    # 1. Diagonal blocks: inside each chunk, the masked "attention" (C_l . B_s) * decay(s -> l).
-    decay_BHcLS = torch.exp(_segsum(dtA_BHcL))
-    y_diag_BcLHP = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C_BcLHN, B_BcLHN, decay_BHcLS, dtx_BcLHP)
+    # 1. Diagonal blocks: y_l = sum_{s <= l} (C_l . B_s) * decay(s -> l) * dt_s * x_s, plus D * x_l, which
+    #    is one more term on the diagonal. As a matmul over s per chunk and head.
+    CB_BcGLS = (C_BcGLN @ B_BcGLN.transpose(-1, -2)).tril_()  # causal: the only mask the scores get
+    weight_BcHLS = _decay_matrix(dtA_BcHL) * dt_BcHL[..., None, :]
+    scores_BcHLS = weight_BcHLS.unflatten(2, (num_groups, heads_per_group)) * CB_BcGLS.unsqueeze(3)
+    scores_BcHLS = scores_BcHLS.flatten(2, 3)
+    if D_H is not None:
+        scores_BcHLS.diagonal(dim1=-2, dim2=-1).add_(D_H[:, None])
+    y_diag_BcHLP = scores_BcHLS @ x_BcLHP.transpose(2, 3)
 
-    # 2. Chunk states: each chunk's own contribution to the state at its last step (starting from 0).
-    #    decay(s -> end of chunk) is the last row of the segment-sum decay.
-    decay_to_end_BHcS = decay_BHcLS[..., -1, :]
-    chunk_states_BcHPN = torch.einsum("bcshn,bhcs,bcshp->bchpn", B_BcLHN, decay_to_end_BHcS, dtx_BcLHP)
+    # 2. Chunk states: each chunk's own contribution to the state at its last step (starting from 0),
+    #    sum_s decay(s -> end) * dt_s * outer(x_s, B_s): the last row of the weights.
+    weight_to_end_BcLH = weight_BcHLS[..., -1, :].transpose(2, 3)
+    xw_BcLGR = (x_BcLHP * weight_to_end_BcLH[..., None]).reshape(batch, num_chunks, chunk_len, num_groups, -1)
+    xw_BcGRL = xw_BcLGR.permute(0, 1, 3, 4, 2)
 
-    # 3. State passing: the recurrence over chunk boundaries, as one masked decay matrix over chunks.
-    #    Boundary z holds the state entering chunk z; boundary c is the final state.
-    states_BzHPN = torch.cat([initial_state_BHPN.unsqueeze(1), chunk_states_BcHPN], dim=1)
-    chunk_decay_BHz = F.pad(dtA_cumsum_BHcL[..., -1], (1, 0))
-    decay_chunks_BHzz = torch.exp(_segsum(chunk_decay_BHz))
-    states_BzHPN = torch.einsum("bhzy,byhpn->bzhpn", decay_chunks_BHzz, states_BzHPN)
-    entering_states_BcHPN, final_state_BHPN = states_BzHPN[:, :-1], states_BzHPN[:, -1]
+    # 3. State passing: the recurrence over chunk boundaries, sequential but only O(T / L) steps.
+    chunk_decay_BcH = torch.exp(dtA_BcHL.sum(dim=-1))
+    entering_BcGRN, state_BHPN = _pass_states(xw_BcGRL, B_BcGLN, chunk_decay_BcH, state_BHPN)
 
-    # 4. State to output: the state entering each chunk, decayed to position l and read out by C_l.
-    decay_from_start_BHcL = torch.exp(dtA_cumsum_BHcL)
-    y_off_BcLHP = torch.einsum("bclhn,bchpn,bhcl->bclhp", C_BcLHN, entering_states_BcHPN, decay_from_start_BHcL)
+    # 4. State to output: the state entering each chunk read out by C_l and decayed to position l.
+    y_off_BcGLR = C_BcGLN @ entering_BcGRN.transpose(-1, -2)
+    y_BcLHP = y_off_BcGLR.unflatten(-1, (heads_per_group, head_dim)).transpose(2, 3).flatten(3, 4)
+    decay_from_start_BcLH = torch.exp(torch.cumsum(dtA_BcHL, dim=-1)).transpose(2, 3)
+    # In place on the matmul's fresh output (autograd keeps what it needs): two passes over y, not four.
+    y_BcLHP = y_BcLHP.mul_(decay_from_start_BcLH[..., None]).add_(y_diag_BcHLP.transpose(2, 3))
+    return y_BcLHP.reshape(batch, num_chunks * chunk_len, num_heads, head_dim)[:, :seq_len], state_BHPN
 
-    y_BTHP = (y_diag_BcLHP + y_off_BcLHP).reshape(batch, num_chunks * chunk_len, num_heads, head_dim)
-    y_BTHP = y_BTHP[:, :seq_len]
-    if D is not None:
-        y_BTHP = y_BTHP + D.to(dtype)[:, None] * x_BTHP
-    return y_BTHP.to(out_dtype), final_state_BHPN
+
+def _decay_matrix(dtA_xL: Tensor) -> Tensor:
+    """``out[..., l, s] = exp(dtA[s+1] + ... + dtA[l])`` for ``s <= l``: ``[..., L, L]``; 1 above the diagonal.
+
+    Not masked: the caller multiplies by the causally masked ``C . B``, which is cheaper than masking
+    this per-head matrix. The exponents are differences of a cumsum taken in float64: in float32, inside
+    a chunk the cumsum of ``dt * A`` reaches tens to hundreds, and the difference of two such numbers
+    carries an absolute error of ~1e-6 to 1e-5 in the exponent, i.e. that relative error on the decay
+    between nearby steps (20x the chunked-vs-reference error on the tests' inputs).
+
+    Exponents are clamped to [log(tiny) + 1, 0]: above the diagonal they are positive (and would
+    overflow); below, strong decays reach -100s, where ``exp`` underflows to subnormals or zero through
+    a slow path (~20x slower on x86, most of the op's time with the decays of a trained Mamba-2). The
+    floor's decay (3e-38 in float32) is below anything a product with a decay near 1 can hold.
+    """
+    cumsum_xL = torch.cumsum(dtA_xL.to(torch.float64), dim=-1)
+    exponent_xLL = (cumsum_xL[..., :, None] - cumsum_xL[..., None, :]).to(dtA_xL.dtype)
+    return exponent_xLL.clamp_(min=math.log(torch.finfo(dtA_xL.dtype).tiny) + 1.0, max=0.0).exp_()
+
+
+def _pass_states(
+    xw_BcGRL: Tensor, B_BcGLN: Tensor, chunk_decay_BcH: Tensor, initial_state_BHPN: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The chunk states ``xw @ B``, then the state entering each chunk and the final state.
+
+    ``entering[c + 1] = chunk_decay[c] * entering[c] + chunk_state[c]``, ``entering[0]`` the initial state.
+    Without autograd, the matmul writes the chunk states straight into the buffer of entering states
+    and the recurrence runs in place there; with autograd (training), out-of-place steps are stacked.
+    Returns ``[B, c, G, R, N]`` and ``[B, H, P, N]``.
+    """
+    batch, num_chunks, num_groups, group_width, _ = xw_BcGRL.shape
+    state_size = B_BcGLN.shape[-1]
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (xw_BcGRL, B_BcGLN, chunk_decay_BcH, initial_state_BHPN)
+    )
+    if not needs_grad:
+        states_BzGRN = xw_BcGRL.new_empty(batch, num_chunks + 1, num_groups, group_width, state_size)
+        torch.matmul(xw_BcGRL, B_BcGLN, out=states_BzGRN[:, 1:])
+        states_BzGRN[:, 0] = initial_state_BHPN.reshape(batch, num_groups, group_width, state_size)
+        states_BzHPN = states_BzGRN.view(batch, num_chunks + 1, *initial_state_BHPN.shape[1:])
+        for c in range(num_chunks):
+            states_BzHPN[:, c + 1].addcmul_(states_BzHPN[:, c], chunk_decay_BcH[:, c, :, None, None])
+        return states_BzGRN[:, :-1], states_BzHPN[:, -1].clone()
+
+    chunk_states_BcHPN = (xw_BcGRL @ B_BcGLN).view(batch, num_chunks, *initial_state_BHPN.shape[1:])
+    entering, state_BHPN = [], initial_state_BHPN
+    for c in range(num_chunks):
+        entering.append(state_BHPN)
+        state_BHPN = torch.addcmul(chunk_states_BcHPN[:, c], state_BHPN, chunk_decay_BcH[:, c, :, None, None])
+    entering_BcGRN = torch.stack(entering, dim=1).view(batch, num_chunks, num_groups, group_width, state_size)
+    return entering_BcGRN, state_BHPN
 
 
 def ssd_step(
