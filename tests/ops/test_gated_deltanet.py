@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops import gated_deltanet as gated_deltanet_module
 from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_reference, gated_deltanet_step
 from tests.helpers import assert_close
 
@@ -132,6 +133,27 @@ def test_state_carried_across_calls_equals_one_call(op):
 
     assert_close(torch.cat([o_first, o_second], dim=1), o_full)
     assert_close(state_end, state_full)
+
+
+def test_long_input_in_segments_matches_reference(monkeypatch):
+    # Segments of 32 tokens (two chunks of 16) over T=130: four full segments and a padded 2-token one.
+    monkeypatch.setattr(gated_deltanet_module, "SEGMENT_TOKENS", 40)
+    inputs = make_inputs(2, 130, 3, 32, 48)
+    o_ref, state_ref, grads_ref = outputs_and_grads(gated_deltanet_reference, inputs)
+    o, state, grads = outputs_and_grads(gated_deltanet_chunked, inputs, chunk_size=16)
+
+    assert_close(o, o_ref)
+    assert_close(state, state_ref)
+    grad_scale = max(grad.abs().max().item() for grad in grads_ref.values())
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], scale=grad_scale, name=f"grad {name}")
+
+
+def test_empty_sequence_returns_the_initial_state():
+    inputs = make_inputs(2, 0, 3, 16, 8)
+    o, state = gated_deltanet_chunked(**inputs)
+    assert o.shape == (2, 0, 3, 8)
+    torch.testing.assert_close(state, inputs["initial_state"], rtol=0, atol=0)
 
 
 def test_custom_scale_is_used_by_all_forms():

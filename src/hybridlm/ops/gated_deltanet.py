@@ -30,14 +30,21 @@ Shape suffixes:
     V  value head dim
     N  number of chunks
     C  chunk length (positions inside one chunk; CC is a chunk-by-chunk matrix)
+    X  batch and heads flattened (B * H), for batched matmuls
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["gated_deltanet_chunked", "gated_deltanet_reference", "gated_deltanet_step"]
+
+# Inputs longer than this are processed in segments of about this many tokens (see gated_deltanet_chunked).
+SEGMENT_TOKENS = 256
 
 
 def _check_shapes(
@@ -153,11 +160,12 @@ def gated_deltanet_reference(
 
 
 def _to_chunks(x: Tensor, chunk_size: int) -> Tensor:
-    """``[B, T, H, *D] -> [B, H, N, C, *D]``, zero-padded along T up to a multiple of C."""
-    x = x.movedim(1, 2)
-    padding = -x.shape[2] % chunk_size
+    """``[B, T, H, *D] -> [B, H, N, C, *D]``, zero-padded along T up to a multiple of C; contiguous, so
+    the matmuls that read it do not each copy it again."""
+    padding = -x.shape[1] % chunk_size
     if padding:
-        x = torch.cat([x, x.new_zeros(*x.shape[:2], padding, *x.shape[3:])], dim=2)
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, padding))
+    x = x.movedim(1, 2).contiguous()
     return x.reshape(*x.shape[:2], x.shape[2] // chunk_size, chunk_size, *x.shape[3:])
 
 
@@ -190,21 +198,38 @@ def gated_deltanet_chunked(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = _compute_dtype(q, k, v, g, beta, initial_state)
     seq_len = q.shape[1]
-    chunk_size = min(chunk_size, seq_len)  # a chunk longer than the input would only pad it (as ssd does)
+    chunk_size = max(1, min(chunk_size, seq_len))  # a chunk longer than the input would only pad it (as ssd does)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state_BHKV = _initial_state(initial_state, q, v, dtype)
 
+    # Long inputs go in segments of about SEGMENT_TOKENS, the state carried from one to the next: the
+    # per-chunk matrices of a segment then stay cache-sized and the cost grows linearly with T.
+    segment_len = max(1, SEGMENT_TOKENS // chunk_size) * chunk_size
+    outputs = []
+    for start in range(0, seq_len, segment_len):
+        part = slice(start, start + segment_len)
+        segment = (x[:, part].to(dtype) for x in (q, k, v, g, beta))
+        o_BTHV, state_BHKV = _chunked_segment(*segment, state_BHKV, scale, chunk_size)
+        outputs.append(o_BTHV)
+    if not outputs:
+        return v.clone(), state_BHKV
+    o_BTHV = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return o_BTHV.to(v.dtype), state_BHKV
+
+
+def _chunked_segment(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state_BHKV: Tensor, scale: float, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """``gated_deltanet_chunked`` on one segment, all its chunks at once; inputs in the compute dtype."""
+    seq_len = q.shape[1]
     # Zero padding is a no-op step: beta = 0 writes nothing, g = 0 keeps the state, k = q = 0.
-    q_BHNCK, k_BHNCK, v_BHNCV, g_BHNC, beta_BHNC = (_to_chunks(x.to(dtype), chunk_size) for x in (q, k, v, g, beta))
-    q_BHNCK = q_BHNCK * scale
+    q_BHNCK, k_BHNCK, v_BHNCV, g_BHNC, beta_BHNC = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))
 
     # gamma_i: decay accumulated from the chunk start through position i. Cumulating per chunk, not
     # over the whole sequence, bounds how negative gamma gets: exp(gamma_i - gamma_j) is formed from
     # a difference of two cumsums and loses about |gamma| * eps in the exponent.
     gamma_BHNC = g_BHNC.cumsum(dim=-1)
-    # decay_ij = exp(gamma_i - gamma_j) for j <= i, else 0. Masking the exponent (not the result)
-    # keeps exp() away from the positive, overflowing upper triangle.
-    is_causal_CC = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    decay_BHNCC = (gamma_BHNC[..., :, None] - gamma_BHNC[..., None, :]).masked_fill(~is_causal_CC, -torch.inf).exp()
+    decay_BHNCC = _decay_matrix(gamma_BHNC)
 
     # Unrolling the recurrence inside a chunk from its start state S_0, the written values
     # v_new_i = beta_i (v_i - (exp(g_i) S_{i-1})^T k_i) satisfy
@@ -214,38 +239,82 @@ def gated_deltanet_chunked(
     # W / U with the decay folded in, as in the Gated DeltaNet paper): with T = (I + A)^{-1},
     #     u = T diag(beta) V,   w = T diag(beta exp(gamma)) K,   v_new = u - w S_0.
     k_beta_BHNCK = k_BHNCK * beta_BHNC[..., None]
-    A_BHNCC = (k_beta_BHNCK @ k_BHNCK.transpose(-1, -2) * decay_BHNCC).tril(diagonal=-1)
-    unit_lower_BHNCC = A_BHNCC + torch.eye(chunk_size, dtype=dtype, device=q.device)
-    u_BHNCV = torch.linalg.solve_triangular(
-        unit_lower_BHNCC, v_BHNCV * beta_BHNC[..., None], upper=False, unitriangular=True
-    )
-    w_BHNCK = torch.linalg.solve_triangular(
-        unit_lower_BHNCC, k_beta_BHNCK * gamma_BHNC.exp()[..., None], upper=False, unitriangular=True
-    )
+    A_BHNCC = (k_beta_BHNCK @ k_BHNCK.transpose(-1, -2)).mul_(decay_BHNCC).tril_(diagonal=-1)
+    inverse_BHNCC = _unit_lower_inverse(A_BHNCC)
+    u_BHNCV = inverse_BHNCC @ (v_BHNCV * beta_BHNC[..., None])
+    w_BHNCK = inverse_BHNCC @ (k_beta_BHNCK * gamma_BHNC.exp()[..., None])
 
     # Causal intra-chunk attention, diagonal included: o_i sees its own write.
-    attn_BHNCC = q_BHNCK @ k_BHNCK.transpose(-1, -2) * decay_BHNCC
+    attn_BHNCC = (q_BHNCK @ k_BHNCK.transpose(-1, -2)).mul_(decay_BHNCC).tril_().mul_(scale)
+    q_decayed_BHNCK = q_BHNCK * (gamma_BHNC.exp()[..., None] * scale)
     # Weights for carrying writes to the chunk end: exp(gamma_last - gamma_j) <= 1.
-    decay_to_end_BHNC = (gamma_BHNC[..., -1:] - gamma_BHNC).exp()
+    k_to_end_BHNKC = (k_BHNCK * (gamma_BHNC[..., -1:] - gamma_BHNC).exp()[..., None]).transpose(-1, -2)
+    chunk_decay_BHN = gamma_BHNC[..., -1].exp()
 
     # Chunks are sequential only through the state:
+    #     v_new = u - w S_0
     #     o     = (q * exp(gamma)) S_0 + attn v_new
     #     S_end = exp(gamma_last) S_0 + (k * exp(gamma_last - gamma))^T v_new
+    # Only v_new and S_end are computed chunk by chunk; o for all chunks at once afterwards.
     # The paper's printed output formula masks the intra-chunk term with the binary causal mask M;
     # the decay matrix belongs there (as NVlabs/GatedDeltaNet issue 15 notes, and as the tests
     # against the reference loop confirm).
-    state_BHKV = _initial_state(initial_state, q, v, dtype)
-    outputs = []
-    for n in range(q_BHNCK.shape[2]):
-        v_new_BHCV = u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ state_BHKV
-        q_decayed_BHCK = q_BHNCK[:, :, n] * gamma_BHNC[:, :, n, :, None].exp()
-        outputs.append(q_decayed_BHCK @ state_BHKV + attn_BHNCC[:, :, n] @ v_new_BHCV)
-        k_to_end_BHCK = k_BHNCK[:, :, n] * decay_to_end_BHNC[:, :, n, :, None]
-        state_BHKV = (
-            state_BHKV * gamma_BHNC[:, :, n, -1, None, None].exp() + k_to_end_BHCK.transpose(-1, -2) @ v_new_BHCV
-        )
+    # The loop runs on batches of matrices over X = B * H, the shape baddbmm takes.
+    u_XNCV, w_XNCK, k_to_end_XNKC = (t.flatten(0, 1) for t in (u_BHNCV, w_BHNCK, k_to_end_BHNKC))
+    chunk_decay_XN11 = chunk_decay_BHN.flatten(0, 1)[..., None, None]
+    state_XKV = state_BHKV.flatten(0, 1)
+    entering, v_news = [], []
+    for n in range(u_XNCV.shape[1]):
+        entering.append(state_XKV)
+        v_new_XCV = torch.baddbmm(u_XNCV[:, n], w_XNCK[:, n], state_XKV, alpha=-1)
+        v_news.append(v_new_XCV)
+        state_XKV = torch.baddbmm(state_XKV * chunk_decay_XN11[:, n], k_to_end_XNKC[:, n], v_new_XCV)
+    entering_BHNKV = torch.stack(entering, dim=1).view(*u_BHNCV.shape[:3], *state_BHKV.shape[-2:])
+    v_new_BHNCV = torch.stack(v_news, dim=1).view_as(u_BHNCV)
+    o_BHNCV = torch.matmul(q_decayed_BHNCK, entering_BHNKV).add_(attn_BHNCC @ v_new_BHNCV)
+    state_BHKV = state_XKV.view_as(state_BHKV)
+    o_BHTV = o_BHNCV.flatten(2, 3)[:, :, :seq_len]
+    return o_BHTV.transpose(1, 2), state_BHKV
 
-    if not outputs:
-        return v.clone(), state_BHKV
-    o_BHTV = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :seq_len]
-    return o_BHTV.transpose(1, 2).to(v.dtype), state_BHKV
+
+def _decay_matrix(gamma_xC: Tensor) -> Tensor:
+    """``out[..., i, j] = exp(gamma_i - gamma_j)`` for ``j <= i``: ``[..., C, C]``; 1 above the diagonal.
+
+    Not masked: the callers mask the products they form with it. Exponents are clamped to
+    [log(tiny) + 1, 0]: above the diagonal they are positive (and would overflow); below, strong decays
+    reach -100s, where ``exp`` underflows to subnormals or zero through a slow path (~20x slower on
+    x86). The floor's decay (3e-38 in float32) is below anything a product with a decay near 1 can hold.
+    """
+    exponent_xCC = gamma_xC[..., :, None] - gamma_xC[..., None, :]
+    return exponent_xCC.clamp_(min=math.log(torch.finfo(gamma_xC.dtype).tiny) + 1.0, max=0.0).exp_()
+
+
+def _unit_lower_inverse(A_xCC: Tensor) -> Tensor:
+    """``(I + A)^{-1}`` for a strictly lower triangular ``A``: ``[..., C, C]``.
+
+    Block inversion by doubling, all matrices of the batch at once: with the inverses T11, T22 of the
+    two diagonal halves of a lower triangular block, the block's inverse has T21 = -T22 A21 T11. From
+    1 x 1 blocks (inverse 1) to C x C that is log2(C) rounds of batched matmuls, instead of C
+    dependent row updates (forward substitution) or LAPACK's one-matrix-at-a-time triangular solve.
+    C is padded up to a power of two with identity rows, which the inverse leaves alone.
+    """
+    size = A_xCC.shape[-1]
+    padded = 1 << (size - 1).bit_length()
+    if padded != size:
+        A_xCC = F.pad(A_xCC, (0, padded - size, 0, padded - size))
+    lead = A_xCC.shape[:-2]
+    # [..., padded / block, block, block]: the inverses of the diagonal blocks of the current size.
+    inverses = A_xCC.new_ones(*lead, padded, 1, 1)
+    block = 1
+    while block < padded:
+        num_pairs = padded // (2 * block)
+        # [..., num_pairs, block, block]: the lower-left quarter of each (2 block)^2 diagonal block of A.
+        pairs = A_xCC.reshape(*lead, num_pairs, 2 * block, num_pairs, 2 * block).diagonal(dim1=-4, dim2=-2)
+        lower_left = pairs.movedim(-1, -3)[..., block:, :block]
+        upper_inverse, lower_inverse = inverses[..., 0::2, :, :], inverses[..., 1::2, :, :]
+        lower_left_inverse = -(lower_inverse @ lower_left @ upper_inverse)
+        top = torch.cat([upper_inverse, torch.zeros_like(upper_inverse)], dim=-1)
+        bottom = torch.cat([lower_left_inverse, lower_inverse], dim=-1)
+        inverses = torch.cat([top, bottom], dim=-2)
+        block *= 2
+    return inverses[..., 0, :size, :size]
