@@ -3,7 +3,7 @@
 Three functions, one semantics:
 
 - ``causal_conv1d_reference``: an explicit loop over the K kernel taps; the spec.
-- ``causal_conv1d``: the same thing through ``F.conv1d(groups=C)``.
+- ``causal_conv1d``: the same thing as K shifted multiply-adds over the whole sequence.
 - ``causal_conv1d_step``: one token of decoding against a rolling state of the last K-1 inputs.
 
 Each output position t sees inputs t-K+1 .. t; positions before the sequence start come from
@@ -100,7 +100,14 @@ def causal_conv1d(
     initial_state: Tensor | None = None,
     activation: str | None = "silu",
 ) -> tuple[Tensor, Tensor]:
-    """Causal depthwise conv via ``F.conv1d(groups=C)``; same contract as ``causal_conv1d_reference``.
+    """Causal depthwise conv as K shifted multiply-adds over whole sequences; same contract as
+    ``causal_conv1d_reference``.
+
+    Channels stay last and nothing of sequence length is copied: each tap adds ``weight[:, k] * x``
+    shifted by K-1-k steps into one output buffer, and the taps that reach back before the sequence
+    start read ``initial_state`` for the first K-1 outputs only. (``F.conv1d(groups=C)`` needs channels
+    first: two transposed copies, and an output whose channel-major strides made its later readers copy
+    it again: 2-3x slower in all on the benchmark models' shapes at 512-16K tokens.)
 
     Args:
         x: ``[B, T, C]``.
@@ -113,14 +120,26 @@ def causal_conv1d(
         y: ``[B, T, C]`` and final_state: ``[B, C, K-1]``.
     """
     _check_activation(activation)
-    seq_len, channels = x.shape[1], x.shape[2]
+    seq_len = x.shape[1]
     kernel_width = weight.shape[1]
-    x_BCL = _prefix_with_state(x, initial_state, kernel_width).transpose(1, 2)
+    state_BSC = _prefix_with_state(x[:, :0], initial_state, kernel_width)  # checked, in x's dtype; zeros if None
+    weight_KC = weight.t().contiguous()
 
-    # No padding: the state prefix already supplies the K-1 left context, so the output has length T.
-    y_BCT = F.conv1d(x_BCL, weight.unsqueeze(1), bias, groups=channels)
-    y_BTC = _apply_activation(y_BCT.transpose(1, 2), activation)
-    final_state_BCS = x_BCL[:, :, seq_len:].contiguous()
+    # Tap K-1 multiplies the current input; tap k reads the input K-1-k steps back.
+    y_BTC = x * weight_KC[-1] if bias is None else torch.addcmul(bias, x, weight_KC[-1])
+    for k in range(kernel_width - 1):
+        shift = kernel_width - 1 - k
+        if shift < seq_len:
+            y_BTC[:, shift:].addcmul_(x[:, : seq_len - shift], weight_KC[k])
+        if initial_state is not None:  # outputs t < shift read state[t + k]
+            rows = min(shift, seq_len)
+            y_BTC[:, :rows].addcmul_(state_BSC[:, k : k + rows], weight_KC[k])
+
+    # The last K-1 inputs of state + x (reaching into the state when T < K-1), from at most 2(K-1) rows.
+    recent_BLC = torch.cat([state_BSC, x[:, max(0, seq_len - (kernel_width - 1)) :]], dim=1)
+    final_state_BCS = recent_BLC[:, recent_BLC.shape[1] - (kernel_width - 1) :].transpose(1, 2).contiguous()
+    if activation == "silu":
+        y_BTC = F.silu(y_BTC, inplace=True)  # y is this function's own buffer
     return y_BTC, final_state_BCS
 
 
