@@ -68,3 +68,19 @@ def test_bad_token_ids_are_one_clear_error(tokens, message):
     cache = model.new_cache(2, 4)
     with pytest.raises(ValueError, match=message):
         model.decode_step(tokens, cache)
+
+
+def test_a_prompt_longer_than_a_prefill_piece_gives_the_logits_of_one_forward(monkeypatch):
+    """Past PREFILL_CHUNK_TOKENS a cached prefill runs in pieces; logits equal the uncached forward."""
+    import hybridlm.model
+
+    monkeypatch.setattr(hybridlm.model, "PREFILL_CHUNK_TOKENS", 8)
+    model = _model("MEGm*-EM")
+    ids = torch.randint(0, model.config.vocab_size, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 21)
+        assert_close(model(ids, cache=cache).logits, full, 5e-6)
+        assert cache.host_lengths == [21, 21]
+        cache.reset()
+        assert_close(model(ids, cache=cache, last_logits_only=True).logits, full[:, -1:], 5e-6)
