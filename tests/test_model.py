@@ -186,7 +186,7 @@ def test_cache_holds_only_what_each_block_needs():
     kinds = [type(s).__name__ if s is not None else None for s in cache.states]
     assert kinds == ["RecurrentState", None, "RecurrentState", "AttentionState", None, None, "RecurrentState"]
     attention, mamba2, gdn = model.config.attention, model.config.mamba2, model.config.gdn
-    assert cache[3].key.shape == (2, 16, attention.num_kv_heads, attention.head_dim)
+    assert cache[3].key.shape == (2, attention.num_kv_heads, 16, attention.head_dim)  # head-major
     assert cache[0].recurrent.shape == (2, mamba2.num_heads, mamba2.head_dim, mamba2.state_size)
     assert cache[2].recurrent.shape == (2, gdn.num_value_heads, gdn.key_head_dim, gdn.value_head_dim)
 

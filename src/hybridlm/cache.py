@@ -15,8 +15,8 @@ from torch import Tensor
 
 @dataclass
 class AttentionState:
-    key: Tensor  # [B, S_max, H_kv, D]
-    value: Tensor  # [B, S_max, H_kv, D]
+    key: Tensor  # [B, H_kv, S_max, D]: head-major, each head's keys contiguous
+    value: Tensor  # [B, H_kv, S_max, D]
 
 
 @dataclass
