@@ -25,6 +25,7 @@ Prints one table per family and writes everything to the JSON file (default ``ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -62,7 +63,7 @@ class Settings:
     @classmethod
     def from_args(cls, quick: bool, repeats: int | None) -> Settings:
         if quick:
-            return cls((128,), (1, 2), 16, 16, repeats or 2, 1)
+            return cls((128,), (1, 2), 16, 16, repeats or 2, 3)
         return cls((512, 2048), (1, 8), 16, 128, repeats or 3, 10)
 
 
@@ -315,59 +316,69 @@ def experts_touched_per_step(
     """Distinct routed experts each MoE block reads per decode step, averaged over one greedy run of
     hybridlm (whose output ids are returned too).
 
-    Read from hybridlm's MoE blocks (``last_tokens_per_expert`` after each single-token forward); if its
-    decode path no longer calls them, from transformers' routers on the same weights and prompts; else
-    the uniform-routing estimate E(1 - (1 - k/E)^B).
+    Read from the routing counts hybridlm hands its block observer (``model.block_observer``); if those
+    are missing or implausible, from transformers' routers on the same weights and prompts; else the
+    uniform-routing estimate E(1 - (1 - k/E)^B).
     """
     batch = ids.shape[0]
-    blocks = [block.mixer for block in model.layers if block.routes_experts]
-    outputs: list[torch.Tensor] = []
-
-    def hybridlm_counts(module: torch.nn.Module, inputs: tuple, output: object) -> int | None:
-        counts = getattr(module, "last_tokens_per_expert", None)
-        if counts is None or inputs[0].shape[-2] != 1:  # x [B, T, D]: a decode step has T == 1
-            return None
-        return int((counts > 0).sum())
-
-    def router_counts(module: torch.nn.Module, inputs: tuple, output: object) -> int | None:
-        indices = output[-1]  # transformers' routers return (logits, weights, top-k indices [N, k])
-        return int(indices.unique().numel()) if indices.shape[0] == batch else None  # prefill: N = B * T
-
-    run_hybridlm = lambda: outputs.append(hybridlm_generate(model, ids, new_tokens))  # noqa: E731
-    touched = record_decode_routing(blocks, run_hybridlm, hybridlm_counts)
+    moe_blocks = [block.index for block in model.layers if block.routes_experts]
+    recorder = RoutingRecorder()
+    previous, model.block_observer = model.block_observer, recorder
+    try:
+        output = hybridlm_generate(model, ids, new_tokens)
+    finally:
+        model.block_observer = previous
+    steps = [recorder.distinct.get(index, []) for index in moe_blocks]
     top_k = model.config.moe.num_experts_per_tok
-    if touched is not None and (batch > 1 or all(n == top_k for n in touched)):  # one token touches exactly k
-        return touched, "measured: hybridlm MoE last_tokens_per_expert", outputs[0]
+    is_plausible = all(len(s) == new_tokens - 1 for s in steps) and (batch > 1 or all(set(s) == {top_k} for s in steps))
+    if is_plausible:
+        return [sum(s) / len(s) for s in steps], "measured: hybridlm block_observer routing counts", output
+
     routers = [m for m in hf.modules() if type(m).__name__.lower().endswith("topkrouter")]
-    if len(routers) == len(blocks):
-        touched = record_decode_routing(routers, lambda: transformers_generate(hf, ids, new_tokens), router_counts)
+    if len(routers) == len(moe_blocks):
+        touched = record_router_decode_steps(routers, batch, lambda: transformers_generate(hf, ids, new_tokens))
         if touched is not None:
-            return touched, "measured: transformers router top-k indices", outputs[0]
+            return touched, "measured: transformers router top-k indices", output
     config = model.config.moe
     uniform = roofline.expected_distinct_experts(config.num_experts, config.num_experts_per_tok, batch)
-    return [uniform] * len(blocks), "estimated: E(1-(1-k/E)^B), routing could not be hooked", outputs[0]
+    return [uniform] * len(moe_blocks), "estimated: E(1-(1-k/E)^B), routing could not be recorded", output
 
 
-def record_decode_routing(
-    modules: list[torch.nn.Module], run: Callable[[], object], count: Callable[..., int | None]
+class RoutingRecorder:
+    """A hybridlm block observer: for each MoE block, the distinct experts of every decode step."""
+
+    def __init__(self) -> None:
+        self.distinct: dict[int, list[int]] = {}
+
+    def before_block(self, index: int, layer_type: str, hidden: torch.Tensor) -> None:
+        pass
+
+    def after_block(
+        self, index: int, layer_type: str, hidden: torch.Tensor, routing_counts: torch.Tensor | None
+    ) -> None:
+        if routing_counts is not None and hidden.shape[1] == 1:  # hidden [B, T, D]: a decode step has T == 1
+            self.distinct.setdefault(index, []).append(int((routing_counts > 0).sum()))
+
+
+def record_router_decode_steps(
+    routers: list[torch.nn.Module], batch: int, run: Callable[[], object]
 ) -> list[float] | None:
-    """Mean of ``count`` over the decode-step calls of each module while ``run()`` runs; None if none."""
-    records: list[list[int]] = [[] for _ in modules]
-    handles = []
-    for index, module in enumerate(modules):
+    """Mean distinct experts per decode step of each transformers router while ``run()`` runs; None if
+    some router saw no decode step."""
+    records: list[list[int]] = [[] for _ in routers]
 
-        def hook(module: torch.nn.Module, inputs: tuple, output: object, index: int = index) -> None:
-            value = count(module, inputs, output)
-            if value is not None:
-                records[index].append(value)
+    def hook(records: list[int], module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
+        indices = output[-1]  # transformers' routers return (logits, weights, top-k indices [N, k])
+        if indices.shape[0] == batch:  # a decode step routes B tokens, a prefill B * T
+            records.append(int(indices.unique().numel()))
 
-        handles.append(module.register_forward_hook(hook))
+    handles = [r.register_forward_hook(functools.partial(hook, rec)) for r, rec in zip(routers, records, strict=True)]
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
-    if not modules or any(not r for r in records):
+    if any(not r for r in records):
         return None
     return [sum(r) / len(r) for r in records]
 
