@@ -44,7 +44,7 @@ from torch import Tensor
 __all__ = ["gated_deltanet_chunked", "gated_deltanet_reference", "gated_deltanet_step"]
 
 # Inputs longer than this are processed in segments of about this many tokens (see gated_deltanet_chunked).
-SEGMENT_TOKENS = 256
+SEGMENT_TOKENS = 512
 
 
 def _check_shapes(
