@@ -145,16 +145,14 @@ class MoE(BlockModule):
         """Router logits [N, E] and the (gated) shared-expert output [N, D] from one pass over the weights."""
         modules = self._input_projections()
         fused = native.linear_many(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
-        parts = fused.split([m.weight.shape[0] for m in modules], dim=-1)
-        logits_NE, rest = parts[0], parts[1:]
+        E = self.config.num_experts
+        logits_NE = fused[:, :E]
         if self.shared_experts is None:
             return logits_NE, None
-        gate_N1 = None
-        if self.shared_expert_gate is not None:
-            gate_N1, rest = rest[0], rest[1:]
-        shared_ND = self.shared_experts.from_projections(torch.cat(rest, dim=-1) if len(rest) > 1 else rest[0])
-        if gate_N1 is not None:
-            shared_ND = torch.sigmoid(gate_N1) * shared_ND
+        has_gate = self.shared_expert_gate is not None
+        shared_ND = self.shared_experts.from_projections(fused[:, E + has_gate :])  # gate and up side by side
+        if has_gate:
+            shared_ND = torch.sigmoid(fused[:, E : E + 1]) * shared_ND
         return logits_NE, shared_ND
 
     def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:

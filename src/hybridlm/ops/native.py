@@ -127,12 +127,21 @@ def available() -> bool:
 
 
 def _applies(*tensors: Tensor) -> bool:
-    first = tensors[0]
-    if first.device.type != "cpu" or _library() is None:
-        return False
-    if any(t.dtype != torch.float32 for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """CPU, fp32, no autograd graph to record, and the library loaded (plain loops: this runs per call)."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return _library() is not None
+
+
+# Below this many weight values (256 KB) one thread streams a matrix faster than a second one can be
+# woken: with OMP_WAIT_POLICY=PASSIVE each parallel region wakes its sleeping threads (~9 us here).
+SMALL_WORK = 64 * 1024
+
+
+def _threads(work: int) -> int:
+    return 1 if work < SMALL_WORK else torch.get_num_threads()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -153,7 +162,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         K,
         None if bias is None else bias.contiguous().data_ptr(),
         y_MN.data_ptr(),
-        torch.get_num_threads(),
+        _threads(N * K),
     )
     return y_MN.view(*x.shape[:-1], N)
 
@@ -186,7 +195,7 @@ def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -
         count,
         K,
         y_MN.data_ptr(),
-        torch.get_num_threads(),
+        _threads(sum(out_features) * K),
     )
     return y_MN.view(*x.shape[:-1], -1)
 
@@ -213,7 +222,7 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, ac
         channels,
         weight.shape[1],
         int(activation == "silu"),
-        torch.get_num_threads(),
+        _threads(batch * channels * weight.shape[1]),
     )
     return y
 
@@ -279,7 +288,7 @@ def expert_linear(x_XK: Tensor, input_row_R: Tensor, expert_R: Tensor, weight_EN
         N,
         K,
         y_RN.data_ptr(),
-        torch.get_num_threads(),
+        _threads(R * N * K),
     )
     return y_RN
 
@@ -306,7 +315,7 @@ def ssd_step_(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor 
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     D = None if D is None else D.contiguous()
     y = torch.empty_like(x)
-    _library().hybridlm_ssd_step(*_pointers(x, dt, A, B, C, D, state, y), batch, H, P, G, N, torch.get_num_threads())
+    _library().hybridlm_ssd_step(*_pointers(x, dt, A, B, C, D, state, y), batch, H, P, G, N, _threads(state.numel()))
     return y
 
 
@@ -331,6 +340,6 @@ def gated_delta_step_(
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     o = torch.empty_like(v)
     _library().hybridlm_gated_delta_step(
-        *_pointers(q, k, v, g, beta, state, o), batch, H, K, V, scale, torch.get_num_threads()
+        *_pointers(q, k, v, g, beta, state, o), batch, H, K, V, scale, _threads(state.numel())
     )
     return o
