@@ -147,3 +147,11 @@ def test_rms_norm_matches_float64_formula(rows, dim, group, add_one, gated):
     assert native.rms_norm_applies(x, weight)
     y = native.rms_norm(x, weight, 1e-5, group, add_one, gate, gated == "gate first")
     assert_close(y, _rms_norm_truth(x, weight, 1e-5, group, add_one, gate, gated == "gate first").float())
+
+
+@requires_kernels
+@pytest.mark.parametrize("rows", [1, 5])
+def test_l2_normalize_matches_float64_formula(rows):
+    x = torch.randn(rows, 3, 24)[:, :, :20]  # a strided view, as a split of a projection gives
+    x64 = x.double()
+    assert_close(native.l2_normalize(x, 1e-6), (x64 / torch.sqrt(x64.pow(2).sum(-1, keepdim=True) + 1e-6)).float())

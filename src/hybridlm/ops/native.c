@@ -263,10 +263,12 @@ void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const fl
 
 /* RMSNorm over groups of `group` channels, optionally gated (twins: hybridlm.layers.norm.RMSNorm and
  * GatedRMSNorm): per row and group, y = x / sqrt(mean(x^2) + eps) * scale, scale = weight (or
- * 1 + weight when add_one). With z: gate = silu(z); gate_first multiplies x by the gate before the
- * norm (Mamba-2), else the output after it (Gated DeltaNet). x, z, y [rows, dim] contiguous. */
+ * 1 + weight when add_one; 1 when weight is NULL). With z: gate = silu(z); gate_first multiplies x
+ * by the gate before the norm (Mamba-2), else the output after it (Gated DeltaNet). With use_sum the
+ * sum of squares replaces their mean: the L2 normalisation of Gated DeltaNet's q and k.
+ * x, z, y [rows, dim] contiguous. */
 void hybridlm_rms_norm(const float *x, const float *z, int64_t rows, int64_t dim, int64_t group,
-                       const float *weight, float eps, int add_one, int gate_first, float *y) {
+                       const float *weight, float eps, int add_one, int gate_first, int use_sum, float *y) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim, *zr = z ? z + r * dim : NULL;
         float *yr = y + r * dim;
@@ -279,9 +281,10 @@ void hybridlm_rms_norm(const float *x, const float *z, int64_t rows, int64_t dim
             float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
             for (int64_t c = g0; c < g0 + group; c++) squares += yr[c] * yr[c];
-            const float inverse = 1.0f / __builtin_sqrtf(squares / (float)group + eps);
+            const float inverse = 1.0f / __builtin_sqrtf((use_sum ? squares : squares / (float)group) + eps);
             for (int64_t c = g0; c < g0 + group; c++) {
-                float value = yr[c] * inverse * (add_one ? 1.0f + weight[c] : weight[c]);
+                const float scale = weight ? (add_one ? 1.0f + weight[c] : weight[c]) : 1.0f;
+                float value = yr[c] * inverse * scale;
                 if (zr && !gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
                 yr[c] = value;
             }

@@ -9,8 +9,9 @@ recurrent step written as torch ops reads and writes the whole state several tim
   (twins: ``F.linear``, ``F.linear`` per weight then ``torch.cat``, ``expert_linear_reference``);
   ``linear_many`` fuses the projections of one input (q/k/v; router, shared-expert gate and up)
   into one call without moving the weights;
-- ``rms_norm``: RMSNorm, group-wise and gated or not, in one call (twins: the torch code of
-  ``hybridlm.layers.norm``, which calls it for few-row fp32 inputs);
+- ``rms_norm``, ``l2_normalize``: RMSNorm (group-wise, gated or not) and L2 normalisation in one
+  call (twins: the torch code of ``hybridlm.layers.norm`` and ``gated_deltanet.l2_normalize``,
+  which call them for few-row fp32 inputs);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
   ``causal_conv1d_step``);
 - ``ssd_step_``, ``gated_delta_step_``: the Mamba-2 and Gated DeltaNet decode steps, updating the
@@ -116,7 +117,7 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_linear_many.restype = None
     library.hybridlm_conv_step.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i32, i32]
     library.hybridlm_conv_step.restype = None
-    library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, p]
+    library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p]
     library.hybridlm_rms_norm.restype = None
     return library
 
@@ -227,10 +228,10 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, ac
     return y
 
 
-def rms_norm_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``rms_norm`` runs the kernel: few rows (decoding), fp32, contiguous."""
+def rms_norm_applies(x: Tensor, weight: Tensor | None = None) -> bool:
+    """Whether ``rms_norm`` / ``l2_normalize`` run the kernel: few rows (decoding), fp32."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= MAX_ROWS and x.is_contiguous() and _applies(x, weight)
+    return 0 < rows <= MAX_ROWS and (_applies(x) if weight is None else _applies(x, weight))
 
 
 def rms_norm(
@@ -239,12 +240,40 @@ def rms_norm(
     """RMSNorm of x [..., dim] over groups of ``group_size`` channels, scaled by ``weight`` (``1 + weight``
     when ``add_one``), gated by silu(``gate``) before (``gate_first``) or after the norm. Only where
     ``rms_norm_applies``; hybridlm.layers.norm holds the torch twin and decides."""
+    return _normalize(x, weight, eps, group_size, add_one, gate, gate_first, use_sum=False)
+
+
+def l2_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, where ``rms_norm_applies(x)`` (twin: the torch
+    formula in hybridlm.layers.gated_deltanet.l2_normalize, which calls this)."""
+    return _normalize(x, None, eps, x.shape[-1], False, None, False, use_sum=True)
+
+
+def _normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    group_size: int,
+    add_one: bool,
+    gate: Tensor | None,
+    gate_first: bool,
+    use_sum: bool,
+) -> Tensor:
     dim = x.shape[-1]
-    rows = x.numel() // dim
+    x = x.contiguous()  # decoding rows: a copy of a few KB at most
     gate = None if gate is None else gate.contiguous()
     y = torch.empty_like(x)
     _library().hybridlm_rms_norm(
-        *_pointers(x, gate), rows, dim, group_size, weight.data_ptr(), eps, int(add_one), int(gate_first), y.data_ptr()
+        *_pointers(x, gate),
+        x.numel() // dim,
+        dim,
+        group_size,
+        None if weight is None else weight.data_ptr(),
+        eps,
+        int(add_one),
+        int(gate_first),
+        int(use_sum),
+        y.data_ptr(),
     )
     return y
 
