@@ -205,16 +205,19 @@ def gated_deltanet_chunked(
     # Long inputs go in segments of about SEGMENT_TOKENS, the state carried from one to the next: the
     # per-chunk matrices of a segment then stay cache-sized and the cost grows linearly with T.
     segment_len = max(1, SEGMENT_TOKENS // chunk_size) * chunk_size
-    outputs = []
+    if seq_len == 0:
+        return v.clone(), state_BHKV
+    if seq_len <= segment_len:
+        inputs = (x.to(dtype) for x in (q, k, v, g, beta))
+        o_BTHV, state_BHKV = _chunked_segment(*inputs, state_BHKV, scale, chunk_size)
+        return o_BTHV.to(v.dtype), state_BHKV
+    # Each segment's output goes straight into o, so its buffers are free for the next segment to reuse.
+    o_BTHV = v.new_empty(v.shape)
     for start in range(0, seq_len, segment_len):
         part = slice(start, start + segment_len)
         segment = (x[:, part].to(dtype) for x in (q, k, v, g, beta))
-        o_BTHV, state_BHKV = _chunked_segment(*segment, state_BHKV, scale, chunk_size)
-        outputs.append(o_BTHV)
-    if not outputs:
-        return v.clone(), state_BHKV
-    o_BTHV = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    return o_BTHV.to(v.dtype), state_BHKV
+        o_BTHV[:, part], state_BHKV = _chunked_segment(*segment, state_BHKV, scale, chunk_size)
+    return o_BTHV, state_BHKV
 
 
 def _chunked_segment(

@@ -156,15 +156,17 @@ def ssd_chunked(
 
     chunk_len = max(1, min(chunk_size, seq_len))
     segment_len = max(1, SEGMENT_TOKENS // chunk_len) * chunk_len
-    ys = []
+    if seq_len <= segment_len:
+        y_BTHP, state_BHPN = _ssd_segment(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, state_BHPN, chunk_len)
+        return y_BTHP.to(out_dtype), state_BHPN
+    # Each segment's output goes straight into y, so its buffers are free for the next segment to reuse.
+    y_BTHP = x.new_empty(x.shape)
     for start in range(0, seq_len, segment_len):
         part = slice(start, start + segment_len)
-        y_BTHP, state_BHPN = _ssd_segment(
+        y_BTHP[:, part], state_BHPN = _ssd_segment(
             x_BTHP[:, part], dt_BTH[:, part], A_H, B_BTGN[:, part], C_BTGN[:, part], D_H, state_BHPN, chunk_len
         )
-        ys.append(y_BTHP)
-    y_BTHP = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-    return y_BTHP.to(out_dtype), state_BHPN
+    return y_BTHP, state_BHPN
 
 
 def _ssd_segment(
