@@ -155,3 +155,30 @@ def test_l2_normalize_matches_float64_formula(rows):
     x = torch.randn(rows, 3, 24)[:, :, :20]  # a strided view, as a split of a projection gives
     x64 = x.double()
     assert_close(native.l2_normalize(x, 1e-6), (x64 / torch.sqrt(x64.pow(2).sum(-1, keepdim=True) + 1e-6)).float())
+
+
+@requires_kernels
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_moe_decode_matches_route_then_reference(activation, scoring, tokens, with_bias):
+    g = torch.Generator().manual_seed(tokens * 7 + with_bias)
+    E, D, I, K = 8, 32, 24, 2
+    hidden = torch.randn(tokens, D, generator=g)
+    logits = torch.randn(tokens, E, generator=g) * 3  # clear margins: no near-ties for top-k to break
+    bias = torch.randn(E, generator=g) * 0.1 if with_bias else None
+    up = torch.randn(E, 2 * I if activation == "swiglu" else I, D, generator=g) * 0.2
+    down = torch.randn(E, D, I, generator=g) * 0.2
+    ids, weights, _ = route(
+        logits, K, scoring=scoring, expert_bias_E=bias, norm_topk_prob=True, routed_scaling_factor=2.5
+    )
+    expected = moe_experts_reference(hidden, ids, weights, up, down, activation)
+    assert native.moe_decode_applies(hidden, K, up, down, num_groups=1)
+    out, got_ids, got_weights, counts = native.moe_decode(
+        hidden, logits, K, scoring, bias, True, 2.5, up, down, activation
+    )
+    assert torch.equal(got_ids.sort(-1).values, ids.sort(-1).values)
+    assert_close(got_weights.gather(1, got_ids.argsort(-1)), weights.gather(1, ids.argsort(-1)), name="weights")
+    assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=E))
+    assert_close(out, expected, name="out")

@@ -68,6 +68,10 @@ class Mamba2Mixer(BlockModule):
         B = x.shape[0]
         z, xBC, dt = self.in_proj(x).split([c.intermediate_size, c.conv_dim, c.num_heads], dim=-1)
         xBC = conv_step(xBC, state.conv, self.conv1d)
+        if native.mamba2_step_applies(xBC, dt, state.recurrent, self.dt_bias, self.A_log, self.D):
+            y = native.mamba2_step_(xBC, dt, self.dt_bias, self.A_log, self.D, c.time_step_limit, state.recurrent)
+            y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+            return self.out_proj(y)
         G, N = c.num_groups, c.state_size
         xs, Bs, Cs = xBC.split([c.intermediate_size, G * N, G * N], dim=-1)
         dt = self._time_step(dt)

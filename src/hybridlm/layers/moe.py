@@ -102,6 +102,16 @@ class MoE(BlockModule):
         shared_ND = None
         if self._fuses_input_projections(x_ND):
             logits_NE, shared_ND = self._fused_input_projections(x_ND)
+            if not self.training and native.moe_decode_applies(
+                x_ND, c.num_experts_per_tok, self.experts.input_proj, self.experts.down_proj, c.num_groups
+            ):  # decoding: routing and routed experts in one kernel call
+                out_ND, _, _, self.last_tokens_per_expert = native.moe_decode(
+                    x_ND, logits_NE, c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias,
+                    c.norm_topk_prob, c.routed_scaling_factor, self.experts.input_proj, self.experts.down_proj,
+                    c.activation,
+                )  # fmt: skip
+                self.last_aux_loss = None
+                return (out_ND if shared_ND is None else out_ND + shared_ND).view_as(x)
         else:
             logits_NE = self.gate(x_ND)
         topk_ids_NK, topk_weights_NK, scores_NE = route(

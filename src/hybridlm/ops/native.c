@@ -59,9 +59,10 @@ static inline __attribute__((always_inline)) void row_times_tokens(const float *
     }
 }
 
-/* W rows [n_begin, n_end) times the token rows x[rows[t]], t < num_tokens; results go to
- * y[rows_out[t] * y_stride + n]. */
-static void rows_times_tokens(const float *x, const int64_t *rows, const int64_t *rows_out, int64_t num_tokens,
+/* W rows [n_begin, n_end) times the token rows x + rows[t] * x_stride (K wide), t < num_tokens;
+ * results go to y[rows_out[t] * y_stride + n]. */
+static void rows_times_tokens(const float *x, int64_t x_stride, const int64_t *rows, const int64_t *rows_out,
+                              int64_t num_tokens,
                               const float *W, int64_t n_begin, int64_t n_end, int64_t K, const float *bias,
                               float *y, int64_t y_stride) {
     for (int64_t n = n_begin; n < n_end; n++) {
@@ -69,7 +70,7 @@ static void rows_times_tokens(const float *x, const int64_t *rows, const int64_t
         for (int64_t t0 = 0; t0 < num_tokens; t0 += TOKENS_PER_PASS) {
             const int64_t tokens = (num_tokens - t0) < TOKENS_PER_PASS ? (num_tokens - t0) : TOKENS_PER_PASS;
             const float *xr[TOKENS_PER_PASS];
-            for (int64_t t = 0; t < tokens; t++) xr[t] = x + rows[t0 + t] * K;
+            for (int64_t t = 0; t < tokens; t++) xr[t] = x + rows[t0 + t] * x_stride;
             float dot[TOKENS_PER_PASS];
             switch (tokens) {
                 case 1: row_times_tokens(w, xr, K, 1, dot); break;
@@ -114,7 +115,7 @@ void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64
         int64_t begin, end;
         this_thread(&thread, &count);
         thread_share(N, thread, count, &begin, &end);
-        rows_times_tokens(x, rows, rows, M, W, begin, end, K, bias, y, N);
+        rows_times_tokens(x, K, rows, rows, M, W, begin, end, K, bias, y, N);
     }
 }
 
@@ -137,8 +138,8 @@ void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int6
         thread_share(N, thread, count, &begin, &end);
         for (int64_t e = 0; e < E; e++) {
             if (start[e] == start[e + 1]) continue;
-            rows_times_tokens(x, inputs + start[e], order + start[e], start[e + 1] - start[e], W + e * N * K, begin,
-                              end, K, NULL, y, N);
+            rows_times_tokens(x, K, inputs + start[e], order + start[e], start[e + 1] - start[e], W + e * N * K,
+                              begin, end, K, NULL, y, N);
         }
     }
 }
@@ -148,6 +149,24 @@ void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int6
  *   y[p] = state[p, :] . C[:] + D * x[p]
  * x [Bt, H, P], dt [Bt, H], A [H], Bm/Cm [Bt, G, N] (head h reads group h / (H / G)), D [H] or NULL,
  * state [Bt, H, P, N], y [Bt, H, P]; all contiguous fp32. One pass over the state. */
+/* One (batch, head) of the step: x [P], B/C [N], state [P, N] in place, y [P]. */
+static inline void ssd_head_step(const float *xv, float step, float A, const float *Bv, const float *Cv, float skip,
+                                 float *state, float *y, int64_t P, int64_t N) {
+    const float decay = __builtin_expf(step * A);
+    for (int64_t p = 0; p < P; p++) {
+        float *s = state + p * N;
+        const float dtx = step * xv[p];
+        float out = 0.0f;
+#pragma omp simd reduction(+ : out)
+        for (int64_t n = 0; n < N; n++) {
+            const float value = decay * s[n] + dtx * Bv[n];
+            s[n] = value;
+            out += value * Cv[n];
+        }
+        y[p] = out + skip * xv[p];
+    }
+}
+
 void hybridlm_ssd_step(const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
                        const float *D, float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G,
                        int64_t N, int threads) {
@@ -155,20 +174,28 @@ void hybridlm_ssd_step(const float *x, const float *dt, const float *A, const fl
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < batch * H; bh++) {
         const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
-        const float step = dt[bh], decay = __builtin_expf(step * A[h]), skip = D ? D[h] : 0.0f;
-        const float *Bv = Bm + (b * G + g) * N, *Cv = Cm + (b * G + g) * N, *xv = x + bh * P;
-        for (int64_t p = 0; p < P; p++) {
-            float *s = state + (bh * P + p) * N;
-            const float dtx = step * xv[p];
-            float out = 0.0f;
-#pragma omp simd reduction(+ : out)
-            for (int64_t n = 0; n < N; n++) {
-                const float value = decay * s[n] + dtx * Bv[n];
-                s[n] = value;
-                out += value * Cv[n];
-            }
-            y[bh * P + p] = out + skip * xv[p];
-        }
+        ssd_head_step(x + bh * P, dt[bh], A[h], Bm + (b * G + g) * N, Cm + (b * G + g) * N, D ? D[h] : 0.0f,
+                      state + bh * P * N, y + bh * P, P, N);
+    }
+}
+
+/* The Mamba-2 mixer's step from its projections (twin: Mamba2Mixer.step's torch lines and ssd_step):
+ * xBC [batch, H*P + 2*G*N] after the conv (rows xBC_stride apart: x, then B, then C), dt_raw [batch, H]
+ * (rows dt_stride apart) before dt = clamp(softplus(dt_raw + dt_bias), dt_min, dt_max), A = -exp(A_log). */
+void hybridlm_mamba2_step(const float *xBC, int64_t xBC_stride, const float *dt_raw, int64_t dt_stride,
+                          const float *dt_bias, const float *A_log, const float *D, float dt_min, float dt_max,
+                          float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G, int64_t N,
+                          int threads) {
+    const int64_t heads_per_group = H / G, inner = H * P;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < batch * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
+        const float raw = dt_raw[b * dt_stride + h] + dt_bias[h];
+        float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
+        step = step < dt_min ? dt_min : (step > dt_max ? dt_max : step);
+        const float *row = xBC + b * xBC_stride;
+        ssd_head_step(row + h * P, step, -__builtin_expf(A_log[h]), row + inner + g * N, row + inner + G * N + g * N,
+                      D ? D[h] : 0.0f, state + bh * P * N, y + bh * P, P, N);
     }
 }
 
@@ -233,7 +260,7 @@ void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, con
             const int64_t lo = begin > offset[i] ? begin : offset[i], hi = end < offset[i + 1] ? end : offset[i + 1];
             if (lo >= hi) continue;
             /* rows lo..hi of the stacked weight are rows lo - offset[i].. of W_i, written at column lo.. of y */
-            rows_times_tokens(x, rows, rows, M, Ws[i] - offset[i] * K, lo, hi, K, biases[i] ? biases[i] - offset[i] : NULL,
+            rows_times_tokens(x, K, rows, rows, M, Ws[i] - offset[i] * K, lo, hi, K, biases[i] ? biases[i] - offset[i] : NULL,
                               y, total);
         }
     }
@@ -287,6 +314,93 @@ void hybridlm_rms_norm(const float *x, const float *z, int64_t rows, int64_t dim
                 float value = yr[c] * inverse * scale;
                 if (zr && !gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
                 yr[c] = value;
+            }
+        }
+    }
+}
+
+/* A whole MoE block's routed experts for a few tokens, routing included (twin: hybridlm.ops.moe.route
+ * then moe_experts_reference). Per token: scores = softmax(logits) or sigmoid(logits); the top_k
+ * experts by scores + expert_bias (bias may be NULL); weights = their unbiased scores, divided by
+ * their sum when norm_topk, times scaling. Then out[n] = sum_k weights[n, k] * down_e(act(up_e(x[n])))
+ * with act = silu(gate) * up (swiglu: up_e yields 2I rows, gate first) or relu(h)^2. Every chosen
+ * expert is read once for all its tokens. counts [E] gets the tokens per expert, ids/weights [N, K]
+ * the choices. scratch: N*K*(2I + D) floats. N*K <= 256, E <= 1024. */
+void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logits, int64_t logits_stride,
+                         int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias, int norm_topk,
+                         float scaling, const float *up, const float *down, int64_t I, int swiglu, float *out,
+                         int64_t *counts, int64_t *ids, float *weights, float *scratch, int threads) {
+    const int64_t F = swiglu ? 2 * I : I, R = N * top_k;
+    float *h = scratch, *y = scratch + R * F;
+    for (int64_t e = 0; e < E; e++) counts[e] = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const float *l = logits + n * logits_stride;
+        float scores[1024], choice[1024];
+        if (sigmoid_scores) {
+            for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + __builtin_expf(-l[e]));
+        } else {
+            float top = l[0], total = 0.0f;
+            for (int64_t e = 1; e < E; e++) top = l[e] > top ? l[e] : top;
+            for (int64_t e = 0; e < E; e++) total += (scores[e] = __builtin_expf(l[e] - top));
+            for (int64_t e = 0; e < E; e++) scores[e] /= total;
+        }
+        for (int64_t e = 0; e < E; e++) choice[e] = scores[e] + (expert_bias ? expert_bias[e] : 0.0f);
+        float sum = 0.0f;
+        for (int64_t k = 0; k < top_k; k++) { /* the best remaining; ties go to the lower id */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (choice[e] > -__builtin_inff() && (best < 0 || choice[e] > choice[best])) best = e;
+            choice[best] = -__builtin_inff();
+            ids[n * top_k + k] = best;
+            weights[n * top_k + k] = scores[best];
+            sum += scores[best];
+            counts[best]++;
+        }
+        for (int64_t k = 0; k < top_k; k++) {
+            float w = weights[n * top_k + k];
+            if (norm_topk) w /= sum + 1e-20f;
+            weights[n * top_k + k] = w * scaling;
+        }
+    }
+    int64_t start[1024 + 1], next[1024], order[256], tokens[256];
+    memset(start, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t r = 0; r < R; r++) start[ids[r] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(next, start, sizeof(int64_t) * E);
+    for (int64_t r = 0; r < R; r++) order[next[ids[r]]++] = r; /* (token, slot) rows grouped by expert */
+    for (int64_t i = 0; i < R; i++) tokens[i] = order[i] / top_k;
+#pragma omp parallel num_threads(threads)
+    {
+        int thread, count;
+        int64_t begin, end;
+        this_thread(&thread, &count);
+        thread_share(F, thread, count, &begin, &end);
+        for (int64_t e = 0; e < E; e++)
+            if (start[e] < start[e + 1])
+                rows_times_tokens(x, D, tokens + start[e], order + start[e], start[e + 1] - start[e],
+                                  up + e * F * D, begin, end, D, NULL, h, F);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) { /* the activation, in place into the first I columns */
+            float *row = h + r * F;
+            for (int64_t i = 0; i < I; i++) {
+                const float a = row[i];
+                row[i] = swiglu ? a / (1.0f + __builtin_expf(-a)) * row[I + i] : (a > 0.0f ? a * a : 0.0f);
+            }
+        }
+        thread_share(D, thread, count, &begin, &end);
+        for (int64_t e = 0; e < E; e++) /* the activations are rows of h with stride F, read I wide */
+            if (start[e] < start[e + 1])
+                rows_times_tokens(h, F, order + start[e], order + start[e], start[e + 1] - start[e],
+                                  down + e * D * I, begin, end, I, NULL, y, D);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float *o = out + n * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t k = 0; k < top_k; k++) {
+                const float w = weights[n * top_k + k], *yr = y + (n * top_k + k) * D;
+                for (int64_t d = 0; d < D; d++) o[d] += w * yr[d];
             }
         }
     }

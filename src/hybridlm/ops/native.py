@@ -12,6 +12,8 @@ recurrent step written as torch ops reads and writes the whole state several tim
 - ``rms_norm``, ``l2_normalize``: RMSNorm (group-wise, gated or not) and L2 normalisation in one
   call (twins: the torch code of ``hybridlm.layers.norm`` and ``gated_deltanet.l2_normalize``,
   which call them for few-row fp32 inputs);
+- ``moe_decode``: a whole MoE block's routing and routed experts for a few tokens in one call
+  (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
   ``causal_conv1d_step``);
 - ``ssd_step_``, ``gated_delta_step_``: the Mamba-2 and Gated DeltaNet decode steps, updating the
@@ -111,6 +113,9 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_expert_linear.restype = None
     library.hybridlm_ssd_step.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     library.hybridlm_ssd_step.restype = None
+    library.hybridlm_mamba2_step.argtypes = [p, i64, p, i64, p, p, p, ctypes.c_float, ctypes.c_float, p, p]
+    library.hybridlm_mamba2_step.argtypes += [i64, i64, i64, i64, i64, i32]
+    library.hybridlm_mamba2_step.restype = None
     library.hybridlm_gated_delta_step.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i32]
     library.hybridlm_gated_delta_step.restype = None
     library.hybridlm_linear_many.argtypes = [p, i64, p, p, p, i64, i64, p, i32]
@@ -119,6 +124,31 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_conv_step.restype = None
     library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p]
     library.hybridlm_rms_norm.restype = None
+    f32 = ctypes.c_float
+    library.hybridlm_moe_decode.argtypes = [
+        p,
+        i64,
+        i64,
+        p,
+        i64,
+        i64,
+        i64,
+        i32,
+        p,
+        i32,
+        f32,
+        p,
+        p,
+        i64,
+        i32,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i32,
+    ]
+    library.hybridlm_moe_decode.restype = None
     return library
 
 
@@ -348,6 +378,38 @@ def ssd_step_(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor 
     return y
 
 
+def mamba2_step_applies(xBC: Tensor, dt_raw: Tensor, state: Tensor, *parameters: Tensor | None) -> bool:
+    """Whether ``mamba2_step_`` runs the kernel (fp32 CPU, unit column strides, a contiguous state)."""
+    present = [t for t in parameters if t is not None]
+    strided = xBC.dim() == 2 and dt_raw.dim() == 2 and xBC.stride(1) == 1 and dt_raw.stride(1) == 1
+    return strided and state.is_contiguous() and _applies(xBC, dt_raw, state, *present)
+
+
+def mamba2_step_(
+    xBC: Tensor,
+    dt_raw: Tensor,
+    dt_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor | None,
+    time_step_limit: tuple[float, float],
+    state: Tensor,
+) -> Tensor:
+    """The Mamba-2 step from the mixer's projections, where ``mamba2_step_applies``: xBC [batch, H*P + 2*G*N]
+    (after the conv), dt_raw [batch, H] (before softplus and its bias); ``state`` [batch, H, P, N] is
+    updated in place; returns y [batch, H*P] (before the gated norm). Twin: the mixer's torch step."""
+    batch, H, P, N = state.shape
+    G = (xBC.shape[1] - H * P) // (2 * N)
+    y = torch.empty(batch, H * P, dtype=torch.float32)
+    low, high = time_step_limit
+    _library().hybridlm_mamba2_step(
+        xBC.data_ptr(), xBC.stride(0), dt_raw.data_ptr(), dt_raw.stride(0),
+        *_pointers(dt_bias.contiguous(), A_log.contiguous(), None if D is None else D.contiguous()),
+        low, min(high, torch.finfo(torch.float32).max), *_pointers(state, y), batch, H, P, G, N,
+        _threads(state.numel()),
+    )  # fmt: skip
+    return y
+
+
 def gated_delta_step_(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, scale: float | None = None
 ) -> Tensor:
@@ -372,3 +434,47 @@ def gated_delta_step_(
         *_pointers(q, k, v, g, beta, state, o), batch, H, K, V, scale, _threads(state.numel())
     )
     return o
+
+
+def moe_decode_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
+    """Whether ``moe_decode`` runs the kernel: a few tokens, ungrouped routing, fp32, contiguous experts."""
+    fits = 0 < x_ND.shape[0] * top_k <= MAX_EXPERT_ROWS and up_proj_EFD.shape[0] <= MAX_EXPERTS and num_groups == 1
+    fits = fits and up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous() and x_ND.dim() == 2
+    return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI)
+
+
+def moe_decode(
+    x_ND: Tensor,
+    logits_NE: Tensor,
+    top_k: int,
+    scoring: str,
+    expert_bias_E: Tensor | None,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Route and run the routed experts of a few tokens where ``moe_decode_applies``: returns the
+    experts' weighted sum [N, D], the chosen ids [N, K] and weights [N, K], and tokens per expert [E].
+    Same arguments and meaning as ``route`` + ``moe_experts_reference`` (ungrouped routing)."""
+    N, D = x_ND.shape
+    E, I = up_proj_EFD.shape[0], down_proj_EDI.shape[2]
+    x_ND = x_ND.contiguous()
+    logits_NE = logits_NE.float()
+    if logits_NE.stride(1) != 1:
+        logits_NE = logits_NE.contiguous()
+    bias = None if expert_bias_E is None else expert_bias_E.float().contiguous()
+    swiglu = activation == "swiglu"
+    out_ND = torch.empty(N, D, dtype=torch.float32)
+    counts_E = torch.empty(E, dtype=torch.int64)
+    ids_NK = torch.empty(N, top_k, dtype=torch.int64)
+    weights_NK = torch.empty(N, top_k, dtype=torch.float32)
+    scratch = torch.empty(N * top_k * ((2 if swiglu else 1) * I + D), dtype=torch.float32)
+    _library().hybridlm_moe_decode(
+        x_ND.data_ptr(), N, D, logits_NE.data_ptr(), logits_NE.stride(0), E, top_k, int(scoring == "sigmoid"),
+        None if bias is None else bias.data_ptr(), int(norm_topk_prob), routed_scaling_factor,
+        up_proj_EFD.data_ptr(), down_proj_EDI.data_ptr(), I, int(swiglu),
+        *_pointers(out_ND, counts_E, ids_NK, weights_NK, scratch), _threads(up_proj_EFD[0].numel() * 2),
+    )  # fmt: skip
+    return out_ND, ids_NK, weights_NK, counts_E
