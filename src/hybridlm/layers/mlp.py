@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
 from hybridlm.layers.linear import Linear
+from hybridlm.ops.moe import relu_squared
 
 if TYPE_CHECKING:
     from hybridlm.config import Activation, HybridConfig
@@ -48,9 +49,9 @@ class MLP(BlockModule):
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.relu(h).square())
+        return self.down_proj(relu_squared(h))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        return self.down_proj(relu_squared(self.up_proj(x)))

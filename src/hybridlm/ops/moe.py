@@ -56,12 +56,20 @@ def _check_experts(
 
 
 def _activate(h_MF: Tensor, activation: str) -> Tensor:
+    """The experts' activation of a fresh projection ``h_MF``."""
     if activation == "swiglu":
         # gate_up_proj stacks the gate rows first, then the up rows (transformers v5 Qwen3NextExperts).
         gate_MI, up_MI = h_MF.chunk(2, dim=-1)
         return F.silu(gate_MI) * up_MI
     # relu2 = squared ReLU (Primer, So et al. 2021), NemotronH's expert activation.
-    return torch.relu(h_MF).square()
+    return relu_squared(h_MF)
+
+
+def relu_squared(h: Tensor) -> Tensor:
+    """relu(h) ** 2; a fresh ``h`` that no gradient needs is overwritten (one pass, no new tensors)."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return torch.relu(h).square()
+    return h.relu_().square_()
 
 
 def moe_experts_reference(
