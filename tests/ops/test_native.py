@@ -182,3 +182,51 @@ def test_moe_decode_matches_route_then_reference(activation, scoring, tokens, wi
     assert_close(got_weights.gather(1, got_ids.argsort(-1)), weights.gather(1, ids.argsort(-1)), name="weights")
     assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=E))
     assert_close(out, expected, name="out")
+
+
+@requires_kernels
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_many_matches_concatenated_f_linear(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 40, generator=g)
+    weights = [torch.randn(n, 40, generator=g) for n in (7, 33, 1, 16)]
+    biases = [torch.randn(w.shape[0], generator=g) if with_bias and i != 1 else None for i, w in enumerate(weights)]
+    expected = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+    assert_close(native.linear_many(x, weights, biases), expected)
+
+
+@requires_kernels
+@pytest.mark.parametrize("kernel_width", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_step_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bias):
+    from hybridlm.ops.conv import causal_conv1d_step
+
+    g = torch.Generator().manual_seed(kernel_width)
+    wide = torch.randn(3, 50, generator=g)
+    x = wide[:, 5:42]  # a column slice of a wider projection, as the mixers pass it
+    state = torch.randn(3, 37, kernel_width - 1, generator=g)
+    weight = torch.randn(37, kernel_width, generator=g)
+    bias = torch.randn(37, generator=g) if with_bias else None
+    y_expected, state_expected = causal_conv1d_step(x, state, weight, bias, "silu")
+    assert_close(native.conv_step_(x, state, weight, bias, "silu"), y_expected, name="y")
+    assert_close(state, state_expected, name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize("time_step_limit", [(0.0, float("inf")), (0.05, 0.5)])
+def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit):
+    g = torch.Generator().manual_seed(3)
+    batch, H, P, G, N = 2, 4, 6, 2, 5
+    xBC = torch.randn(batch, H * P + 2 * G * N + 3, generator=g)[:, 3:]  # strided rows
+    dt_raw = torch.randn(batch, H + 2, generator=g)[:, 1:-1]
+    dt_bias, A_log, D = (torch.randn(H, generator=g) for _ in range(3))
+    state = torch.randn(batch, H, P, N, generator=g)
+    xs, Bs, Cs = xBC.split([H * P, G * N, G * N], dim=-1)
+    dt = F.softplus(dt_raw + dt_bias).clamp(*time_step_limit)
+    y_expected, state_expected = ssd_step(
+        xs.reshape(batch, H, P), dt, -torch.exp(A_log), Bs.reshape(batch, G, N), Cs.reshape(batch, G, N), D, state
+    )
+    y = native.mamba2_step_(xBC, dt_raw, dt_bias, A_log, D, time_step_limit, state)
+    assert_close(y, y_expected.reshape(batch, H * P), name="y")
+    assert_close(state, state_expected, name="state")
