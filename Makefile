@@ -34,6 +34,8 @@ bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_ops
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_trace_overhead
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_load_memory
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_decode
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_scaling
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache out

@@ -104,6 +104,16 @@ static void this_thread(int *thread, int *threads) {
 #endif
 }
 
+/* Rows r < R sorted by expert[r] (stable): order[start[e] .. start[e + 1]) are expert e's rows. */
+static void group_by_expert(const int64_t *expert, int64_t R, int64_t E, int64_t *start, int64_t *order) {
+    int64_t next[1024];
+    memset(start, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t r = 0; r < R; r++) start[expert[r] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(next, start, sizeof(int64_t) * E);
+    for (int64_t r = 0; r < R; r++) order[next[expert[r]]++] = r;
+}
+
 /* y [M, N] = x [M, K] @ W[N, K]^T + bias (bias may be NULL). All contiguous fp32; M <= 64. */
 void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64_t K, const float *bias, float *y,
                      int threads) {
@@ -123,12 +133,8 @@ void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64
  * once for all of its rows. R <= 256, E <= 1024, expert ids in [0, E) (checked by the caller). */
 void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int64_t *expert, int64_t R,
                             const float *W, int64_t E, int64_t N, int64_t K, float *y, int threads) {
-    int64_t start[1024 + 1], next[1024], order[256], inputs[256];
-    memset(start, 0, sizeof(int64_t) * (E + 1));
-    for (int64_t r = 0; r < R; r++) start[expert[r] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    memcpy(next, start, sizeof(int64_t) * E);
-    for (int64_t r = 0; r < R; r++) order[next[expert[r]]++] = r; /* rows grouped by expert, in order */
+    int64_t start[1024 + 1], order[256], inputs[256];
+    group_by_expert(expert, R, E, start, order);
     for (int64_t i = 0; i < R; i++) inputs[i] = input_row[order[i]];
 #pragma omp parallel num_threads(threads)
     {
@@ -362,12 +368,8 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
             weights[n * top_k + k] = w * scaling;
         }
     }
-    int64_t start[1024 + 1], next[1024], order[256], tokens[256];
-    memset(start, 0, sizeof(int64_t) * (E + 1));
-    for (int64_t r = 0; r < R; r++) start[ids[r] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    memcpy(next, start, sizeof(int64_t) * E);
-    for (int64_t r = 0; r < R; r++) order[next[ids[r]]++] = r; /* (token, slot) rows grouped by expert */
+    int64_t start[1024 + 1], order[256], tokens[256];
+    group_by_expert(ids, R, E, start, order); /* (token, slot) rows */
     for (int64_t i = 0; i < R; i++) tokens[i] = order[i] / top_k;
 #pragma omp parallel num_threads(threads)
     {
