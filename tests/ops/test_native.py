@@ -135,7 +135,7 @@ def _rms_norm_truth(x, weight, eps, group, add_one, gate, gate_first):
 
 
 @requires_kernels
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
 @pytest.mark.parametrize(("dim", "group"), [(48, 48), (48, 16), (7, 7)])
 @pytest.mark.parametrize("add_one", [False, True])
 @pytest.mark.parametrize("gated", [None, "gate first", "gate after"])

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, as fla and transformers' Qwen3-Next do."""
-    if native.rms_norm_applies(x):  # decoding: one kernel call instead of four ops
+    if native.rms_norm_applies(x):  # one kernel call instead of four ops (no autograd)
         return native.l2_normalize(x, eps)
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 

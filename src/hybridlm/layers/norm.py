@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if is_zero_centered else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.rms_norm_applies(x, self.weight):  # decoding: one kernel call instead of eight ops
+        if native.rms_norm_applies(x, self.weight):  # one kernel call instead of eight ops (no autograd)
             return native.rms_norm(x, self.weight, self.eps, x.shape[-1], self.is_zero_centered, None, False)
         x_up = upcast(x)
         x_up = x_up * torch.rsqrt(x_up.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -301,7 +301,9 @@ void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const fl
  * sum of squares replaces their mean: the L2 normalisation of Gated DeltaNet's q and k.
  * x, z, y [rows, dim] contiguous. */
 void hybridlm_rms_norm(const float *x, const float *z, int64_t rows, int64_t dim, int64_t group,
-                       const float *weight, float eps, int add_one, int gate_first, int use_sum, float *y) {
+                       const float *weight, float eps, int add_one, int gate_first, int use_sum, float *y,
+                       int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim, *zr = z ? z + r * dim : NULL;
         float *yr = y + r * dim;

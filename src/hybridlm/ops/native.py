@@ -10,8 +10,8 @@ recurrent step written as torch ops reads and writes the whole state several tim
   ``linear_many`` fuses the projections of one input (q/k/v; router, shared-expert gate and up)
   into one call without moving the weights;
 - ``rms_norm``, ``l2_normalize``: RMSNorm (group-wise, gated or not) and L2 normalisation in one
-  call (twins: the torch code of ``hybridlm.layers.norm`` and ``gated_deltanet.l2_normalize``,
-  which call them for few-row fp32 inputs);
+  call, decoding and prefill (twins: the torch code of ``hybridlm.layers.norm`` and
+  ``gated_deltanet.l2_normalize``, which call them for fp32 inputs without autograd);
 - ``moe_decode``: a whole MoE block's routing and routed experts for a few tokens in one call
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
@@ -122,7 +122,7 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_linear_many.restype = None
     library.hybridlm_conv_step.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i32, i32]
     library.hybridlm_conv_step.restype = None
-    library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p]
+    library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p, i32]
     library.hybridlm_rms_norm.restype = None
     f32 = ctypes.c_float
     library.hybridlm_moe_decode.argtypes = [
@@ -259,9 +259,9 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, ac
 
 
 def rms_norm_applies(x: Tensor, weight: Tensor | None = None) -> bool:
-    """Whether ``rms_norm`` / ``l2_normalize`` run the kernel: few rows (decoding), fp32."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= MAX_ROWS and (_applies(x) if weight is None else _applies(x, weight))
+    """Whether ``rms_norm`` / ``l2_normalize`` run the kernel: fp32 on CPU without autograd, any number of
+    rows (one pass per row where torch's formula makes six over the whole tensor: ~4% of a prefill)."""
+    return x.numel() > 0 and (_applies(x) if weight is None else _applies(x, weight))
 
 
 def rms_norm(
@@ -290,7 +290,7 @@ def _normalize(
     use_sum: bool,
 ) -> Tensor:
     dim = x.shape[-1]
-    x = x.contiguous()  # decoding rows: a copy of a few KB at most
+    x = x.contiguous()  # a strided q or k (a split of a projection) is copied once
     gate = None if gate is None else gate.contiguous()
     y = torch.empty_like(x)
     _library().hybridlm_rms_norm(
@@ -304,6 +304,7 @@ def _normalize(
         int(gate_first),
         int(use_sum),
         y.data_ptr(),
+        _threads(x.numel()),
     )
     return y
 
