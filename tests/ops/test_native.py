@@ -235,3 +235,19 @@ def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit):
     y = native.mamba2_step_(xBC, dt_raw, dt_bias, A_log, D, time_step_limit, state)
     assert_close(y, y_expected.reshape(batch, H * P), name="y")
     assert_close(state, state_expected, name="state")
+
+
+def test_a_failing_compiler_warns_once_and_everything_runs_on_torch(tmp_path, monkeypatch):
+    """A compiler that fails (here `false`) is a RuntimeWarning naming it; the twins then run."""
+    monkeypatch.setenv("HYBRIDLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    monkeypatch.delenv("HYBRIDLM_NATIVE", raising=False)
+    native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built with .*false"):
+            assert not native.available()
+        x, weight = torch.randn(2, 5), torch.randn(3, 5)
+        assert_close(native.linear(x, weight), F.linear(x, weight))
+        assert not any(tmp_path.rglob("*.so")), "a failed build must leave no library behind"
+    finally:
+        native._library.cache_clear()
