@@ -62,7 +62,7 @@ def bench_ops() -> None:
         t = interleaved_medians(
             {"ref": lambda: causal_conv1d_reference(xc, w), "fast": lambda: causal_conv1d(xc, w)}, repeats=5
         )
-        rows.append(["causal conv1d", f"B4 T{T} C{C} K{W}", "tap loop", "F.conv1d", t["ref"], t["fast"]])
+        rows.append(["causal conv1d", f"B4 T{T} C{C} K{W}", "tap loop", "K shifted adds", t["ref"], t["fast"]])
 
         Ntok, D, E, I, Kx = 2048, 512, 16, 704, 2
         hidden = torch.randn(Ntok, D, generator=g)
