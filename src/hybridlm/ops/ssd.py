@@ -213,8 +213,19 @@ def _ssd_segment(
     # 2. Chunk states: each chunk's own contribution to the state at its last step (starting from 0),
     #    sum_s decay(s -> end) * dt_s * outer(x_s, B_s): the last row of the weights.
     weight_to_end_BcLH = weight_BcHLS[..., -1, :].transpose(2, 3)
-    xw_BcLGR = (x_BcLHP * weight_to_end_BcLH[..., None]).reshape(batch, num_chunks, chunk_len, num_groups, -1)
-    xw_BcGRL = xw_BcLGR.permute(0, 1, 3, 4, 2)
+    inputs = (x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, state_BHPN) + (() if D_H is None else (D_H,))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if needs_grad:
+        xw_BcLGR = (x_BcLHP * weight_to_end_BcLH[..., None]).reshape(batch, num_chunks, chunk_len, num_groups, -1)
+        xw_BcGRL = xw_BcLGR.permute(0, 1, 3, 4, 2)
+    else:  # written group-major by the multiply itself: the matmul below then reads it transposed, no copy
+        xw_BcGLR = x_BcLHP.new_empty(batch, num_chunks, num_groups, chunk_len, heads_per_group * head_dim)
+        torch.mul(
+            x_BcLHP.unflatten(3, (num_groups, heads_per_group)).transpose(2, 3),
+            weight_to_end_BcLH.unflatten(3, (num_groups, heads_per_group)).transpose(2, 3)[..., None],
+            out=xw_BcGLR.view(batch, num_chunks, num_groups, chunk_len, heads_per_group, head_dim),
+        )
+        xw_BcGRL = xw_BcGLR.transpose(-1, -2)
 
     # 3. State passing: the recurrence over chunk boundaries, sequential but only O(T / L) steps.
     chunk_decay_BcH = torch.exp(dtA_BcHL.sum(dim=-1))
@@ -222,10 +233,19 @@ def _ssd_segment(
 
     # 4. State to output: the state entering each chunk read out by C_l and decayed to position l.
     y_off_BcGLR = C_BcGLN @ entering_BcGRN.transpose(-1, -2)
-    y_BcLHP = y_off_BcGLR.unflatten(-1, (heads_per_group, head_dim)).transpose(2, 3).flatten(3, 4)
     decay_from_start_BcLH = torch.exp(torch.cumsum(dtA_BcHL, dim=-1)).transpose(2, 3)
-    # In place on the matmul's fresh output (autograd keeps what it needs): two passes over y, not four.
-    y_BcLHP = y_BcLHP.mul_(decay_from_start_BcLH[..., None]).add_(y_diag_BcHLP.transpose(2, 3))
+    if needs_grad:
+        y_BcLHP = y_off_BcGLR.unflatten(-1, (heads_per_group, head_dim)).transpose(2, 3).flatten(3, 4)
+        # In place on the matmul's fresh output (autograd keeps what it needs): two passes over y, not four.
+        y_BcLHP = y_BcLHP.mul_(decay_from_start_BcLH[..., None]).add_(y_diag_BcHLP.transpose(2, 3))
+    else:  # the decay multiply writes y token-major straight from the group-major matmul output
+        y_BcLHP = x_BcLHP.new_empty(batch, num_chunks, chunk_len, num_heads, head_dim)
+        torch.mul(
+            y_off_BcGLR.unflatten(-1, (heads_per_group, head_dim)).transpose(2, 3),
+            decay_from_start_BcLH.unflatten(-1, (num_groups, heads_per_group))[..., None],
+            out=y_BcLHP.view(batch, num_chunks, chunk_len, num_groups, heads_per_group, head_dim),
+        )
+        y_BcLHP.add_(y_diag_BcHLP.transpose(2, 3))
     return y_BcLHP.reshape(batch, num_chunks * chunk_len, num_heads, head_dim)[:, :seq_len], state_BHPN
 
 
