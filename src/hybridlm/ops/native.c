@@ -104,6 +104,13 @@ static void this_thread(int *thread, int *threads) {
 #endif
 }
 
+/* The rows [begin, end) of [0, N) that the calling thread of the current parallel region computes. */
+static void my_share(int64_t N, int64_t *begin, int64_t *end) {
+    int thread, threads;
+    this_thread(&thread, &threads);
+    thread_share(N, thread, threads, begin, end);
+}
+
 /* Rows r < R sorted by expert[r] (stable): order[start[e] .. start[e + 1]) are expert e's rows. */
 static void group_by_expert(const int64_t *expert, int64_t R, int64_t E, int64_t *start, int64_t *order) {
     int64_t next[1024];
@@ -121,10 +128,8 @@ void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64
     for (int64_t m = 0; m < M; m++) rows[m] = m;
 #pragma omp parallel num_threads(threads)
     {
-        int thread, count;
         int64_t begin, end;
-        this_thread(&thread, &count);
-        thread_share(N, thread, count, &begin, &end);
+        my_share(N, &begin, &end);
         rows_times_tokens(x, K, rows, rows, M, W, begin, end, K, bias, y, N);
     }
 }
@@ -138,10 +143,8 @@ void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int6
     for (int64_t i = 0; i < R; i++) inputs[i] = input_row[order[i]];
 #pragma omp parallel num_threads(threads)
     {
-        int thread, count;
         int64_t begin, end;
-        this_thread(&thread, &count);
-        thread_share(N, thread, count, &begin, &end);
+        my_share(N, &begin, &end);
         for (int64_t e = 0; e < E; e++) {
             if (start[e] == start[e + 1]) continue;
             rows_times_tokens(x, K, inputs + start[e], order + start[e], start[e + 1] - start[e], W + e * N * K,
@@ -258,10 +261,8 @@ void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, con
     offset[count] = total;
 #pragma omp parallel num_threads(threads)
     {
-        int thread, threads_here;
         int64_t begin, end;
-        this_thread(&thread, &threads_here);
-        thread_share(total, thread, threads_here, &begin, &end);
+        my_share(total, &begin, &end);
         for (int64_t i = 0; i < count; i++) {
             const int64_t lo = begin > offset[i] ? begin : offset[i], hi = end < offset[i + 1] ? end : offset[i + 1];
             if (lo >= hi) continue;
@@ -375,10 +376,8 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     for (int64_t i = 0; i < R; i++) tokens[i] = order[i] / top_k;
 #pragma omp parallel num_threads(threads)
     {
-        int thread, count;
         int64_t begin, end;
-        this_thread(&thread, &count);
-        thread_share(F, thread, count, &begin, &end);
+        my_share(F, &begin, &end);
         for (int64_t e = 0; e < E; e++)
             if (start[e] < start[e + 1])
                 rows_times_tokens(x, D, tokens + start[e], order + start[e], start[e + 1] - start[e],
@@ -392,7 +391,7 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
                 row[i] = swiglu ? a / (1.0f + __builtin_expf(-a)) * row[I + i] : (a > 0.0f ? a * a : 0.0f);
             }
         }
-        thread_share(D, thread, count, &begin, &end);
+        my_share(D, &begin, &end);
         for (int64_t e = 0; e < E; e++) /* the activations are rows of h with stride F, read I wide */
             if (start[e] < start[e + 1])
                 rows_times_tokens(h, F, order + start[e], order + start[e], start[e + 1] - start[e],
