@@ -5,6 +5,10 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
@@ -30,6 +34,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7) 
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """[batch, length] token ids, away from the low ids that checkpoints use for special tokens."""
+    import torch  # here, not at the top: bench_scaling's parent process imports no torch
+
+    return torch.randint(3, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:

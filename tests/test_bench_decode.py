@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 from benchmarks import roofline
-from benchmarks.bench_decode import write_byte_level_tokenizer
+from benchmarks.llama_cpp import write_byte_level_tokenizer
 
 from hybridlm import HybridLM, get_preset
 from hybridlm.config import HybridConfig
