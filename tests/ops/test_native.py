@@ -77,26 +77,6 @@ def test_moe_few_tokens_matches_reference(activation, tokens):
 
 
 @requires_kernels
-@pytest.mark.parametrize(
-    ("batch", "heads", "head_dim", "groups", "state_size"), [(1, 16, 64, 1, 128), (3, 8, 12, 2, 7)]
-)
-@pytest.mark.parametrize("with_d", [True, False])
-def test_ssd_step_in_place_matches_ssd_step(batch, heads, head_dim, groups, state_size, with_d):
-    g = torch.Generator().manual_seed(heads)
-    x = torch.randn(batch, heads, head_dim, generator=g)
-    dt = F.softplus(torch.randn(batch, heads, generator=g))
-    A = -torch.rand(heads, generator=g) - 0.1
-    B = torch.randn(batch, groups, state_size, generator=g)
-    C = torch.randn(batch, groups, state_size, generator=g)
-    D = torch.randn(heads, generator=g) if with_d else None
-    state = torch.randn(batch, heads, head_dim, state_size, generator=g)
-    y_expected, state_expected = ssd_step(x, dt, A, B, C, D, state)
-    y = native.ssd_step_(x, dt, A, B, C, D, state)
-    assert_close(y, y_expected, name="y")
-    assert_close(state, state_expected, name="state")
-
-
-@requires_kernels
 @pytest.mark.parametrize(("batch", "heads", "key_dim", "value_dim"), [(1, 8, 64, 64), (3, 4, 16, 12)])
 def test_gated_delta_step_in_place_matches_gated_deltanet_step(batch, heads, key_dim, value_dim):
     g = torch.Generator().manual_seed(key_dim)
@@ -220,9 +200,9 @@ def test_conv_step_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bi
 
 @requires_kernels
 @pytest.mark.parametrize("time_step_limit", [(0.0, float("inf")), (0.05, 0.5)])
-def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit):
+@pytest.mark.parametrize(("batch", "H", "P", "G", "N"), [(2, 4, 6, 2, 5), (1, 16, 64, 1, 128), (3, 8, 12, 2, 7)])
+def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit, batch, H, P, G, N):
     g = torch.Generator().manual_seed(3)
-    batch, H, P, G, N = 2, 4, 6, 2, 5
     xBC = torch.randn(batch, H * P + 2 * G * N + 3, generator=g)[:, 3:]  # strided rows
     dt_raw = torch.randn(batch, H + 2, generator=g)[:, 1:-1]
     dt_bias, A_log, D = (torch.randn(H, generator=g) for _ in range(3))

@@ -21,7 +21,7 @@ from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.ops import native
 from hybridlm.ops.conv import causal_conv1d
 from hybridlm.ops.precision import upcast
-from hybridlm.ops.ssd import ssd_chunked
+from hybridlm.ops.ssd import ssd_chunked, ssd_step
 
 if TYPE_CHECKING:
     from hybridlm.config import HybridConfig, Mamba2Config
@@ -80,7 +80,7 @@ class Mamba2Mixer(BlockModule):
         G, N = c.num_groups, c.state_size
         xs, Bs, Cs = xBC.split([c.intermediate_size, G * N, G * N], dim=-1)
         dt = self._time_step(dt)
-        y = native.ssd_step_(
+        y, new_state = ssd_step(
             xs.view(B, c.num_heads, c.head_dim),
             dt,
             -torch.exp(upcast(self.A_log)),
@@ -88,7 +88,9 @@ class Mamba2Mixer(BlockModule):
             Cs.view(B, G, N),
             self.D,
             state.recurrent,
-        ).view(B, c.intermediate_size)
+        )
+        state.recurrent.copy_(new_state)
+        y = y.reshape(B, c.intermediate_size)
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y)
 

@@ -153,12 +153,8 @@ void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int6
     }
 }
 
-/* Mamba-2 decode step, in place (twin: hybridlm.ops.ssd.ssd_step). Per (batch, head):
- *   state[p, :] = exp(dt * A) * state[p, :] + dt * x[p] * B[:]
- *   y[p] = state[p, :] . C[:] + D * x[p]
- * x [Bt, H, P], dt [Bt, H], A [H], Bm/Cm [Bt, G, N] (head h reads group h / (H / G)), D [H] or NULL,
- * state [Bt, H, P, N], y [Bt, H, P]; all contiguous fp32. One pass over the state. */
-/* One (batch, head) of the step: x [P], B/C [N], state [P, N] in place, y [P]. */
+/* One (batch, head) of the Mamba-2 step (twin: hybridlm.ops.ssd.ssd_step), state [P, N] in place:
+ *   state[p, :] = exp(dt * A) * state[p, :] + dt * x[p] * B[:];  y[p] = state[p, :] . C[:] + D * x[p] */
 static inline void ssd_head_step(const float *xv, float step, float A, const float *Bv, const float *Cv, float skip,
                                  float *state, float *y, int64_t P, int64_t N) {
     const float decay = __builtin_expf(step * A);
@@ -173,18 +169,6 @@ static inline void ssd_head_step(const float *xv, float step, float A, const flo
             out += value * Cv[n];
         }
         y[p] = out + skip * xv[p];
-    }
-}
-
-void hybridlm_ssd_step(const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
-                       const float *D, float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G,
-                       int64_t N, int threads) {
-    const int64_t heads_per_group = H / G;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < batch * H; bh++) {
-        const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
-        ssd_head_step(x + bh * P, dt[bh], A[h], Bm + (b * G + g) * N, Cm + (b * G + g) * N, D ? D[h] : 0.0f,
-                      state + bh * P * N, y + bh * P, P, N);
     }
 }
 

@@ -16,8 +16,9 @@ recurrent step written as torch ops reads and writes the whole state several tim
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
   ``causal_conv1d_step``);
-- ``ssd_step_``, ``gated_delta_step_``: the Mamba-2 and Gated DeltaNet decode steps, updating the
-  state in place in one pass (twins: ``ssd_step``, ``gated_deltanet_step``).
+- ``mamba2_step_``, ``gated_delta_step_``: the Mamba-2 (from the mixer's projections) and Gated
+  DeltaNet decode steps, updating the state in place in one pass (twins: ``ssd_step``,
+  ``gated_deltanet_step``).
 
 Each runs the kernel when it applies (CPU, fp32, contiguous, no autograd, within the size limits)
 and its twin otherwise; tests/ops/test_native.py holds every pair to each other.
@@ -111,8 +112,6 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_linear.restype = None
     library.hybridlm_expert_linear.argtypes = [p, p, p, i64, p, i64, i64, i64, p, i32]
     library.hybridlm_expert_linear.restype = None
-    library.hybridlm_ssd_step.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i32]
-    library.hybridlm_ssd_step.restype = None
     library.hybridlm_mamba2_step.argtypes = [p, i64, p, i64, p, p, p, ctypes.c_float, ctypes.c_float, p, p]
     library.hybridlm_mamba2_step.argtypes += [i64, i64, i64, i64, i64, i32]
     library.hybridlm_mamba2_step.restype = None
@@ -355,28 +354,6 @@ def expert_linear(x_XK: Tensor, input_row_R: Tensor, expert_R: Tensor, weight_EN
 
 def _pointers(*tensors: Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
-
-
-def ssd_step_(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor) -> Tensor:
-    """``ssd_step`` that writes the new state into ``state`` and returns y [batch, H, P].
-
-    Shapes as ``hybridlm.ops.ssd.ssd_step``: x [batch, H, P], dt [batch, H], A [H], B/C [batch, G, N],
-    D [H] or None, state [batch, H, P, N].
-    """
-    tensors = (x, dt, A, B, C, state) if D is None else (x, dt, A, B, C, D, state)
-    if not _applies(*tensors) or not state.is_contiguous():
-        from hybridlm.ops.ssd import ssd_step
-
-        y, new_state = ssd_step(x, dt, A, B, C, D, state)
-        state.copy_(new_state)
-        return y
-    batch, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
-    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
-    D = None if D is None else D.contiguous()
-    y = torch.empty_like(x)
-    _library().hybridlm_ssd_step(*_pointers(x, dt, A, B, C, D, state, y), batch, H, P, G, N, _threads(state.numel()))
-    return y
 
 
 def mamba2_step_applies(xBC: Tensor, dt_raw: Tensor, state: Tensor, *parameters: Tensor | None) -> bool:
