@@ -157,9 +157,7 @@ class HybridLM(nn.Module):
         else:
             context = ForwardContext.without_cache(token_mask, B, T, input_ids.device)
 
-        hidden = self.embeddings(input_ids)
-        if self.config.embedding_multiplier != 1.0:
-            hidden = hidden * self.config.embedding_multiplier
+        hidden = self._embed(input_ids)
         observer = self.block_observer
         aux_losses = []
         for block in self.layers:
@@ -176,11 +174,16 @@ class HybridLM(nn.Module):
 
         if last_logits_only:
             hidden = hidden[:, -1:]
-        logits = self.lm_head(self.norm_f(hidden))
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return HybridOutput(logits=logits, aux_loss=aux_loss)
+        return HybridOutput(logits=self._logits(hidden), aux_loss=aux_loss)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        hidden = self.embeddings(input_ids)
+        return hidden * self.config.embedding_multiplier if self.config.embedding_multiplier != 1.0 else hidden
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm_f(hidden))
+        return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
 
     def _prefill_in_pieces(self, input_ids: Tensor, cache: HybridCache, last_logits_only: bool) -> HybridOutput:
         """A long prompt through the cache PREFILL_CHUNK_TOKENS at a time: the same logits (the chunked
@@ -206,12 +209,10 @@ class HybridLM(nn.Module):
             )
         context = cache.begin(1, None)
         try:
-            hidden = self.embeddings(token_ids)
+            hidden = self._embed(token_ids)
         except IndexError:
             self._check_inputs(token_ids[:, None], cache, None)  # names the bad id
             raise
-        if self.config.embedding_multiplier != 1.0:
-            hidden = hidden * self.config.embedding_multiplier
         observer = self.block_observer
         for block in self.layers:
             if observer is not None:  # observers see [B, T, hidden], as from forward
@@ -221,10 +222,7 @@ class HybridLM(nn.Module):
                 counts = block.mixer.last_tokens_per_expert if block.routes_experts else None
                 observer.after_block(block.index, block.layer_type, hidden[:, None], counts)
         cache.advance(1, None)
-        logits = self.lm_head(self.norm_f(hidden))
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
-        return logits
+        return self._logits(hidden)
 
     def _check_inputs(self, input_ids: Tensor, cache: HybridCache | None, attention_mask: Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
