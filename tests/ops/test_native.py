@@ -97,11 +97,18 @@ def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path, monkeypatch):
     if not native.available():
         pytest.skip("no C compiler")
     monkeypatch.setenv("HYBRIDLM_CACHE_DIR", str(tmp_path))
+    (tmp_path / "native").mkdir()
+    killed = tmp_path / "native" / ".native-0123.so.abcd.tmp"  # what a build killed mid-way leaves
+    killed.write_bytes(b"half a library")
+    os.utime(killed, (0, 0))
     native._library.cache_clear()
     try:
         assert native.available()
         built = list((tmp_path / "native").iterdir())
-        assert len(built) == 1 and built[0].suffix == ".so", built  # no staging file left behind
+        assert len(built) == 1 and built[0].suffix == ".so", built  # no staging file left behind, old or new
+        assert native._library()._name == str(built[0])  # the library loaded is the one built there
+        x, weight = torch.randn(3, 8), torch.randn(5, 8)
+        assert_close(native.linear(x, weight), F.linear(x, weight))
     finally:
         native._library.cache_clear()
 

@@ -31,6 +31,7 @@ build fails (a warning says why), everything runs on torch alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -39,6 +40,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -69,8 +71,17 @@ def _machine_key() -> str:
         return platform.processor() or platform.machine()
 
 
+# A build takes seconds (the compiler is stopped after 120 s): a staging file older than this was left
+# by a process that was killed mid-build, and is removed by the next build.
+STALE_STAGING_SECONDS = 3600
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(".native-*.tmp"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if time.time() - leftover.stat().st_mtime > STALE_STAGING_SECONDS:
+                leftover.unlink()
     fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
