@@ -2,7 +2,10 @@
 
 Per block, only what its type needs (DESIGN.md): KV for attention (``*``), conv + SSM state for
 Mamba-2 (``M``), conv + recurrent state for Gated DeltaNet (``G``), nothing for ``-`` and ``E``.
-Row ``b`` of every tensor belongs to sequence slot ``b``, so an engine can reset and reuse a slot.
+Row ``b`` of every tensor belongs to sequence slot ``b``: a slot has its own length and position, and
+is reset, copied, snapshotted and restored alone (``reset_slot``, ``copy_slot``, ``snapshot_slot``,
+``restore_slot``); ``narrow`` gives a view of consecutive slots that a forward call fills in place,
+which is how a serving engine prefills one request while others decode.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def _leaf_states(states: list[BlockState | None]) -> list[AttentionState | Recur
     return leaves
 
 
+def _narrow_state(state: BlockState | None, start: int, count: int) -> BlockState | None:
+    if state is None:
+        return None
+    if isinstance(state, ParallelState):
+        return ParallelState(_narrow_state(state.mamba, start, count), _narrow_state(state.attention, start, count))
+    return type(state)(**{f.name: getattr(state, f.name)[start : start + count] for f in fields(state)})
+
+
 @dataclass
 class ForwardContext:
     """What every block of one forward call shares.
@@ -87,6 +98,19 @@ class ForwardContext:
         return cls(positions=positions, token_mask=token_mask, past_length=0, max_length=num_new)
 
 
+@dataclass
+class SlotSnapshot:
+    """One slot's state after its first ``length`` tokens: conv + recurrent state, and the keys and
+    values of those tokens (copies, so the slot may go on or be reused)."""
+
+    length: int
+    tensors: list[Tensor]  # one per slot tensor of the cache, in ``HybridCache._slot_tensors`` order
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
 class HybridCache:
     """Preallocated per-block generation state for ``batch_size`` slots of up to ``max_seq_len`` tokens.
 
@@ -107,7 +131,93 @@ class HybridCache:
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._host_lengths = [0] * batch_size
+        # host copy of the lengths; a view made by ``narrow`` shares its parent's list at an offset
+        self._host_all = [0] * batch_size
+        self._first = 0
+
+    @property
+    def _host_lengths(self) -> list[int]:
+        return self._host_all[self._first : self._first + self.batch_size]
+
+    @_host_lengths.setter
+    def _host_lengths(self, values: list[int]) -> None:
+        self._host_all[self._first : self._first + self.batch_size] = values
+
+    def narrow(self, start: int, count: int) -> HybridCache:
+        """Slots ``start .. start + count - 1`` as a cache of ``count`` slots sharing this one's memory:
+        a forward or decode step on the view reads and advances exactly those slots (no copy)."""
+        self._check_slot(start)
+        if count < 1 or start + count > self.batch_size:
+            raise ValueError(f"narrow({start}, {count}): the cache holds slots 0..{self.batch_size - 1}")
+        view = HybridCache.__new__(HybridCache)
+        view.pattern, view.max_seq_len, view.batch_size = self.pattern, self.max_seq_len, count
+        view.states = [_narrow_state(state, start, count) for state in self.states]
+        view.lengths = self.lengths[start : start + count]  # a view: advancing it advances this cache
+        view._host_all, view._first = self._host_all, self._first + start
+        return view
+
+    # -- one slot at a time (the serving engine's pool) ---------------------------------------------
+    def reset_slot(self, slot: int) -> None:
+        """Empty one slot for a new sequence: its conv and recurrent state zeroed, its length 0 (its
+        old keys and values stay in memory but are never read: attention reads a slot's own length)."""
+        self._check_slot(slot)
+        for tensor, holds_positions in self._slot_tensors():
+            if not holds_positions:
+                tensor[slot].zero_()
+        self._set_length(slot, 0)
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Make slot ``target`` hold what slot ``source`` holds (state, keys and values, length)."""
+        self._check_slot(source)
+        self._check_slot(target)
+        if source == target:
+            return
+        length = self._host_lengths[source]
+        for tensor, holds_positions in self._slot_tensors():
+            if holds_positions:
+                tensor[target, :, :length].copy_(tensor[source, :, :length])
+            else:
+                tensor[target].copy_(tensor[source])
+        self._set_length(target, length)
+
+    def snapshot_slot(self, slot: int) -> SlotSnapshot:
+        """A copy of one slot's state as it stands (its keys and values up to its length)."""
+        self._check_slot(slot)
+        length = self._host_lengths[slot]
+        tensors = [
+            (tensor[slot, :, :length] if holds_positions else tensor[slot]).clone()
+            for tensor, holds_positions in self._slot_tensors()
+        ]
+        return SlotSnapshot(length, tensors)
+
+    def restore_slot(self, slot: int, snapshot: SlotSnapshot) -> None:
+        """Put a snapshot into a slot: the slot then continues from the snapshot's tokens."""
+        self._check_slot(slot)
+        slot_tensors = self._slot_tensors()
+        if len(snapshot.tensors) != len(slot_tensors) or snapshot.length > self.max_seq_len:
+            raise ValueError("the snapshot was taken from a cache of another model or a longer max_seq_len")
+        for (tensor, holds_positions), saved in zip(slot_tensors, snapshot.tensors, strict=True):
+            if holds_positions:
+                tensor[slot, :, : snapshot.length].copy_(saved)
+            else:
+                tensor[slot].copy_(saved)
+        self._set_length(slot, snapshot.length)
+
+    def _slot_tensors(self) -> list[tuple[Tensor, bool]]:
+        """Every state tensor, with whether its dim 2 holds token positions (keys and values)."""
+        out: list[tuple[Tensor, bool]] = []
+        for state in _leaf_states(self.states):
+            holds_positions = isinstance(state, AttentionState)
+            out += [(getattr(state, f.name), holds_positions) for f in fields(state)]
+        return out
+
+    def _set_length(self, slot: int, length: int) -> None:
+        self.lengths[slot] = length
+        self._host_all[self._first + slot] = length
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.batch_size:
+            raise ValueError(f"slot {slot} is out of range: the cache holds slots 0..{self.batch_size - 1}")
 
     def __getitem__(self, index: int) -> BlockState | None:
         return self.states[index]
@@ -136,10 +246,9 @@ class HybridCache:
         """Empty every slot so the cache can serve new sequences (states are zeroed, not reallocated)."""
         self.lengths.zero_()
         self._host_lengths = [0] * self.batch_size
-        for state in _leaf_states(self.states):
-            if isinstance(state, RecurrentState):
-                state.conv.zero_()
-                state.recurrent.zero_()
+        for tensor, holds_positions in self._slot_tensors():
+            if not holds_positions:
+                tensor.zero_()
 
     def begin(self, num_new: int, token_mask: Tensor | None) -> ForwardContext:
         """Check room for this call's tokens and build the context for the blocks (does not advance).
