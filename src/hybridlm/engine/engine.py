@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -300,6 +303,45 @@ class Engine:
         if self.metrics is not None:
             self.metrics.on_rejected(reason)
 
+    # -- tracing -----------------------------------------------------------------------------------
+    def enable_trace(self, path: str | os.PathLike, model_name: str = "", command: str = "serve") -> str:
+        """Record the serving run into the trace database at ``path`` (before ``start``): every block
+        call with its step and phase, the requests of each step, routing counts. Returns the run id;
+        ``hybridlm report PATH`` decomposes it. The run is marked complete at ``shutdown``."""
+        from hybridlm.trace.recorder import Tracer
+        from hybridlm.trace.store import TraceStore
+
+        if self._thread is not None or self.tracer is not None:
+            raise RuntimeError("enable_trace must be called once, before start()")
+        store = TraceStore(path)
+        notes = {
+            "engine": dataclasses.asdict(self.config),
+            "slots": self.plan.slots,
+            "threads": torch.get_num_threads(),
+        }
+        tracer = Tracer(
+            store, model=model_name, device=str(self.model.device), config=self.model.config.to_dict(),
+            command=command, notes=json.dumps(notes),
+        )  # fmt: skip
+        timer = self.scheduler.block_timer
+        if timer is not None:  # the tracer goes inside the block timer: the model has one observer
+            self.model.block_observer = timer.inner
+        tracer.attach(self.model)
+        if timer is not None:
+            timer.inner, self.model.block_observer = tracer, timer
+        self.tracer = self.scheduler.tracer = tracer
+        return tracer.run_id
+
+    def _close_trace(self) -> None:
+        if self.tracer is None:
+            return
+        timer = self.scheduler.block_timer
+        if timer is not None and timer.inner is self.tracer:
+            timer.inner = None
+        self.tracer.close(complete=self.error is None)  # detaches where the tracer is the model's observer
+        self.tracer.store.close()
+        self.tracer = self.scheduler.tracer = None
+
     # -- running ---------------------------------------------------------------------------------------
     def step(self) -> bool:
         """Run one scheduler step on the caller's thread (instead of ``start``): for tests and for
@@ -372,3 +414,4 @@ class Engine:
             self._accepting = False
         self.scheduler.abort_all("abort")
         self._handles.clear()
+        self._close_trace()

@@ -159,7 +159,7 @@ class Scheduler:
         end = self._piece_end(seq, start, min(len(seq.prompt), start + budget))
         ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.model.device)
         view = self.cache.narrow(seq.slot, 1)
-        with self._traced("prefill"):
+        with self._traced("prefill", [(seq.request_id, end - start)]):
             logits = self.model(ids, cache=view, last_logits_only=True).logits[0, -1]
         seq.computed = end
         if seq.hasher is not None and self._is_snapshot_point(seq, end) and self.prefix_cache.wants(seq.hasher, end):
@@ -191,7 +191,7 @@ class Scheduler:
         count = len(decoding)
         assert all(seq.slot == row for row, seq in enumerate(decoding)), "decoding slots must come first"
         tokens = torch.tensor([seq.last_token for seq in decoding], dtype=torch.long, device=self.model.device)
-        with self._traced("decode"):
+        with self._traced("decode", [(seq.request_id, 1) for seq in decoding]):
             logits = self.model.decode_step(tokens, self.cache.narrow(0, count))
         greedy = logits.argmax(dim=-1).tolist()
         for row, seq in enumerate(decoding):
@@ -244,11 +244,12 @@ class Scheduler:
                 self.rows[row].slot = row
 
     # -- reporting ---------------------------------------------------------------------------------
-    def _traced(self, phase: str) -> AbstractContextManager:
-        """Around one forward call: the phase for the block timer, and a trace step when tracing."""
+    def _traced(self, phase: str, requests: list[tuple[str, int]]) -> AbstractContextManager:
+        """Around one forward call: the phase for the block timer, and a trace step (with the requests
+        it runs and their tokens) when tracing."""
         if self.block_timer is not None:
             self.block_timer.phase = phase
-        return self.tracer.step(phase) if self.tracer is not None else nullcontext()
+        return self.tracer.step(phase, requests) if self.tracer is not None else nullcontext()
 
     def _report_load(self) -> None:
         running = len(self.running)

@@ -9,7 +9,10 @@ A step is one forward call. Callers may mark steps with ``tracer.step(phase)``; 
 tracer opens one at block 0 and closes it after the last block, with the phase inferred
 (``train`` when the model is training, ``prefill`` for more than one token, else ``decode``).
 Steps are also stored as events with ``source = 'step'`` (name = phase), the wall time that block
-shares are measured against.
+shares are measured against. A serving engine names the requests in each step
+(``tracer.step(phase, requests=[(request_id, tokens), ...])``): one event each with
+``source = 'request'``, ``name`` = the request id, the step's time and phase, and ``tokens`` = that
+request's tokens in the step, so a query can join a request's life with the block calls of its steps.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Tracer:
         self._use_cuda_events = False
         self._pending: list[tuple] = []  # (index, layer_type, start, end) with ns ints or CUDA events
         self._routing: list[tuple[int, Tensor]] = []
+        self._requests: list[tuple[str, int]] = []  # (request id, tokens) in the current step
         self._step_start_ns = 0
         self.emit_ranges = False  # also open a torch.profiler record_function range per block
         self._range: torch.profiler.record_function | None = None
@@ -79,9 +83,11 @@ class Tracer:
 
     # -- steps -------------------------------------------------------------------------------------
     @contextmanager
-    def step(self, phase: str) -> Iterator[None]:
-        """Mark one forward call (or several, e.g. a training step's forward + backward) as one step."""
+    def step(self, phase: str, requests: list[tuple[str, int]] | None = None) -> Iterator[None]:
+        """Mark one forward call (or several, e.g. a training step's forward + backward) as one step;
+        ``requests``: the (request id, tokens) a serving step runs, recorded with it."""
         self._begin_step(phase, explicit=True)
+        self._requests = list(requests or [])
         try:
             yield
         finally:
@@ -119,7 +125,13 @@ class Tracer:
                 start_us = (start - self._origin_ns) / 1000
                 duration_us = (end - start) / 1000
             rows.append(self._row("layer", f"L{index}.{layer_type}", index, layer_type, start_us, duration_us))
-        rows.append(self._row("step", self._phase, None, None, step_start_us, (end_ns - self._step_start_ns) / 1000))
+        step_us = (end_ns - self._step_start_ns) / 1000
+        rows.append(self._row("step", self._phase, None, None, step_start_us, step_us))
+        for request_id, tokens in self._requests:
+            row = list(self._row("request", request_id, None, None, step_start_us, step_us))
+            row[8], row[9] = len(self._requests), tokens  # batch: requests in the step; tokens: this one's
+            rows.append(tuple(row))
+        self._requests = []
         self.store.add_events(self.run_id, rows)
         if self._routing:
             routing_rows = []
