@@ -219,6 +219,7 @@ class Engine:
             "prefix_cache_snapshots": len(self.prefix_cache),
             "prefix_cache_bytes": self.prefix_cache.bytes,
             "accepting": self._accepting,
+            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
         }
 
     def _memory_by_kind(self) -> dict[str, int]:
