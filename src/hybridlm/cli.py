@@ -217,6 +217,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hybridlm.engine import Engine, EngineConfig
+    from hybridlm.engine.chat import ChatTemplate
+    from hybridlm.engine.metrics import EngineMetrics
+    from hybridlm.engine.server import bind_socket, build_app, run_server
+    from hybridlm.loading import load_model, parse_dtype, resolve_config
+
+    # everything a user typed is checked, and the port taken, before a model is built
+    dtype = parse_dtype(args.dtype)
+    device = _resolve_device(args.device)
+    config = EngineConfig(
+        max_slots=args.max_slots,
+        max_model_len=args.max_model_len,
+        memory_budget_bytes=args.memory_budget,
+        max_waiting=args.max_waiting,
+        step_token_budget=args.step_token_budget,
+        prefix_cache_bytes=args.prefix_cache_bytes,
+        snapshot_interval=args.snapshot_interval,
+    )
+    config.check()
+    model_config = resolve_config(args.model)
+    model_name = args.served_model_name or (
+        Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
+    )
+    tokenizer = _tokenizer_for(args.model)
+    chat_template = ChatTemplate.from_checkpoint(args.model)
+    sock = bind_socket(args.host, args.port)
+    try:
+        model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
+        engine = Engine(model, tokenizer, config, metrics=EngineMetrics(model_name, model_config))
+        if args.trace is not None:
+            run_id = engine.enable_trace(args.trace, model_name=model_name)
+            print(f"trace: recording run {run_id} into {args.trace} (hybridlm report {args.trace})", file=sys.stderr)
+        _print_serving(engine.memory_report(), model_name, chat_template, args.host, args.port)
+        app = build_app(engine, model_name, tokenizer, chat_template)
+        engine.start()
+        run_server(app, args.host, args.port, engine, sock=sock, drain_timeout=args.drain_timeout)
+    finally:
+        sock.close()
+    return 0
+
+
+def _print_serving(report: dict, model_name: str, chat_template: Any, host: str, port: int) -> None:
+    """Start-up lines: the memory the slot pool takes by kind, the clamp when there was one, the URL."""
+    kinds = ", ".join(f"{kind} {_gb(report[kind])}" for kind in ("weights", "kv", "conv", "recurrent"))
+    print(f"memory: {kinds}", file=sys.stderr)
+    print(
+        f"slots: {report['slots']} of {report.get('max_model_len', '?')} tokens "
+        f"(asked for {report['requested_slots']})",
+        file=sys.stderr,
+    )
+    if report.get("message"):
+        print(f"note: {report['message']}", file=sys.stderr)
+    print(f"chat template: {chat_template.source}", file=sys.stderr)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {model_name} on http://{url_host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+
+
 def _resolve_device(name: str) -> Any:
     from hybridlm.loading import resolve_device
 
@@ -282,6 +342,40 @@ _seed = _int_between(0, 2**64 - 1, "2**64 - 1")
 _threads = _int_between(1, _cpu_count(), f"the {_cpu_count()} CPUs this process may use")
 
 
+def _bytes(zero_allowed: bool) -> Callable[[str], int]:
+    """An argparse type: a byte count, bare or with a suffix (512M and 4G are binary: 2**20, 2**30;
+    500MB and 4GiB as ``convert --max-shard-size`` takes them)."""
+
+    def parse(text: str) -> int:
+        from hybridlm.checkpoints.cli import parse_size
+
+        clean = text.strip()
+        if zero_allowed and clean == "0":
+            return 0
+        if clean[-1:].upper() in ("K", "M", "G", "T") and clean[:-1].replace(".", "", 1).isdigit():
+            size = int(float(clean[:-1]) * 2 ** (10 * (" KMGT".index(clean[-1].upper()))))
+            if size < 1:
+                raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+            return size
+        try:
+            return parse_size(clean, "size")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a size like 512M, 4G or 1000000, got {text!r}") from None
+
+    parse.__name__ = "size"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
@@ -341,7 +435,86 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model behind an OpenAI-compatible HTTP API",
+        description="Serve a model over HTTP: POST /v1/completions and /v1/chat/completions (OpenAI's schema, "
+        "streaming included), GET /v1/models, /health and /metrics (Prometheus). Requests are batched "
+        "continuously over a fixed pool of slots sized from a memory budget; prompts sharing a prefix reuse "
+        "its state. SIGTERM or Ctrl-C stops taking requests, lets the running ones finish "
+        "(--drain-timeout), then exits.",
+    )
+    p.add_argument("model", metavar="MODEL", help="preset name (random weights) or checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_int_between(0, 65535), default=8000, metavar="N", help="port (default 8000)")
+    p.add_argument(
+        "--max-slots", type=_positive_int, default=16, metavar="N", help="sequences run at once (default 16)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=_int_between(2, 2**40, "2**40"),
+        default=None,
+        metavar="N",
+        help="prompt + completion tokens per request (default: the model's context)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_bytes(zero_allowed=False),
+        default=None,
+        metavar="BYTES",
+        help="memory for the slots' state, e.g. 512M or 4G (default: half the free memory); the slot count is "
+        "clamped to what fits",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="queued requests beyond which new ones get 429 (default 256)",
+    )
+    p.add_argument(
+        "--step-token-budget",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="prompt + decode tokens per engine step: long prompts are prefilled in chunks (default 512)",
+    )
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=_bytes(zero_allowed=True),
+        default=256 * 2**20,
+        metavar="BYTES",
+        help="memory for prefix-state snapshots, e.g. 256M; 0 turns prefix caching off (default 256M)",
+    )
+    p.add_argument(
+        "--snapshot-interval",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="prefix snapshots every N tokens and at each prompt's end (default 64)",
+    )
+    p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name clients send (default: the preset name or the checkpoint directory's name)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running requests may finish before they are aborted (default 30)",
+    )
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto, as stored)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of a preset's random weights (default 0)")
+    p.set_defaults(func=cmd_serve)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_serve]
 
 
 # ---------------------------------------------------------------------------------------------
