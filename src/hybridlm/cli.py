@@ -246,16 +246,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer_for(args.model)
     chat_template = ChatTemplate.from_checkpoint(args.model)
     sock = bind_socket(args.host, args.port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     try:
         model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
         engine = Engine(model, tokenizer, config, metrics=EngineMetrics(model_name, model_config))
         if args.trace is not None:
             run_id = engine.enable_trace(args.trace, model_name=model_name)
             print(f"trace: recording run {run_id} into {args.trace} (hybridlm report {args.trace})", file=sys.stderr)
-        _print_serving(engine.memory_report(), model_name, chat_template, args.host, args.port)
+        _print_serving(engine.memory_report(), model_name, chat_template, args.host, port)
         app = build_app(engine, model_name, tokenizer, chat_template)
         engine.start()
-        run_server(app, args.host, args.port, engine, sock=sock, drain_timeout=args.drain_timeout)
+        run_server(app, args.host, port, engine, sock=sock, drain_timeout=args.drain_timeout)
     finally:
         sock.close()
     return 0

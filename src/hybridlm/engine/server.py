@@ -54,7 +54,7 @@ def build_app(engine: Any, model_name: str, tokenizer: Any, chat_template: ChatT
     app.state.engine = engine
     app.state.is_draining = False
     created = api.now()
-    max_model_len = served_max_model_len(engine)
+    max_model_len = engine.max_model_len
     _add_error_handlers(app)
 
     def check_request(model: str) -> None:
@@ -109,15 +109,6 @@ def build_app(engine: Any, model_name: str, tokenizer: Any, chat_template: ChatT
     return app
 
 
-def served_max_model_len(engine: Any) -> int:
-    """The longest prompt + completion the engine takes."""
-    for owner, name in ((engine, "max_model_len"), (engine.config, "max_model_len")):
-        value = getattr(owner, name, None)
-        if isinstance(value, int):
-            return value
-    return engine.model.config.max_position_embeddings
-
-
 def _submit_all(engine: Any, prompt_ids: list[int], params: list[Any]) -> list[Any]:
     """One engine request per choice; if one is refused, the ones already submitted are aborted."""
     handles = []
@@ -154,7 +145,9 @@ class _Responder:
 
     def sse(self, include_usage: bool) -> StreamingResponse:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(self._events(include_usage), media_type="text/event-stream", headers=headers)
+        return _StreamThenAbort(
+            self._events(include_usage), self._abort_unfinished, media_type="text/event-stream", headers=headers
+        )
 
     async def _events(self, include_usage: bool) -> AsyncIterator[str]:
         # the finally runs when the client disconnects too (Starlette cancels or closes this generator)
@@ -182,6 +175,21 @@ class _Responder:
         for handle, choice in zip(self.handles, self.choices, strict=True):
             if choice.finish_reason is None:
                 handle.abort()
+
+
+class _StreamThenAbort(StreamingResponse):
+    """A StreamingResponse that aborts its requests however it ends: a client gone before the first
+    chunk cancels the response before the generator starts, so the generator's own finally never runs."""
+
+    def __init__(self, content: AsyncIterator[str], on_end: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_end = on_end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 async def _merge(handles: list[Any]) -> AsyncIterator[tuple[int, Any]]:
