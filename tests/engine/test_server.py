@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import run_cli
 
 openai = pytest.importorskip("openai")
@@ -611,3 +612,22 @@ def test_sigterm_drains_then_exits_zero_and_the_trace_reports(tmp_path):
     report = run_cli("report", str(trace))
     assert report.returncode == 0, report.stderr
     assert "phase prefill" in report.stdout and "phase decode" in report.stdout
+
+
+def test_a_second_interrupt_aborts_at_once_and_streams_still_end_cleanly(tmp_path):
+    running = Server(tmp_path, "debug-tiny", "--drain-timeout", "600")
+    body = {"model": "debug-tiny", "prompt": "x", "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        running.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while httpx.get(f"{running.url}/health", timeout=10).status_code == 200:  # the first one is handled
+            assert time.monotonic() < deadline, "SIGINT did not stop the server taking requests"
+            time.sleep(0.02)
+        running.process.send_signal(signal.SIGINT)
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] in ("length", "abort")
+    assert running.process.wait(timeout=60) == 0
+    assert "Traceback" not in running.log.read_text()

@@ -13,7 +13,8 @@ while it waits.
 
 ``run_server`` serves until SIGTERM or SIGINT, then stops taking requests (503), lets the running
 ones finish for at most ``drain_timeout`` seconds, aborts the rest, shuts the engine down and returns,
-so the process exits 0. A second signal stops at once.
+so the process exits 0. A second signal aborts the running requests at once (their streams still end
+with ``finish_reason: "abort"`` and ``[DONE]``); a third closes the connections as they are.
 """
 
 from __future__ import annotations
@@ -325,6 +326,7 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: Any, app: FastAPI, engine: Any, drain_timeout: float) -> None:
         super().__init__(config)
         self.served_app, self.engine, self.drain_timeout = app, engine, drain_timeout
+        self.signals_received = 0
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -339,11 +341,21 @@ class _DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.served_app.state.is_draining:  # a second signal: stop without waiting
+        self.signals_received += 1
+        if self.signals_received == 1:
+            self.served_app.state.is_draining = True
+            threading.Thread(target=self._drain, args=(signal.Signals(sig).name,), daemon=True).start()
+        elif self.signals_received == 2:  # abort what runs now: the streams still end cleanly, with 'abort'
+            threading.Thread(target=self._abort, daemon=True).start()
+        else:  # a third: close the connections as they are
             self.force_exit = self.should_exit = True
-            return
-        self.served_app.state.is_draining = True
-        threading.Thread(target=self._drain, args=(signal.Signals(sig).name,), daemon=True).start()
+
+    def _abort(self) -> None:
+        print("hybridlm serve: aborting the running requests", file=sys.stderr, flush=True)
+        try:
+            self.engine.shutdown(drain=False)
+        finally:
+            self.should_exit = True
 
     def _drain(self, signal_name: str) -> None:
         running = self.engine.stats().get("running", 0)
