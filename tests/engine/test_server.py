@@ -218,6 +218,8 @@ def test_prompt_as_token_ids_equals_the_text_prompt(server):
     by_ids = client.completions.create(model=MODEL, prompt=list(PROMPT.encode()), max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
     assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
+    batch_of_one = client.completions.create(model=MODEL, prompt=[PROMPT], max_tokens=8, temperature=0)
+    assert batch_of_one.choices[0].text == by_text.choices[0].text
 
 
 def test_stop_strings_n_seed_and_logprobs(server):

@@ -130,7 +130,10 @@ def refuse_unsupported(request: CompletionRequest | ChatCompletionRequest) -> No
 
 
 def prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
-    """A completions prompt as token ids: a string, or a list of token ids (one prompt only)."""
+    """A completions prompt as token ids: a string, or a list of token ids. OpenAI also takes a batch
+    of prompts; a batch of one is taken (some clients always send one), a larger one refused."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
