@@ -31,6 +31,7 @@ EPILOG = """\
 examples:
   hybridlm info nemotron-3-nano-30b-a3b --context 131072
   hybridlm generate debug-small --prompt "Hybrid models keep state: " --max-new-tokens 24
+  hybridlm serve debug-small --port 8000 --max-slots 16
   hybridlm convert path/to/hf-checkpoint out/model --to hybridlm
   hybridlm profile debug-small --db trace.duckdb
   hybridlm report trace.duckdb --plot latency.png

@@ -12,12 +12,12 @@ import random
 
 import pytest
 import torch
-from tests.helpers import tiny_config
 
 from hybridlm.engine import Engine, EngineConfig, SamplingParams
 from hybridlm.generation import generate
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
 
 # Each block type at least once; '-' and 'E' ride along with the mixers.
 PATTERNS = ["M-", "GE", "m-", "*E", "P-", "MEGm*-EP"]

@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 import torch
-from tests.helpers import tiny_config
 
 from hybridlm.accounting import cache_bytes
 from hybridlm.engine import Engine, EngineConfig, EngineStopped, QueueFull, RequestError, SamplingParams
 from hybridlm.generation import generate
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import duckdb
 import torch
-from tests.helpers import run_cli, tiny_config
 
 from hybridlm.engine import Engine, EngineConfig, SamplingParams
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
+from tests.helpers import run_cli, tiny_config
 
 PATTERN = "MEG*E"
 

@@ -7,13 +7,13 @@ import random
 
 import pytest
 import torch
-from tests.helpers import tiny_config
 
 from hybridlm.cache import SlotSnapshot
 from hybridlm.engine import Engine, EngineConfig, SamplingParams
 from hybridlm.engine.prefix_cache import PrefixCache
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
 
 
 def _snapshot(length: int, nbytes: int = 400) -> SlotSnapshot:
