@@ -105,10 +105,12 @@ class SlotSnapshot:
 
     length: int
     tensors: list[Tensor]  # one per slot tensor of the cache, in ``HybridCache._slot_tensors`` order
+    next_logits: Tensor | None = None  # the logits after token ``length`` where the caller kept them
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        extra = 0 if self.next_logits is None else self.next_logits.nbytes
+        return sum(t.nbytes for t in self.tensors) + extra
 
 
 class HybridCache:

@@ -11,6 +11,7 @@ import torch
 from hybridlm.cache import SlotSnapshot
 from hybridlm.engine import Engine, EngineConfig, SamplingParams
 from hybridlm.engine.prefix_cache import PrefixCache
+from hybridlm.generation import generate
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
@@ -122,3 +123,20 @@ def _events(handle):
 def test_bad_settings_are_refused_by_name(capacity, interval):
     with pytest.raises(ValueError, match=r"capacity_bytes|interval"):
         PrefixCache(capacity, interval)
+
+
+def test_the_same_prompt_submitted_together_is_computed_once():
+    """n choices of one prompt (the server submits them together): the first prefills, the others wait
+    a step for its snapshot (kept with the logits after the prompt) and compute no prompt token."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny_config("MEG*E")).eval()
+    prompt = [random.Random(1).randrange(256) for _ in range(50)]
+    config = EngineConfig(max_slots=3, max_model_len=128, step_token_budget=64, prefix_cache_bytes=2**26)
+    engine = Engine(model, ByteTokenizer(), config)
+    handles = [engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0)) for _ in range(3)]
+    while engine.step():
+        pass
+    results = [list(_events(h)) for h in handles]
+    assert [events[-1].cached_tokens for events in results] == [0, 50, 50]
+    expected = generate(model, [prompt], max_new_tokens=4)[0, 50:].tolist()
+    assert all([e.token_id for e in events if e.token_id is not None] == expected for events in results)

@@ -14,10 +14,12 @@ a snapshot at a boundary the next prompt shares. Snapshots here are taken
   each step, so such prefixes never hit there: vllm#45238).
 
 Each snapshot is keyed by a hash of the tokens before it (a blake2b chain over ``interval``-token
-blocks, so hashing a prompt costs one pass over it), kept in an LRU pool bounded in bytes. A lookup finds the longest
-snapshot that leaves at least one prompt token to compute (its logits give the first new token)
-and says why it missed otherwise: ``too_short`` (no boundary before the last token), ``evicted`` (a
-snapshot that would have matched was evicted), ``no_snapshot`` (none was ever taken there).
+blocks, so hashing a prompt costs one pass over it), kept in an LRU pool bounded in bytes. A
+lookup finds the longest snapshot that leaves at least one prompt token to compute (its logits
+give the first new token), or the whole prompt where its snapshot kept the logits after it (a
+repeated prompt, e.g. the ``n`` choices of one request, computes nothing). A miss says why:
+``too_short`` (no boundary before the last token), ``evicted`` (a snapshot that would have
+matched was evicted), ``no_snapshot`` (none was ever taken there).
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class PrefixCache:
 
     def lookup(self, hasher: PrefixHasher, prompt_length: int) -> PrefixLookup:
         """The longest usable snapshot for a prompt (marked recently used), and its branch point."""
+        whole = self._snapshots.get(hasher.key(prompt_length))
+        if whole is not None and whole.next_logits is not None:  # the same prompt, with its logits
+            self._snapshots.move_to_end(hasher.key(prompt_length))
+            return PrefixLookup(whole, None, 0)
         usable = prompt_length - 1  # at least one token is computed, for the first new token's logits
         candidates = sorted({*self.boundaries(0, usable), *(n for n in self._lengths if 0 < n <= usable)}, reverse=True)
         snapshot, evicted = None, False

@@ -88,6 +88,7 @@ class Scheduler:
         self._drop_aborted()
         self._order_rows()
         self._admit()
+        self._order_rows()  # a repeated prompt restored with its logits decodes at once
         decoding = [seq for seq in self.rows if seq is not None and seq.status is Status.DECODING]
         prefill_budget = max(self.step_token_budget - len(decoding), MIN_PREFILL_TOKENS)
         prefilled = self._prefill(prefill_budget)
@@ -119,8 +120,18 @@ class Scheduler:
         self._release_finished()
 
     def _admit(self) -> None:
+        """Waiting requests into free slots, oldest first. A request whose whole prompt is being
+        prefilled for another waits for it (a step or a few), then takes its snapshot and computes
+        nothing (SGLang schedules shared prefixes the same way)."""
+        in_flight = {self._prompt_key(seq) for seq in self._prefilling()}
+        deferred: list[Sequence] = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
+            key = self._prompt_key(seq)
+            if key is not None and key in in_flight:
+                deferred.append(seq)
+                continue
+            in_flight.add(key)
             seq.slot = self.rows.index(None)
             self.rows[seq.slot] = seq
             seq.status = Status.PREFILLING
@@ -128,19 +139,30 @@ class Scheduler:
             self._fill_from_prefix_cache(seq)
             if self.metrics is not None:
                 self.metrics.on_scheduled(seq.scheduled_at - seq.arrived_at)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prompt_key(self, seq: Sequence) -> bytes | None:
+        if not self.prefix_cache.enabled:
+            return None
+        seq.hasher = seq.hasher or self.prefix_cache.hasher(seq.prompt)
+        return seq.hasher.key(len(seq.prompt))
 
     def _fill_from_prefix_cache(self, seq: Sequence) -> None:
         self.cache.reset_slot(seq.slot)
         if not self.prefix_cache.enabled:
             return
-        seq.hasher = self.prefix_cache.hasher(seq.prompt)
+        seq.hasher = seq.hasher or self.prefix_cache.hasher(seq.prompt)
         found = self.prefix_cache.lookup(seq.hasher, len(seq.prompt))
+        seq.cut_points = sorted({found.branch_point, len(seq.prompt)} - {0})
         if found.snapshot is not None:
             self.cache.restore_slot(seq.slot, found.snapshot)
             seq.computed = seq.cached_tokens = found.snapshot.length
-        seq.cut_points = sorted({found.branch_point, len(seq.prompt)} - {0})
         if self.metrics is not None:
             self.metrics.on_prefix_query(len(seq.prompt), seq.cached_tokens, found.miss_reason)
+        if seq.prompt_left == 0:  # the whole prompt was cached with the logits after it
+            seq.status = Status.DECODING
+            logits = found.snapshot.next_logits
+            self._take_token(seq, logits, int(logits.argmax()))
 
     # -- prefill -----------------------------------------------------------------------------------
     def _prefill(self, budget: int) -> int:
@@ -163,7 +185,10 @@ class Scheduler:
             logits = self.model(ids, cache=view, last_logits_only=True).logits[0, -1]
         seq.computed = end
         if seq.hasher is not None and self._is_snapshot_point(seq, end) and self.prefix_cache.wants(seq.hasher, end):
-            self.prefix_cache.add(seq.hasher, self.cache.snapshot_slot(seq.slot))
+            snapshot = self.cache.snapshot_slot(seq.slot)
+            if end == len(seq.prompt):  # a repeat of this prompt will need no computation at all
+                snapshot.next_logits = logits.clone()
+            self.prefix_cache.add(seq.hasher, snapshot)
             self._report_prefix_cache()
         if end == len(seq.prompt):
             seq.status = Status.DECODING
