@@ -494,7 +494,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=64,
         metavar="N",
-        help="prefix snapshots every N tokens and at each prompt's end (default 64)",
+        help="prefix snapshots at multiples of N tokens where a prompt chunk ends, where a prompt leaves a "
+        "prefix seen before, and at each prompt's end (default 64)",
     )
     p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
     p.add_argument(
