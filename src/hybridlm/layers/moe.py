@@ -40,6 +40,11 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
+    # Whether this module holds every routed expert of the block. The MoE block's decode kernel routes
+    # and runs the experts in one call, so it applies only then; expert parallelism (hybridlm.distributed)
+    # replaces this module with one that holds a slice and says False.
+    holds_all_experts = True
+
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
         self.activation = config.activation
@@ -102,8 +107,12 @@ class MoE(BlockModule):
         shared_ND = None
         if self._fuses_input_projections(x_ND):
             logits_NE, shared_ND = self._fused_input_projections(x_ND)
-            if not self.training and native.moe_decode_applies(
-                x_ND, c.num_experts_per_tok, self.experts.input_proj, self.experts.down_proj, c.num_groups
+            if (
+                not self.training
+                and self.experts.holds_all_experts
+                and native.moe_decode_applies(
+                    x_ND, c.num_experts_per_tok, self.experts.input_proj, self.experts.down_proj, c.num_groups
+                )
             ):  # decoding: routing and routed experts in one kernel call
                 out_ND, _, _, self.last_tokens_per_expert = native.moe_decode(
                     x_ND, logits_NE, c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias,
