@@ -1,0 +1,32 @@
+"""Expert parallelism over torch.distributed: a built HybridLM's routed experts spread over ranks.
+
+Imported only when used (``import hybridlm`` does not load it). On every rank, after
+``torch.distributed.init_process_group``::
+
+    model = HybridLM(config)                  # same weights on every rank (same seed, or loaded)
+    shard_experts(model)                      # rank r keeps experts [r * E / W, (r + 1) * E / W)
+    logits = model(input_ids).logits          # each rank its own batch; dispatch / combine inside
+
+Training: each rank backpropagates its own loss, then ``average_gradients(model)``.
+Tracing the collectives: ``CollectiveTrace(store, run_id, rank=r).attach(model)``.
+"""
+
+from hybridlm.distributed.experts import (
+    SPAN_LAYER_TYPES,
+    ShardedExperts,
+    clock_ns,
+    expert_range,
+    shard_experts,
+    sharded_experts,
+)
+from hybridlm.distributed.gradients import average_gradients
+
+__all__ = [
+    "SPAN_LAYER_TYPES",
+    "ShardedExperts",
+    "average_gradients",
+    "clock_ns",
+    "expert_range",
+    "shard_experts",
+    "sharded_experts",
+]
