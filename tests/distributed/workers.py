@@ -158,3 +158,60 @@ def refusals_worker(rank: int, world_size: int) -> dict:
         except ValueError as error:
             messages[case] = str(error)
     return messages
+
+
+class RoutingLog:
+    """A block observer keeping each MoE block call's tokens per expert (this rank's tokens)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, Tensor]] = []
+
+    def before_block(self, index: int, layer_type: str, hidden: Tensor) -> None:
+        pass
+
+    def after_block(self, index: int, layer_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None:
+        if routing_counts is not None:
+            self.calls.append((index, routing_counts.clone()))
+
+
+def trace_worker(rank: int, world_size: int, store_path: Path) -> dict:
+    """A prefill and two decode steps with the collectives traced; rank 0 writes every rank's rows to a
+    trace store. Returns the raw spans, the routing of every MoE call, and clock readings around a barrier."""
+    import torch.distributed as dist
+
+    from hybridlm.distributed import CollectiveTrace, clock_ns, shard_experts, sharded_experts
+    from hybridlm.trace.store import TraceStore
+
+    torch.manual_seed(0)
+    model = shard_experts(HybridLM(tiny_config("ME*E")).eval())
+    trace = CollectiveTrace(rank=rank).attach(model)
+    spans = []
+    for experts in sharded_experts(model):  # keep the raw spans too, then let the trace record them
+
+        def record(*span, forward=experts.on_span):
+            spans.append(span)
+            forward(*span)
+
+        experts.on_span = record
+    routing = model.block_observer = RoutingLog()
+
+    before_barrier = clock_ns()
+    dist.barrier()
+    after_barrier = clock_ns()
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        cache = model.new_cache(batch_size=2, max_seq_len=8)
+        trace.phase = "prefill"
+        model(ids, cache=cache)
+        trace.phase = "decode"
+        for token in ([1, 2], [3, 4]):
+            model.decode_step(torch.tensor(token), cache)
+
+    rows = trace.gather_rows()
+    if rank == 0:
+        with TraceStore(store_path) as store:
+            run_id = store.new_run(model="debug-tiny ME*E", notes=f"expert parallel, {world_size} ranks")
+            store.add_events(run_id, rows)
+            store.end_run(run_id)
+    return {"spans": spans, "routing": routing.calls, "clock": (before_barrier, after_barrier)}

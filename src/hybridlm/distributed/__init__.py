@@ -8,7 +8,8 @@ Imported only when used (``import hybridlm`` does not load it). On every rank, a
     logits = model(input_ids).logits          # each rank its own batch; dispatch / combine inside
 
 Training: each rank backpropagates its own loss, then ``average_gradients(model)``.
-Tracing the collectives: ``CollectiveTrace(store, run_id, rank=r).attach(model)``.
+Tracing the collectives: ``trace = CollectiveTrace(rank=r).attach(model)``, then on rank 0
+``store.add_events(run_id, trace.gather_rows())`` (every rank calls ``gather_rows``).
 """
 
 from hybridlm.distributed.experts import (
@@ -20,9 +21,12 @@ from hybridlm.distributed.experts import (
     sharded_experts,
 )
 from hybridlm.distributed.gradients import average_gradients
+from hybridlm.distributed.trace import COLLECTIVE_LAYER_TYPES, CollectiveTrace
 
 __all__ = [
+    "COLLECTIVE_LAYER_TYPES",
     "SPAN_LAYER_TYPES",
+    "CollectiveTrace",
     "ShardedExperts",
     "average_gradients",
     "clock_ns",
