@@ -30,7 +30,7 @@ WORLD_SIZES = (1, 2, 4)
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     directory = tmp_path_factory.mktemp("weights")
-    models = {name: workers.save_weights(name, directory) for name in workers.CONFIGS}
+    models = {name: workers.save_weights(name, directory) for name in workers.PARITY_CONFIGS}
     return directory, models
 
 
@@ -41,7 +41,7 @@ def sharded_run(request, weights):
     return request.param, run_ranks(request.param, workers.parity_worker, directory), models
 
 
-@pytest.mark.parametrize("config", list(workers.CONFIGS))
+@pytest.mark.parametrize("config", workers.PARITY_CONFIGS)
 def test_logits_equal_single_process(sharded_run, config):
     world_size, results, models = sharded_run
     for rank in range(world_size):
@@ -51,7 +51,7 @@ def test_logits_equal_single_process(sharded_run, config):
         assert_close(got["decode_logits"], expected["decode_logits"], LOGITS_RTOL, name=f"rank {rank} decode logits")
 
 
-@pytest.mark.parametrize("config", list(workers.CONFIGS))
+@pytest.mark.parametrize("config", workers.PARITY_CONFIGS)
 def test_greedy_generation_identical(sharded_run, config):
     world_size, results, models = sharded_run
     for rank in range(world_size):
@@ -59,7 +59,7 @@ def test_greedy_generation_identical(sharded_run, config):
         assert torch.equal(results[rank][config]["generated"], expected["generated"]), f"rank {rank}"
 
 
-@pytest.mark.parametrize("config", list(workers.CONFIGS))
+@pytest.mark.parametrize("config", workers.PARITY_CONFIGS)
 def test_one_training_step_gradients_equal(sharded_run, config):
     """After average_gradients every rank holds the gradient of the mean of the ranks' losses: all of it
     for replicated parameters, its own rows for the experts (None there: no token reached them)."""

@@ -21,7 +21,9 @@ from tests.helpers import tiny_config
 CONFIGS = {
     "tiny": lambda: tiny_config("ME*E"),
     "nemotron": lambda: get_preset("debug-tiny-nemotron"),
+    "qwen3_next": lambda: get_preset("debug-tiny-qwen3-next"),  # loading only: gated shared expert, GDN
 }
+PARITY_CONFIGS = ("tiny", "nemotron")
 
 
 def save_weights(name: str, directory: Path, seed: int = 0) -> HybridLM:
@@ -78,7 +80,7 @@ def parity_worker(rank: int, world_size: int, weights: Path) -> dict:
     from hybridlm.distributed import average_gradients, shard_experts, sharded_experts
 
     results = {}
-    for name in CONFIGS:
+    for name in PARITY_CONFIGS:
         model = shard_experts(load_weights(name, weights))
         inputs = rank_inputs(rank, model.config)
         outputs = inference_outputs(model, inputs)
@@ -215,3 +217,36 @@ def trace_worker(rank: int, world_size: int, store_path: Path) -> dict:
             store.add_events(run_id, rows)
             store.end_run(run_id)
     return {"spans": spans, "routing": routing.calls, "clock": (before_barrier, after_barrier)}
+
+
+# checkpoint formats load_sharded reads: (format, family, config) -> how the experts lie on disk
+CHECKPOINTS = {
+    "hybridlm": ("hybridlm", None, "tiny"),  # stacked [E, 2I, D] and [E, D, I]: rows read
+    "nemotron_h": ("hf", "nemotron_h", "nemotron"),  # one up_proj and one down_proj per expert
+    "qwen3_next": ("hf", "qwen3_next", "qwen3_next"),  # per expert gate_proj, up_proj: halves of gate_up_proj
+}
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux /proc/self/io ``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar line")
+
+
+def loading_worker(rank: int, world_size: int, checkpoints: dict[str, Path]) -> dict:
+    """Each checkpoint loaded with this rank's experts only: its parameters, logits of this rank's
+    batch, and the bytes a second load read (the first one also imports and compiles what it needs)."""
+    from hybridlm.distributed.loading import load_sharded
+
+    results = {}
+    for name, path in checkpoints.items():
+        load_sharded(path)
+        before = bytes_read()
+        model = load_sharded(path)
+        read = bytes_read() - before
+        with torch.no_grad():
+            logits = model(rank_inputs(rank, model.config)["ids"]).logits
+        results[name] = {"state": model.state_dict(), "logits": logits, "bytes_read": read}
+    return results

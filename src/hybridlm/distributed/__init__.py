@@ -5,6 +5,7 @@ Imported only when used (``import hybridlm`` does not load it). On every rank, a
 
     model = HybridLM(config)                  # same weights on every rank (same seed, or loaded)
     shard_experts(model)                      # rank r keeps experts [r * E / W, (r + 1) * E / W)
+    model = load_sharded("checkpoint-dir")    # or: read only this rank's experts from the files
     logits = model(input_ids).logits          # each rank its own batch; dispatch / combine inside
 
 Training: each rank backpropagates its own loss, then ``average_gradients(model)``.
@@ -21,6 +22,7 @@ from hybridlm.distributed.experts import (
     sharded_experts,
 )
 from hybridlm.distributed.gradients import average_gradients
+from hybridlm.distributed.loading import load_sharded
 from hybridlm.distributed.trace import COLLECTIVE_LAYER_TYPES, CollectiveTrace
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "average_gradients",
     "clock_ns",
     "expert_range",
+    "load_sharded",
     "shard_experts",
     "sharded_experts",
 ]
