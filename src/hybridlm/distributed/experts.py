@@ -128,17 +128,22 @@ class ShardedExperts(Experts):
         end = clock_ns()
 
         if self.on_span is not None:
-            block_start = self._block_start_ns if self._block_start_ns is not None else dispatch_start
-            spans = (
-                ("moe_router", block_start, dispatch_start, None),
-                ("moe_dispatch", dispatch_start, experts_start, dispatch_entered),
-                ("moe_experts", experts_start, combine_start, None),
-                ("moe_combine", combine_start, end, combine_entered),
-            )
-            for layer_type, start, stop, entered in spans:
-                self.on_span(self.layer_index, layer_type, start, stop, entered, send_splits, recv_splits)
+            times = (dispatch_start, dispatch_entered, experts_start, combine_start, combine_entered, end)
+            self._record_spans(times, send_splits, recv_splits)
         self._block_start_ns = None
         return out_ND
+
+    def _record_spans(self, times: tuple[int, ...], send_splits: list[int], recv_splits: list[int]) -> None:
+        dispatch_start, dispatch_entered, experts_start, combine_start, combine_entered, end = times
+        block_start = self._block_start_ns if self._block_start_ns is not None else dispatch_start
+        spans = (
+            ("moe_router", block_start, dispatch_start, None),
+            ("moe_dispatch", dispatch_start, experts_start, dispatch_entered),
+            ("moe_experts", experts_start, combine_start, None),
+            ("moe_combine", combine_start, end, combine_entered),
+        )
+        for layer_type, start, stop, entered in spans:
+            self.on_span(self.layer_index, layer_type, start, stop, entered, send_splits, recv_splits)
 
     def _run_local_experts(self, x_RD: Tensor, received_WL: Tensor) -> Tensor:
         """The R received rows lie by sending rank, then by local expert (each sender sorted its pairs)."""

@@ -99,5 +99,5 @@ class CollectiveTrace:
         rows, self.rows = self.rows, []
         is_first = dist.get_rank(group) == 0
         gathered: list[list[tuple]] | None = [[] for _ in range(dist.get_world_size(group))] if is_first else None
-        dist.gather_object(rows, gathered, dst=dist.get_global_rank(group, 0) if group else 0, group=group)
+        dist.gather_object(rows, gathered, dst=0 if group is None else dist.get_global_rank(group, 0), group=group)
         return [row for rank_rows in gathered for row in rank_rows] if is_first else []
