@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from hybridlm.distributed.exchange import ProcessGroup, exchange_counts, exchange_rows
 from hybridlm.layers.moe import Experts
 from hybridlm.ops.moe import tokens_per_expert
+from hybridlm.trace.schema import EXPERT_PARALLEL_LAYER_TYPES
 
 # on_span(layer_index, layer_type, start_ns, end_ns, entered_ns, tokens_sent, tokens_received)
 SpanRecorder = Callable[[int, str, int, int, "int | None", list[int], list[int]], None]
-SPAN_LAYER_TYPES = ("moe_router", "moe_dispatch", "moe_experts", "moe_combine")
+SPAN_LAYER_TYPES = EXPERT_PARALLEL_LAYER_TYPES  # the trace schema names them
 
 
 def clock_ns() -> int:

@@ -23,9 +23,11 @@ from hybridlm.blocks import LAYER_TYPES as BLOCK_LAYER_TYPES
 
 # Layer types in events.layer_type: every block's (from the block registry, in its order), then
 # the two that only kernels have: 'moe_a2a' (MoE all-to-all dispatch / combine) and 'comm' (other
-# collectives), written by the importers.
+# collectives), written by the importers; then the parts of an MoE block whose experts are spread
+# over ranks (hybridlm.distributed), each recorded per rank.
 KERNEL_ONLY_LAYER_TYPES = ("moe_a2a", "comm")
-LAYER_TYPES: tuple[str, ...] = (*BLOCK_LAYER_TYPES, *KERNEL_ONLY_LAYER_TYPES)
+EXPERT_PARALLEL_LAYER_TYPES = ("moe_router", "moe_dispatch", "moe_experts", "moe_combine")
+LAYER_TYPES: tuple[str, ...] = (*BLOCK_LAYER_TYPES, *KERNEL_ONLY_LAYER_TYPES, *EXPERT_PARALLEL_LAYER_TYPES)
 PHASES = ("prefill", "decode", "train")
 RUN_KINDS = ("recorded", "imported")
 
