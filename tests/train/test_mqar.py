@@ -109,7 +109,7 @@ def test_recall_accuracy_reads_only_the_query_positions():
 
 @pytest.mark.parametrize("vocab_size", [64, 18])  # few keys per row (drawn with rejection) and many (ranked)
 def test_keys_and_values_are_drawn_uniformly(vocab_size):
-    config, split = _generate(num_examples=4000, vocab_size=vocab_size, seq_len=16, num_pairs=4)
+    _, split = _generate(num_examples=4000, vocab_size=vocab_size, seq_len=16, num_pairs=4)
     half = vocab_size // 2
     key_counts = np.bincount(split.inputs[:, 0:8:2].flatten().numpy(), minlength=half)[1:]
     value_counts = np.bincount(split.inputs[:, 1:8:2].flatten().numpy(), minlength=vocab_size)[half:]
