@@ -106,6 +106,7 @@ class SlotSnapshot:
     length: int
     tensors: list[Tensor]  # one per slot tensor of the cache, in ``HybridCache._slot_tensors`` order
     next_logits: Tensor | None = None  # the logits after token ``length`` where the caller kept them
+    id: int | None = None  # a name the caller may give it (the serving engine's mirrored ranks do)
 
     @property
     def nbytes(self) -> int:

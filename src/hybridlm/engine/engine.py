@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,7 @@ from hybridlm.engine.prefix_cache import PrefixCache
 from hybridlm.engine.requests import Completion, EngineStopped, QueueFull, RequestError, SamplingParams
 from hybridlm.engine.scheduler import Scheduler
 from hybridlm.engine.sequence import Sequence
+from hybridlm.engine.worker import MirroredWorker, SlotWorker
 from hybridlm.memory import free_memory_bytes
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import Decoder
@@ -159,6 +160,7 @@ class Engine:
         *,
         eos_token_id: int | None = None,
         metrics: EngineMetrics | None = None,
+        expert_group: Any = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.config.check()
@@ -176,9 +178,12 @@ class Engine:
             block_timer = metrics.block_timer(inner=model.block_observer)
             model.block_observer = block_timer
             metrics.set_memory(self._memory_by_kind())
-        self.scheduler = Scheduler(
-            model, self.cache, self.prefix_cache, self.config.step_token_budget, metrics, block_timer
+        # With experts spread over the ranks of ``expert_group``, the other ranks replay every call
+        # (``hybridlm.engine.worker.follow``); alone, the worker runs them here.
+        worker = (
+            SlotWorker(model, self.cache) if expert_group is None else MirroredWorker(model, self.cache, expert_group)
         )
+        self.scheduler = Scheduler(worker, self.prefix_cache, self.config.step_token_budget, metrics, block_timer)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: list[Sequence] = []
@@ -189,6 +194,7 @@ class Engine:
         self._stop = False
         self._drain = True
         self.error: BaseException | None = None  # what stopped the scheduler thread, if it failed
+        self._stopped_workers = False
 
     # -- facts -------------------------------------------------------------------------------------
     def memory_report(self) -> dict:
@@ -415,4 +421,7 @@ class Engine:
             self._accepting = False
         self.scheduler.abort_all("abort")
         self._handles.clear()
+        if not self._stopped_workers:
+            self._stopped_workers = True
+            self.scheduler.worker.stop()
         self._close_trace()

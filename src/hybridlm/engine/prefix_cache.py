@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,7 @@ class PrefixCache:
         self._evicted: OrderedDict[bytes, None] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
+        self.on_evict: Callable[[SlotSnapshot], None] | None = None  # told of each snapshot evicted
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +162,8 @@ class PrefixCache:
     def _evict_oldest(self) -> None:
         key, old = self._snapshots.popitem(last=False)
         self.bytes -= old.nbytes
+        if self.on_evict is not None:
+            self.on_evict(old)
         self.evictions += 1
         self._lengths[old.length] -= 1
         if not self._lengths[old.length]:

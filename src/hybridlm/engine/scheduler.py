@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hybridlm.cache import HybridCache
 from hybridlm.engine.prefix_cache import PrefixCache
 from hybridlm.engine.sequence import Sequence, Status
-from hybridlm.model import HybridLM
+from hybridlm.engine.worker import SlotWorker
 
 if TYPE_CHECKING:
     from hybridlm.engine.metrics import BlockTimer, EngineMetrics
@@ -46,23 +45,22 @@ MIN_PREFILL_TOKENS = 16
 class Scheduler:
     def __init__(
         self,
-        model: HybridLM,
-        cache: HybridCache,
+        worker: SlotWorker,
         prefix_cache: PrefixCache,
         step_token_budget: int,
         metrics: EngineMetrics | None = None,
         block_timer: BlockTimer | None = None,
         tracer: Tracer | None = None,
     ) -> None:
-        self.model = model
-        self.cache = cache
+        self.worker = worker
         self.prefix_cache = prefix_cache
+        prefix_cache.on_evict = worker.forget
         self.step_token_budget = step_token_budget
         self.metrics = metrics
         self.block_timer = block_timer
         self.tracer = tracer
         self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence | None] = [None] * cache.batch_size  # which sequence holds each slot
+        self.rows: list[Sequence | None] = [None] * worker.num_slots  # which sequence holds each slot
         self.steps = 0
 
     # -- state -------------------------------------------------------------------------------------
@@ -148,14 +146,14 @@ class Scheduler:
         return seq.hasher.key(len(seq.prompt))
 
     def _fill_from_prefix_cache(self, seq: Sequence) -> None:
-        self.cache.reset_slot(seq.slot)
+        self.worker.reset_slot(seq.slot)
         if not self.prefix_cache.enabled:
             return
         seq.hasher = seq.hasher or self.prefix_cache.hasher(seq.prompt)
         found = self.prefix_cache.lookup(seq.hasher, len(seq.prompt))
         seq.cut_points = sorted({found.branch_point, len(seq.prompt)} - {0})
         if found.snapshot is not None:
-            self.cache.restore_slot(seq.slot, found.snapshot)
+            self.worker.restore(seq.slot, found.snapshot)
             seq.computed = seq.cached_tokens = found.snapshot.length
         if self.metrics is not None:
             self.metrics.on_prefix_query(len(seq.prompt), seq.cached_tokens, found.miss_reason)
@@ -179,13 +177,11 @@ class Scheduler:
     def _prefill_piece(self, seq: Sequence, budget: int) -> int:
         start = seq.computed
         end = self._piece_end(seq, start, min(len(seq.prompt), start + budget))
-        ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.model.device)
-        view = self.cache.narrow(seq.slot, 1)
         with self._traced("prefill", [(seq.request_id, end - start)]):
-            logits = self.model(ids, cache=view, last_logits_only=True).logits[0, -1]
+            logits = self.worker.prefill(seq.slot, seq.prompt[start:end])
         seq.computed = end
         if seq.hasher is not None and self._is_snapshot_point(seq, end) and self.prefix_cache.wants(seq.hasher, end):
-            snapshot = self.cache.snapshot_slot(seq.slot)
+            snapshot = self.worker.snapshot(seq.slot)
             if end == len(seq.prompt):  # a repeat of this prompt will need no computation at all
                 snapshot.next_logits = logits.clone()
             self.prefix_cache.add(seq.hasher, snapshot)
@@ -213,11 +209,9 @@ class Scheduler:
     # -- decode ------------------------------------------------------------------------------------
     def _decode(self, decoding: list[Sequence]) -> None:
         """One token for each decoding sequence: they sit in rows 0 .. len(decoding) - 1."""
-        count = len(decoding)
         assert all(seq.slot == row for row, seq in enumerate(decoding)), "decoding slots must come first"
-        tokens = torch.tensor([seq.last_token for seq in decoding], dtype=torch.long, device=self.model.device)
         with self._traced("decode", [(seq.request_id, 1) for seq in decoding]):
-            logits = self.model.decode_step(tokens, self.cache.narrow(0, count))
+            logits = self.worker.decode([seq.last_token for seq in decoding])
         greedy = logits.argmax(dim=-1).tolist()
         for row, seq in enumerate(decoding):
             if seq.status is Status.DECODING:
@@ -256,13 +250,11 @@ class Scheduler:
     def _swap(self, a: int, b: int) -> None:
         first, second = self.rows[a], self.rows[b]
         if first is None:
-            self.cache.copy_slot(b, a)
+            self.worker.copy_slot(b, a)
         elif second is None:
-            self.cache.copy_slot(a, b)
-        else:  # both hold a sequence: through a snapshot of one
-            held = self.cache.snapshot_slot(a)
-            self.cache.copy_slot(b, a)
-            self.cache.restore_slot(b, held)
+            self.worker.copy_slot(a, b)
+        else:
+            self.worker.swap_slots(a, b)
         self.rows[a], self.rows[b] = second, first
         for row in (a, b):
             if self.rows[row] is not None:
