@@ -1,6 +1,8 @@
 """`hybridlm train` through its own parser: flags named in errors, text runs, outputs, resume checks."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -33,6 +35,8 @@ def text_file(tmp_path):
         (["--pattern", "M*", "--aux-loss-coef", "0"], r"^--aux-loss-coef: pattern 'M\*' has no MoE block"),
         (["--pattern", "M*", "--aux-loss-free"], r"aux_loss_free balancing needs MoE blocks"),
         (["--quick", "--data", "text:x.txt"], r"^--quick is the quick MQAR setting"),
+        (["--data", "text:x.txt", "--num-pairs", "4"], r"^--num-pairs is an MQAR option; this run trains on text:"),
+        (["--tokenizer", "tok"], r"^--tokenizer applies to text data"),
     ],
 )
 def test_bad_flags_are_one_error_naming_the_flag(argv, message):
@@ -74,6 +78,11 @@ def test_a_preset_model_gets_the_data_vocabulary_and_aux_loss_free_bias(capsys):
     assert capsys.readouterr().out.startswith("held-out recall ")
 
 
+def test_a_shorter_quick_run_warms_up_for_a_tenth_of_its_steps(capsys):
+    assert run_train_cli("--quick", "--steps", "20") == 0  # --quick's own warmup (100) would exceed 20 steps
+    assert capsys.readouterr().out.startswith("held-out recall ")
+
+
 def test_text_through_a_tokenizer_json(text_file, tmp_path):
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -86,3 +95,30 @@ def test_text_through_a_tokenizer_json(text_file, tmp_path):
     assert data.train.inputs[0].tolist() == ids[:8] and data.train.labels[0].tolist() == ids[1:9]
     with pytest.raises(ValueError, match=r"no tokenizer\.json"):
         text_data(text_file, seq_len=8, tokenizer_dir=tmp_path)
+
+
+def _main_cli_with_train(*argv: str) -> subprocess.CompletedProcess:
+    """`hybridlm ARGV` as the main CLI will run it once hybridlm.train.cli is among its subcommand modules."""
+    code = (
+        "import sys, hybridlm.cli as cli\n"
+        "cli.SUBCOMMAND_MODULES = (*cli.SUBCOMMAND_MODULES, 'hybridlm.train.cli')\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_through_the_main_cli_an_error_is_one_line_and_exit_2():
+    run = _main_cli_with_train("train", "--lr", "-1")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["hybridlm train: error: --lr -1.0: expected a positive number"]
+
+
+def test_through_the_main_cli_a_run_trains_and_prints_recall(tmp_path):
+    run = _main_cli_with_train("train", "--quick", "--steps", "10", "--trace", str(tmp_path / "t.duckdb"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("held-out recall ") and "trace: run " in run.stderr
+
+
+def test_importing_the_train_cli_loads_no_torch():
+    code = "import sys, hybridlm.train.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -177,15 +177,24 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["bf16"], values["aux_loss_free"] = args.bf16, args.aux_loss_free
-    if "warmup_steps" not in values and "steps" in values:
-        values["warmup_steps"] = min(TrainConfig.warmup_steps, values["steps"] // 10)
+    if args.warmup_steps is None and args.steps is not None:  # a shorter run than the default warms up less
+        values["warmup_steps"] = min(values.get("warmup_steps", TrainConfig.warmup_steps), args.steps // 10)
     config = TrainConfig(**values)
     config.check()
     return config
 
 
+MQAR_FLAGS = ("vocab_size", "num_pairs", "power_a", "num_train_examples", "num_eval_examples", "zero_filler")
+
+
 def _build_data(args: argparse.Namespace) -> TrainData:
     seed = args.seed if args.seed is not None else 0
+    if args.data == "mqar" and args.tokenizer is not None:
+        raise ValueError("--tokenizer applies to text data; MQAR tokens are ids below --vocab-size")
+    if args.data != "mqar":
+        given = [name for name in MQAR_FLAGS if getattr(args, name) not in (None, False)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an MQAR option; this run trains on {args.data}")
     if args.data == "mqar":
         from hybridlm.train.mqar import MQARConfig, mqar_data
 
@@ -266,3 +275,8 @@ def _with_flag_names(build: Any) -> Any:
                 flag = {"random_filler": "zero-filler"}.get(name, name.replace("_", "-"))
                 message = f"--{flag} {rest}" if rest else message
         raise ValueError(message) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The main CLI's hook for subcommand modules (``SUBCOMMAND_MODULES`` in hybridlm/cli.py)."""
+    add_train_parser(subparsers)

@@ -13,13 +13,13 @@ from hybridlm.progress import _is_enabled
 
 
 class TrainProgress:
-    def __init__(self, description: str, total: int, completed: int = 0) -> None:
-        self.description, self.total, self.completed = description, total, completed
+    def __init__(self, description: str, total: int, completed: int = 0, enabled: bool = True) -> None:
+        self.description, self.total, self.completed, self.enabled = description, total, completed, enabled
         self._bar: Any = None
         self._task: Any = None
 
     def __enter__(self) -> TrainProgress:
-        if not _is_enabled():
+        if not (self.enabled and _is_enabled()):
             return self
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from hybridlm.train.config import TrainConfig, lr_factor
 from hybridlm.train.data import IGNORE_INDEX, TrainData
 from hybridlm.train.evaluation import EvalResult, evaluate
 from hybridlm.train.progress import TrainProgress
+
+if TYPE_CHECKING:
+    from hybridlm.train.tracing import TrainTrace
 
 # Settings a resumed run may change: they decide when to look, not what is computed.
 RESUMABLE_CHANGES = ("eval_every", "eval_batch_size", "checkpoint_every", "stop_at_accuracy")
@@ -94,9 +98,11 @@ class Trainer:
         model_name: str = "model",
         command: str = "",
         log: Callable[[str], None] | None = None,
+        show_progress: bool = True,
     ) -> None:
         """``out_dir``: checkpoints go to ``out_dir/checkpoint.pt``; ``trace_path``: a trace database to
-        record the run into; ``log``: receives one line per evaluation and checkpoint."""
+        record the run into; ``log``: receives one line per evaluation and checkpoint; ``show_progress``:
+        a progress bar on stderr when it is a terminal (an ablation running many short runs turns it off)."""
         config.check()
         data.check_fits(config.batch_size)
         if data.vocab_size > model.config.vocab_size:
@@ -112,6 +118,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.trace_path, self.model_name, self.command = trace_path, model_name, command
         self.log = log or (lambda line: None)
+        self.show_progress = show_progress
         self.optimizer = build_optimizer(model, config)
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         self.step = 0
@@ -132,7 +139,8 @@ class Trainer:
         result.trace_run_id = None if trace is None else trace.run_id
         complete = False
         try:
-            with TrainProgress(f"training {self.model_name}", self.config.steps, self.step) as bar:
+            description = f"training {self.model_name}"
+            with TrainProgress(description, self.config.steps, self.step, enabled=self.show_progress) as bar:
                 while self.step < target:
                     record = self.train_step(trace)
                     bar.update(record.step, record.loss, record.tokens_per_second, record.expert_max_over_mean)
@@ -162,7 +170,7 @@ class Trainer:
             self.save_checkpoint()
         return False
 
-    def train_step(self, trace=None) -> StepRecord:
+    def train_step(self, trace: TrainTrace | None = None) -> StepRecord:
         """One optimizer step over ``grad_accum`` micro-batches."""
         config, model = self.config, self.model
         model.train()
@@ -227,7 +235,7 @@ class Trainer:
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _open_trace(self):
+    def _open_trace(self) -> TrainTrace:
         from hybridlm.train.tracing import TrainTrace
 
         notes = {"train_config": self.config.to_dict(), "data": self.data.name, "first_step": self.step}
