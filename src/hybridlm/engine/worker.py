@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hybridlm.cache import HybridCache, SlotSnapshot
+from hybridlm.generation import pad_prompts
 from hybridlm.model import HybridLM
 
 
@@ -31,10 +32,14 @@ class SlotWorker:
     def num_slots(self) -> int:
         return self.cache.batch_size
 
-    def prefill(self, slot: int, ids: list[int]) -> Tensor:
-        """Append prompt tokens to one slot: the logits after the last of them [vocab]."""
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        return self.model(tokens, cache=self.cache.narrow(slot, 1), last_logits_only=True).logits[0, -1]
+    def prefill(self, first_slot: int, pieces: list[list[int]]) -> Tensor:
+        """Append piece i to slot first_slot + i (several pieces: each slot's first, left-padded into
+        one batch): the logits after the last token of each piece [len(pieces), vocab]."""
+        ids, mask = pad_prompts(pieces)
+        ids = ids.to(self.model.device)
+        mask = None if mask is None else mask.to(self.model.device)
+        view = self.cache.narrow(first_slot, len(pieces))
+        return self.model(ids, cache=view, attention_mask=mask, last_logits_only=True).logits[:, -1]
 
     def decode(self, tokens: list[int]) -> Tensor:
         """One token for each of slots 0 .. len(tokens) - 1: their next-token logits [n, vocab]."""
@@ -80,9 +85,9 @@ class MirroredWorker(SlotWorker):
 
         dist.broadcast_object_list([command], src=0, group=self.group)
 
-    def prefill(self, slot: int, ids: list[int]) -> Tensor:
-        self._tell("prefill", slot, list(ids))
-        return super().prefill(slot, ids)
+    def prefill(self, first_slot: int, pieces: list[list[int]]) -> Tensor:
+        self._tell("prefill", first_slot, [list(piece) for piece in pieces])
+        return super().prefill(first_slot, pieces)
 
     def decode(self, tokens: list[int]) -> Tensor:
         self._tell("decode", list(tokens))
