@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import sys
@@ -32,33 +33,92 @@ def check_device(name: str) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from hybridlm.loading import load_model, parse_dtype
-    from hybridlm.trace.profile import Workload, run_profile
-    from hybridlm.trace.report import print_profile_summary
-    from hybridlm.trace.store import TraceStore, check_trace_path, open_readonly
+    from hybridlm.loading import parse_dtype, resolve_config
+    from hybridlm.trace.profile import Workload
+    from hybridlm.trace.store import check_trace_path
 
     low, high = args.prompt_len
     workload = Workload(args.batch_size, low, high, args.new_tokens, args.requests, args.seed)
     workload.check()  # a bad workload, device or database path is refused before the model is built
     check_trace_path(Path(args.db))
     device = check_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
+    parse_dtype(args.dtype)
     command = "hybridlm " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("hybridlm") else ""
+    if args.routing_skew is not None:
+        from hybridlm.distributed.skew import check_routing_skew
+
+        check_routing_skew(args.routing_skew)
+    if args.ep is None:
+        return _profile(args, workload, device, command)
+    from hybridlm.distributed.launch import check_expert_parallel, run_on_ranks
+    from hybridlm.trace.profile import check_shards
+
+    if args.kernels:
+        raise ValueError(f"--kernels with --ep {args.ep}: operator traces of several ranks are not supported yet")
+    check_expert_parallel(args.ep, resolve_config(args.model), device)
+    check_shards(workload, args.ep)
+    return run_on_ranks(args.ep, device, args.threads, _profile_rank, args, workload, command)
+
+
+def _profile(args: argparse.Namespace, workload, device: str, command: str) -> int:
+    """One process, every expert in it."""
+    from hybridlm.loading import load_model, parse_dtype
+    from hybridlm.trace.profile import run_profile
+    from hybridlm.trace.store import TraceStore
+
+    model = load_model(args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=device)
+    notes = _apply_skew(model, args)
     began = time.perf_counter()
     with TraceStore(args.db) as store:
-        run_id = run_profile(model, store, workload, args.model, kernels=args.kernels, command=command)
-    elapsed = time.perf_counter() - began
+        run_id = run_profile(model, store, workload, args.model, kernels=args.kernels, command=command, notes=notes)
+    _print_profile(args, workload, run_id, time.perf_counter() - began)
+    return 0
+
+
+def _profile_rank(rank: int, world_size: int, device: str, args: argparse.Namespace, workload, command: str) -> int:
+    """One rank of `hybridlm profile --ep N`: its experts, its share of each batch; rank 0 writes and prints."""
+    from hybridlm.distributed.launch import build_rank_model
+    from hybridlm.loading import parse_dtype
+    from hybridlm.trace.profile import run_profile_on_ranks
+    from hybridlm.trace.store import TraceStore
+
+    model = build_rank_model(args.model, args.seed, parse_dtype(args.dtype), device, rank)
+    notes = _apply_skew(model, args)
+    began = time.perf_counter()
+    with TraceStore(args.db) if rank == 0 else contextlib.nullcontext() as store:
+        run_id = run_profile_on_ranks(model, store, workload, args.model, rank, world_size, command, notes)
+    if rank == 0:
+        _print_profile(args, workload, run_id, time.perf_counter() - began)
+    return 0
+
+
+def _apply_skew(model, args: argparse.Namespace) -> dict:
+    """The routing skew asked for (none for 0), as the run's notes record it."""
+    if not args.routing_skew:
+        return {}
+    from hybridlm.distributed.skew import apply_routing_skew
+
+    skew = apply_routing_skew(model, args.routing_skew, seed=args.seed)
+    hottest = {layer: skew.hottest_experts(layer) for layer in skew.offsets}
+    return {"routing_skew": {"exponent": args.routing_skew, "seed": args.seed, "hottest_experts": hottest}}
+
+
+def _print_profile(args: argparse.Namespace, workload, run_id: str, elapsed: float) -> None:
+    from hybridlm.trace.report import print_profile_summary
+    from hybridlm.trace.store import open_readonly
+
+    ranks = f" on {args.ep} ranks" if args.ep else ""
+    skew = f", routing skew {args.routing_skew:g}" if args.routing_skew else ""
     print(
         f"run {run_id}: {workload.num_requests} requests in batches of {workload.batch_size}, prompts "
-        f"{low}-{high} tokens, {workload.new_tokens} new tokens; traced in {elapsed:.1f} s into {args.db}"
+        f"{workload.min_prompt_len}-{workload.max_prompt_len} tokens, {workload.new_tokens} new tokens{ranks}{skew}; "
+        f"traced in {elapsed:.1f} s into {args.db}"
     )
     con = open_readonly(args.db)
     try:
         print_profile_summary(con, run_id)
     finally:
         con.close()
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -127,6 +187,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--kernels", action="store_true", help="also record every operator/kernel under torch.profiler")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
+        "joins torchrun's; each batch is split over the ranks; all ranks' calls go to --db with their rank",
+    )
+    p.add_argument(
+        "--routing-skew",
+        type=float,
+        default=None,
+        metavar="S",
+        help="unbalance the routing: add a Zipf offset of exponent S (in units of the router's logit spread) to "
+        "every router's logits, over a seeded order of the experts; 0 = none. Changes the model's outputs",
+    )
     p.set_defaults(func=cmd_profile)
 
     about = "decomposition tables, baseline comparison (CI gate), PNG and Perfetto"
