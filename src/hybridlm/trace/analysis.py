@@ -25,7 +25,7 @@ from datetime import datetime
 import duckdb
 
 from hybridlm.trace import classify
-from hybridlm.trace.schema import LAYER_TYPES, PHASES, TraceError
+from hybridlm.trace.schema import EXPERT_PARALLEL_LAYER_TYPES, LAYER_TYPES, PHASES, TraceError
 
 ALL_LAYERS = "all layers"  # layer_type of the aggregate row over every call of a phase
 ALL_PHASES = "all"  # phase of the rows over every phase of a run
@@ -112,6 +112,7 @@ class DecompositionRow:
     tail_ratio: float | None  # p99 / p50; None when p50 is 0
     share_of_wall: float | None  # time the calls cover / wall_us (= total_us / wall_us for block calls)
     source: str  # the events decomposed: 'layer', 'cuda', 'cpu', ...
+    ranks: int = 1  # ranks whose events the row pools (expert parallelism); wall_us sums their steps
 
     @property
     def is_aggregate(self) -> bool:
@@ -303,35 +304,59 @@ def wall_times(con: duckdb.DuckDBPyConnection, run_id: str, source: str) -> tupl
 # intervals, by the gaps-and-islands method (a call opens a new island when it starts after every
 # earlier call of its group has ended). Calls that overlap (a CPU operator and the operators it
 # calls, kernels on two streams) count once; block calls never overlap, so for them it is their sum.
+# Each rank's calls are united apart (ranks run at the same time; their wall times add up, see
+# `wall_times`), and the aggregate leaves out the parts of expert-parallel MoE blocks, which lie
+# inside the block's own call.
 _COVERED_SQL = """
 WITH e AS (
-    SELECT coalesce(layer_type, $other) AS lt, phase, start_us AS s, start_us + duration_us AS f
+    SELECT coalesce(layer_type, $other) AS lt, phase, coalesce(rank, 0) AS rk, start_us AS s,
+           start_us + duration_us AS f
     FROM events WHERE run_id = $run AND source = $source AND start_us IS NOT NULL AND duration_us IS NOT NULL
 ), keyed AS (
-    SELECT lt, phase, s, f FROM e WHERE phase IS NOT NULL
-    UNION ALL SELECT lt, $all_phases, s, f FROM e
-    UNION ALL SELECT $all_layers, phase, s, f FROM e WHERE phase IS NOT NULL
-    UNION ALL SELECT $all_layers, $all_phases, s, f FROM e
+    SELECT lt, phase, rk, s, f FROM e WHERE phase IS NOT NULL
+    UNION ALL SELECT lt, $all_phases, rk, s, f FROM e
+    UNION ALL SELECT $all_layers, phase, rk, s, f FROM e WHERE phase IS NOT NULL AND NOT list_contains($parts, lt)
+    UNION ALL SELECT $all_layers, $all_phases, rk, s, f FROM e WHERE NOT list_contains($parts, lt)
 ), marked AS (
-    SELECT lt, phase, s, f,
-           max(f) OVER (PARTITION BY lt, phase ORDER BY s, f ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS seen
+    SELECT lt, phase, rk, s, f,
+           max(f) OVER (PARTITION BY lt, phase, rk ORDER BY s, f ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS seen
     FROM keyed
 ), islands AS (
-    SELECT lt, phase, s, f,
+    SELECT lt, phase, rk, s, f,
            sum(CASE WHEN seen IS NULL OR s > seen THEN 1 ELSE 0 END)
-               OVER (PARTITION BY lt, phase ORDER BY s, f ROWS UNBOUNDED PRECEDING) AS island
+               OVER (PARTITION BY lt, phase, rk ORDER BY s, f ROWS UNBOUNDED PRECEDING) AS island
     FROM marked
 )
 SELECT lt, phase, sum(length) FROM (
-    SELECT lt, phase, max(f) - min(s) AS length FROM islands GROUP BY lt, phase, island
+    SELECT lt, phase, max(f) - min(s) AS length FROM islands GROUP BY lt, phase, rk, island
 ) GROUP BY lt, phase
 """
 
 
 def covered_times(con: duckdb.DuckDBPyConnection, run_id: str, source: str) -> dict[tuple[str, str], float]:
     """{(layer type or ALL_LAYERS, phase or ALL_PHASES): µs during which a call of that group ran}."""
-    params = {"run": run_id, "source": source, "other": OTHER, "all_phases": ALL_PHASES, "all_layers": ALL_LAYERS}
+    params = {"run": run_id, "source": source, "other": OTHER, "all_phases": ALL_PHASES, "all_layers": ALL_LAYERS,
+              "parts": list(EXPERT_PARALLEL_LAYER_TYPES)}  # fmt: skip
     return {(lt, phase): covered for lt, phase, covered in con.execute(_COVERED_SQL, params).fetchall()}
+
+
+# Per (layer type, phase), per layer type, and the aggregates per phase and overall. The aggregates pool
+# every call but the parts of expert-parallel MoE blocks (EXPERT_PARALLEL_LAYER_TYPES): those lie inside
+# the block's own call ('moe'), which the aggregate already holds.
+_DECOMPOSITION_SQL = """
+WITH e AS (
+    SELECT coalesce(layer_type, $other) AS lt, phase, duration_us FROM events
+    WHERE run_id = $run AND source = $source AND duration_us IS NOT NULL
+)
+SELECT lt, phase, grouping(lt), grouping(phase), count(*), quantile_cont(duration_us, [0.5, 0.99]),
+       avg(duration_us), sum(duration_us)
+FROM e GROUP BY GROUPING SETS ((lt, phase), (lt))
+UNION ALL
+SELECT NULL, phase, 1, grouping(phase), count(*), quantile_cont(duration_us, [0.5, 0.99]), avg(duration_us),
+       sum(duration_us)
+FROM e WHERE NOT list_contains($parts, lt) GROUP BY GROUPING SETS ((phase), ())
+"""
 
 
 def decomposition(
@@ -341,25 +366,23 @@ def decomposition(
 
     With `phase=None`, rows for each phase the run has (prefill, decode, train, ...) and then for
     ALL_PHASES; with a phase, that phase's rows only. Each phase ends with the aggregate row
-    (layer_type ALL_LAYERS) over every call. `source` picks the events (see `event_source`):
+    (layer_type ALL_LAYERS) over every call (but the parts of an expert-parallel MoE block, which lie
+    inside its 'moe' call). `source` picks the events (see `event_source`):
     block calls for a recorded run, kernels (layer_type from the importer; NULL -> OTHER) for an
     imported one. Events without a phase (kernels of an imported trace) appear in ALL_PHASES only.
 
     share_of_wall is the time the type's calls cover divided by the wall time (`wall_times`): for
     block calls, which never overlap, their summed duration; nested CPU operators or kernels
-    overlapping on several streams count once, so that no share exceeds 100%.
+    overlapping on several streams count once, so that no share exceeds 100%. A run of several ranks
+    pools their calls: each rank's calls are united apart, and its wall time sums their steps.
     """
     source = event_source(con, run_id, source)
-    rows = con.execute(
-        """
-        SELECT coalesce(layer_type, ?) AS lt, phase, grouping(lt), grouping(phase), count(*),
-               quantile_cont(duration_us, [0.5, 0.99]), avg(duration_us), sum(duration_us)
-        FROM events WHERE run_id = ? AND source = ? AND duration_us IS NOT NULL
-        GROUP BY GROUPING SETS ((lt, phase), (lt), (phase), ())
-        """,
-        [OTHER, run_id, source],
-    ).fetchall()
+    rows = con.execute(_DECOMPOSITION_SQL, {"other": OTHER, "run": run_id, "source": source,
+                                            "parts": list(EXPERT_PARALLEL_LAYER_TYPES)}).fetchall()  # fmt: skip
     walls, basis = wall_times(con, run_id, source)
+    [(ranks,)] = con.execute(
+        "SELECT count(DISTINCT coalesce(rank, 0)) FROM events WHERE run_id = ? AND source = ?", [run_id, source]
+    ).fetchall()
     covered = covered_times(con, run_id, source)
     result = []
     for layer_type, row_phase, all_types, all_phases, calls, (p50, p99), mean, total in rows:
@@ -385,6 +408,7 @@ def decomposition(
                 tail_ratio=p99 / p50 if p50 else None,
                 share_of_wall=busy / wall if wall and busy is not None else None,
                 source=source,
+                ranks=max(ranks, 1),
             )
         )
     if phase is not None and not result:

@@ -9,6 +9,7 @@ from typing import Any
 
 from hybridlm.trace.analysis import Change, DecompositionRow, RuleRow, RunSummary, finite_or_none
 from hybridlm.trace.imbalance import ImbalanceRow
+from hybridlm.trace.report.ranks import RankReport
 
 
 def _plain(value: Any) -> Any:
@@ -30,9 +31,11 @@ def to_json(
     *,
     run: RunSummary | None = None,
     rules: Sequence[RuleRow] = (),
+    ranks: RankReport | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """The same data as `tables.render_tables`, as a JSON document."""
+    """The same data as `tables.render_tables`, as a JSON document (``expert_parallel``: null for a run
+    without expert-parallel MoE blocks)."""
     doc: dict[str, Any] = {}
     if run is not None:
         doc["run"] = {**dataclasses.asdict(run), "num_events": run.num_events, "complete": run.is_complete}
@@ -40,6 +43,7 @@ def to_json(
     doc["decomposition"] = [{**dataclasses.asdict(r), "is_aggregate": r.is_aggregate} for r in rows]
     doc["attribution_rules"] = [dataclasses.asdict(r) for r in rules]
     doc["moe_imbalance"] = [dataclasses.asdict(r) for r in imbalance]
+    doc["expert_parallel"] = None if ranks is None else dataclasses.asdict(ranks)
     if changes is not None:
         doc["comparison"] = {
             "changes": [dataclasses.asdict(c) for c in changes],

@@ -15,6 +15,7 @@ from hybridlm.trace.imbalance import moe_imbalance
 from hybridlm.trace.report.json_doc import to_json
 from hybridlm.trace.report.perfetto import write_perfetto
 from hybridlm.trace.report.plot import plot_format, write_plot
+from hybridlm.trace.report.ranks import rank_report
 from hybridlm.trace.report.tables import completeness, render_tables
 from hybridlm.trace.schema import TraceError
 from hybridlm.trace.store import open_readonly
@@ -30,12 +31,14 @@ def _decomposition(con: duckdb.DuckDBPyConnection, run_id: str, source: str | No
 def print_profile_summary(
     con: duckdb.DuckDBPyConnection, run_id: str, *, file: TextIO | None = None, color: bool | None = None
 ) -> None:
-    """The decomposition and MoE imbalance tables of one run, as `hybridlm profile` ends with."""
+    """The decomposition and MoE imbalance tables of one run (and its ranks, for an expert-parallel
+    run), as `hybridlm profile` ends with."""
     file = file or sys.stdout
     color = file.isatty() if color is None else color
     rows = _decomposition(con, run_id, None)
     imbalance = moe_imbalance(con, run_id)
-    file.write(render_tables(rows, imbalance, run=analysis.run_summary(con, run_id), color=color))
+    ranks = rank_report(con, run_id)
+    file.write(render_tables(rows, imbalance, run=analysis.run_summary(con, run_id), ranks=ranks, color=color))
 
 
 def _describe(model: str | None, pattern: str | None) -> str:
@@ -134,6 +137,7 @@ def report_main(
         rows = _decomposition(con, run_id, source)
         rules = analysis.attribution_rules(con, run_id, source)
         imbalance = moe_imbalance(con, run_id)
+        ranks = rank_report(con, run_id)
         changes = None
         extra: dict[str, Any] = {}
         if baseline is not None or run2 is not None:
@@ -177,7 +181,9 @@ def report_main(
         if perfetto is not None:
             written["perfetto"] = str(write_perfetto(con, run_id, perfetto, source=source))
         if as_json:
-            doc = to_json(rows, imbalance, changes, run=summary, rules=rules, extra={**extra, "files": written})
+            doc = to_json(
+                rows, imbalance, changes, run=summary, rules=rules, ranks=ranks, extra={**extra, "files": written}
+            )
             file.write(doc + "\n")
         else:
             title = "baseline vs candidate (µs)"
@@ -188,7 +194,14 @@ def report_main(
                     f"or p99 > +{p99_threshold:.0%} and > +{p99_min_abs_us:,.0f} µs ({min_calls_p99}+ calls)"
                 )
             text = render_tables(
-                rows, imbalance, changes, run=summary, rules=rules, comparison_title=title, color=file.isatty()
+                rows,
+                imbalance,
+                changes,
+                run=summary,
+                rules=rules,
+                ranks=ranks,
+                comparison_title=title,
+                color=file.isatty(),
             )
             file.write(text)
             for kind, written_path in written.items():

@@ -1,5 +1,5 @@
 """The report as text tables: the run line, the per-layer-type decomposition (one table per phase),
-the attribution rules, the MoE imbalance and a comparison's changes."""
+the attribution rules, the MoE imbalance, an expert-parallel run's ranks and a comparison's changes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hybridlm.trace import analysis
 from hybridlm.trace.analysis import ALL_LAYERS, Change, DecompositionRow, RuleRow, RunSummary
 from hybridlm.trace.imbalance import MIN_TREND_STEPS, QUARTILE_STEPS, ImbalanceRow
 from hybridlm.trace.report.formats import change, ratio, share, us, wall
+from hybridlm.trace.report.ranks import RankReport
 
 
 def completeness(run: RunSummary) -> str | None:
@@ -59,6 +60,8 @@ def decomposition_tables(rows: Sequence[DecompositionRow]) -> list[Table]:
     for phase in dict.fromkeys(r.phase for r in rows):
         group = [r for r in rows if r.phase == phase]
         wall_from = "forward steps" if group[0].wall_basis == "steps" else f"span of the {group[0].source} events"
+        if group[0].ranks > 1:
+            wall_from += f", summed over {group[0].ranks} ranks"
         table = _table(f"phase {phase}: wall time {wall(group[0].wall_us)} ({wall_from})")
         table.add_column("layer type", justify="left", no_wrap=True)
         for name in ("calls", "p50 µs", "p99 µs", "tail ratio p99/p50", "share of wall time"):
@@ -130,6 +133,70 @@ def imbalance_table(rows: Sequence[ImbalanceRow]) -> Table:
     return table
 
 
+def rank_part_tables(report: RankReport) -> list[Table]:
+    """Per phase (the run's phases, not their union): each part of the expert-parallel MoE blocks per rank."""
+    tables = []
+    for phase in dict.fromkeys(r.phase for r in report.parts if r.phase != analysis.ALL_PHASES):
+        table = _table(f"phase {phase}: MoE block parts per rank")
+        table.add_column("part", no_wrap=True)
+        table.add_column("rank", justify="right", no_wrap=True)
+        for name in ("calls", "p50 µs", "p99 µs", "tail ratio p99/p50", "tokens"):
+            table.add_column(name, justify="right", no_wrap=True)
+        rows = [r for r in report.parts if r.phase == phase]
+        for row, following in zip(rows, [*rows[1:], None], strict=True):
+            cells = (str(row.rank), f"{row.calls:,}", us(row.p50_us), us(row.p99_us), ratio(row.tail_ratio))
+            table.add_row(Text(row.layer_type), *cells, f"{row.tokens:,}")
+            if following is not None and following.layer_type != row.layer_type:
+                table.add_section()
+        tables.append(table)
+    return tables
+
+
+RANK_NOTES = (
+    "MoE block parts: {ranks} ranks; the other layer types are pooled over the ranks above. tokens = (token, "
+    "expert) pairs routed (router), sent (dispatch; combine brings the same rows back), computed (experts).",
+    "load = pairs a rank's experts computed / the mean over ranks (1.0 = even); experts sit E / W contiguous per "
+    "rank. The busiest rank sets the pace of every all-to-all.",
+    "straggler: per MoE block call, the rank that entered the all-to-all last; each other rank waited last entry - "
+    "own entry. hot experts: the straggler's, in the calls where it was last, tokens / mean tokens per expert of "
+    "that layer. Ranks time-sharing cores also wait for the scheduler.",
+)
+
+
+def rank_tokens_table(report: RankReport) -> Table:
+    table = _table("tokens per rank")
+    for name in ("phase", "rank", "pairs sent", "pairs computed", "load"):
+        table.add_column(name, justify="left" if name == "phase" else "right", no_wrap=True)
+    for row in report.tokens:
+        load = "-" if row.load is None else f"{row.load:.2f}"
+        table.add_row(Text(row.phase), str(row.rank), f"{row.sent:,}", f"{row.received:,}", load)
+    return table
+
+
+def straggler_table(report: RankReport) -> Table:
+    table = _table("stragglers: the rank the others waited for in each all-to-all")
+    for name in ("collective", "phase"):
+        table.add_column(name, no_wrap=True)
+    for name in ("calls", "straggler", "last per rank", "wait p50 µs", "wait p99 µs", "wait max µs"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("hot experts on it (layer:expert load)", no_wrap=True)
+    for row in report.stragglers:
+        counts = " ".join(f"r{rank}:{n}" for rank, n in row.last_counts.items())
+        hot = ", ".join(f"L{layer}:e{expert} {load:.1f}x" for layer, expert, load in row.hot_experts) or "-"
+        table.add_row(
+            Text(row.layer_type),
+            Text(row.phase),
+            f"{row.calls:,}",
+            f"rank {row.rank} ({row.share:.0%})",
+            counts,
+            us(row.wait_p50_us),
+            us(row.wait_p99_us),
+            us(row.wait_max_us),
+            Text(hot),
+        )
+    return table
+
+
 def change_table(changes: Sequence[Change], title: str) -> Table:
     flagged = sum(c.is_regression for c in changes)
     table = _table(f"{title}: {flagged} regression{'s' * (flagged != 1)}")
@@ -164,13 +231,15 @@ def render_tables(
     *,
     run: RunSummary | None = None,
     rules: Sequence[RuleRow] = (),
+    ranks: RankReport | None = None,
     comparison_title: str = "baseline vs candidate (µs)",
     color: bool = False,
     width: int = 200,
 ) -> str:
     """The decomposition (one table per phase, the aggregate row set apart), the attribution rules
-    of imported events, the MoE imbalance table when there are MoE layers, and the change table of
-    a comparison, as text. Flagged changes are marked `!!` and `REGRESSION` (and red with `color`).
+    of imported events, the MoE imbalance table when there are MoE layers, an expert-parallel run's
+    parts, tokens and stragglers per rank, and the change table of a comparison, as text. Flagged
+    changes are marked `!!` and `REGRESSION` (and red with `color`).
 
     Names from the trace (layer types, kernel names, phases) are printed literally, never as markup."""
     buffer = io.StringIO()
@@ -200,6 +269,12 @@ def render_tables(
     if imbalance:
         console.print()
         console.print(imbalance_table(imbalance))
+    if ranks is not None:
+        for table in [*rank_part_tables(ranks), rank_tokens_table(ranks), straggler_table(ranks)]:
+            console.print()
+            console.print(table)
+        for note in RANK_NOTES:
+            console.print(note.format(ranks=ranks.ranks), markup=False)
     if changes is not None:
         console.print()
         console.print(change_table(changes, comparison_title))
