@@ -32,6 +32,7 @@ examples:
   hybridlm info nemotron-3-nano-30b-a3b --context 131072
   hybridlm generate debug-small --prompt "Hybrid models keep state: " --max-new-tokens 24
   hybridlm serve debug-small --port 8000 --max-slots 16
+  hybridlm train --quick
   hybridlm convert path/to/hf-checkpoint out/model --to hybridlm
   hybridlm profile debug-small --db trace.duckdb
   hybridlm report trace.duckdb --plot latency.png
@@ -44,7 +45,7 @@ sleep instead of spinning, which otherwise slows small models many times over on
 Run 'hybridlm COMMAND --help' for a command's options. --debug (or HYBRIDLM_DEBUG=1) shows the
 full traceback of an error."""
 
-SUBCOMMAND_MODULES = ("hybridlm.trace.cli", "hybridlm.checkpoints.cli")
+SUBCOMMAND_MODULES = ("hybridlm.trace.cli", "hybridlm.checkpoints.cli", "hybridlm.train.cli")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,11 +196,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"more than the model's context of {context}; ask for fewer tokens or pass --allow-longer-than-context"
         )
 
+    if args.routing_skew is not None:
+        from hybridlm.distributed.skew import check_routing_skew
+
+        check_routing_skew(args.routing_skew)
+    if args.ep is not None:  # the experts spread over ranks: hybridlm.distributed runs the rest
+        from hybridlm.distributed.launch import check_expert_parallel, generate_on_ranks
+
+        check_expert_parallel(args.ep, config, args.device)
+        return generate_on_ranks(args, prompt_ids, tokenizer)
     if args.model in PRESETS:
         with progress(f"building {args.model} (random weights)"):
             model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
     else:  # the checkpoint reader draws its own bar, and two live displays would overwrite each other
         model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
+    if args.routing_skew:
+        from hybridlm.distributed.skew import apply_routing_skew
+
+        apply_routing_skew(model, args.routing_skew, seed=args.seed)
     print(args.prompt, end="", flush=True)
     detokenizer = IncrementalDetokenizer(tokenizer)  # a character split across tokens prints once whole
     for token in stream_generate(
@@ -433,6 +447,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--allow-longer-than-context",
         action="store_true",
         help="run past the model's context length (max_position_embeddings) instead of refusing",
+    )
+    p.add_argument(
+        "--ep",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
+        "joins torchrun's; the prompt runs on every rank, rank 0 prints",
+    )
+    p.add_argument(
+        "--routing-skew",
+        type=float,
+        default=None,
+        metavar="S",
+        help="unbalance the routing (a load generator): a Zipf offset of exponent S on every router's logits; "
+        "0 = none. Changes the text",
     )
     p.set_defaults(func=cmd_generate)
 
