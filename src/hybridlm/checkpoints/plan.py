@@ -248,6 +248,24 @@ def _model_dtype(chosen, present: dict[str, TensorInfo], dtype: torch.dtype | No
     return torch.float32
 
 
+def fill_targets(
+    reader: CheckpointReader, present: dict[str, TensorInfo], layout: Layout, targets: list[Tensor]
+) -> None:
+    """Fill one rule's parameters (``targets``) from the disk tensors its ``layout`` names."""
+    # to_disk of the real parameters gives, for renames, stacks and chunks, views into them: each disk
+    # tensor is then read straight into its place, with no temporary of the layer's size
+    views = layout.to_disk(targets)
+    if all(_is_view_into(view, targets) for view in views):
+        for key, view in zip(layout.keys, views, strict=True):
+            data = reader.read(present[key].name, out=view)
+            if data is not view:
+                view.copy_(data)
+    else:
+        sources = [reader.read(present[key].name) for key in layout.keys]
+        for target, value in zip(targets, layout.to_ours(sources), strict=True):
+            target.copy_(value)
+
+
 def _is_view_into(tensor: Tensor, targets: list[Tensor]) -> bool:
     pointer = tensor.untyped_storage().data_ptr()
     return tensor.is_contiguous() and any(t.untyped_storage().data_ptr() == pointer for t in targets)
@@ -307,20 +325,7 @@ def load_with_plan(
     filled: set[str] = set()
     with progress("loading weights", total=len(chosen)) as advance:
         for rule, layout in chosen:
-            targets = [params[t].data for t in rule.targets]
-            # to_disk of the real parameters gives, for renames, stacks and chunks, views into them: each
-            # disk tensor is then read straight into its place, with no temporary of the layer's size
-            views = layout.to_disk(targets)
-            if all(_is_view_into(view, targets) for view in views):
-                for key, view in zip(layout.keys, views, strict=True):
-                    data = reader.read(present[key].name, out=view)
-                    if data is not view:
-                        view.copy_(data)
-            else:
-                sources = [reader.read(present[key].name) for key in layout.keys]
-                for target, value in zip(targets, layout.to_ours(sources), strict=True):
-                    target.copy_(value)
-                del sources
+            fill_targets(reader, present, layout, [params[t].data for t in rule.targets])
             filled.update(rule.targets)
             advance(1)
     if filled != set(params):

@@ -35,10 +35,10 @@ from hybridlm.checkpoints.plan import (  # the steps of plan.load_with_plan, run
     _check_plan,
     _check_shapes_and_dtypes,
     _choose_layouts,
-    _is_view_into,
     _materialise_buffers,
     _model_dtype,
     _present_tensors,
+    fill_targets,
     identity_plan,
 )
 from hybridlm.checkpoints.safetensors_io import CheckpointReader, TensorInfo
@@ -80,7 +80,7 @@ def load_sharded(
                 shapes = [tuple(full_params[t].shape) for t in rule.targets]
                 _fill_expert_rows(reader, present, layout, targets, shapes, expert_rows[rule.targets[0]])
             else:
-                _fill(reader, present, layout, targets)
+                fill_targets(reader, present, layout, targets)
     _materialise_buffers(model, device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embeddings.weight
@@ -105,20 +105,6 @@ def _expert_rows(model: HybridLM) -> dict[str, range]:
             for name, _ in module.named_parameters():
                 rows[f"{module_name}.{name}"] = local
     return rows
-
-
-def _fill(reader: CheckpointReader, present: dict[str, TensorInfo], layout: Layout, targets: list[Tensor]) -> None:
-    """One rule of a replicated parameter, as load_with_plan fills it."""
-    views = layout.to_disk(targets)
-    if all(_is_view_into(view, targets) for view in views):
-        for key, view in zip(layout.keys, views, strict=True):
-            data = reader.read(present[key].name, out=view)
-            if data is not view:
-                view.copy_(data)
-    else:
-        sources = [reader.read(present[key].name) for key in layout.keys]
-        for target, value in zip(targets, layout.to_ours(sources), strict=True):
-            target.copy_(value)
 
 
 def _fill_expert_rows(
