@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # large checkpoint on one rank while another waits is the longest legitimate wait.
 EP_TIMEOUT_S = 600
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+PEER_GRACE_S = 5  # after a rank failed because its peer went away, how long to wait for that peer's own error
 
 # rank_main(rank, world_size, device, *args) -> exit status; rank 0's is the command's. ``device`` is the
 # rank's own: "cpu" or "cuda:LOCAL_RANK".
@@ -57,8 +58,7 @@ def is_torchrun() -> bool:
 
 
 def check_expert_parallel(ep: int, config: HybridConfig, device: str = "cpu") -> None:
-    """A ValueError naming --ep for a world size this model or machine cannot run; a warning on stderr
-    when more local ranks than CPUs would be started (they then time-share the cores)."""
+    """A ValueError naming --ep for a world size this model, launcher or machine cannot run."""
     if ep < 1:
         raise ValueError(f"--ep {ep}: give the number of ranks to spread the experts over, 1 or more")
     if "E" not in config.pattern:
@@ -73,18 +73,9 @@ def check_expert_parallel(ep: int, config: HybridConfig, device: str = "cpu") ->
             raise ValueError(
                 f"--ep {ep}, but torchrun started {world_size} ranks (WORLD_SIZE={world_size}): give the same number"
             )
-        return
-    if device.startswith("cuda"):
+    elif device.startswith("cuda") and ep > torch.cuda.device_count():
         gpus = torch.cuda.device_count()
-        if ep > gpus:
-            raise ValueError(f"--ep {ep} on {device}: needs {ep} GPUs, one per rank; this machine has {gpus}")
-    cpus = _cpu_count()
-    if device == "cpu" and ep > cpus:
-        print(
-            f"warning: --ep {ep} starts {ep} ranks on {cpus} CPUs: they will time-share the cores, and time spent "
-            "waiting in collectives will be mostly scheduling",
-            file=sys.stderr,
-        )
+        raise ValueError(f"--ep {ep} on {device}: needs {ep} GPUs, one per rank; this machine has {gpus}")
 
 
 def run_on_ranks(ep: int, device: str, threads: int | None, rank_main: RankMain, *args: object) -> int:
@@ -96,6 +87,7 @@ def run_on_ranks(ep: int, device: str, threads: int | None, rank_main: RankMain,
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         return _in_process_group(rank, world_size, local_rank, device, rank_main, args)
+    _warn_if_time_shared(ep, device)
     threads = threads or max(1, _cpu_count() // ep)
     with tempfile.TemporaryDirectory(prefix="hybridlm-ep-") as errors:
         context = mp.get_context("spawn")
@@ -248,17 +240,31 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _wait_for_ranks(processes: list, errors: Path) -> int:
     waiting = {process.sentinel: rank for rank, process in enumerate(processes)}
+    failed: list[int] = []
     while waiting:
-        failed = []
-        for sentinel in multiprocessing.connection.wait(list(waiting)):
+        # Once a rank failed, wait a little for the others: a rank that only lost its peer (the failing
+        # rank closed its connections) often exits first, and the failing rank's own error says more.
+        timeout = PEER_GRACE_S if failed else None
+        ready = multiprocessing.connection.wait(list(waiting), timeout=timeout)
+        for sentinel in ready:
             rank = waiting.pop(sentinel)
             processes[rank].join()
             if _has_failed(processes[rank], errors / f"rank{rank}.pickle"):
                 failed.append(rank)
-        if failed:
-            _stop(processes)
-            raise _failure(processes, failed, errors)
+        if failed and (not ready or not _only_peer_failures(failed, errors)):
+            break
+    if failed:
+        _stop(processes)
+        raise _failure(processes, failed, errors)
     return processes[0].exitcode
+
+
+def _only_peer_failures(failed: list[int], errors: Path) -> bool:
+    for rank in failed:
+        path = errors / f"rank{rank}.pickle"
+        if not path.exists() or not pickle.loads(path.read_bytes())["is_peer_failure"]:
+            return False
+    return True
 
 
 def _has_failed(process, error_file: Path) -> bool:
@@ -294,6 +300,16 @@ def _failure(processes: list, failed: list[int], errors: Path) -> Exception:
         sys.stderr.write(f"{where} failed:\n{record['traceback']}")
         return RuntimeError(f"{where}: {record['message']}")
     return ValueError(f"{where}: {record['message']}")
+
+
+def _warn_if_time_shared(ep: int, device: str) -> None:
+    cpus = _cpu_count()
+    if device == "cpu" and ep > cpus:
+        print(
+            f"warning: --ep {ep} starts {ep} ranks on {cpus} CPU{'s' * (cpus != 1)}: they will time-share the cores, "
+            "and time spent waiting in collectives will be mostly scheduling",
+            file=sys.stderr,
+        )
 
 
 def _free_port() -> int:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 def check_routing_skew(skew: float) -> None:
     """A ValueError naming --routing-skew for a value that is not a finite number >= 0."""
     if not (math.isfinite(skew) and skew >= 0):
-        raise ValueError(f"--routing-skew {skew}: give an exponent >= 0 (0 = no skew; 0.5-4 = ever hotter experts)")
+        raise ValueError(f"--routing-skew {skew:g}: give an exponent >= 0 (0 = no skew; 0.5-4 = ever hotter experts)")
 
 
 def zipf_offsets(num_experts: int, skew: float, generator: torch.Generator) -> Tensor:

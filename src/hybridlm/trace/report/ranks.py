@@ -207,13 +207,16 @@ def _hot_experts(
     per_rank = num_experts // world_size
     rows = con.execute(
         """
-        WITH picked AS (SELECT unnest($steps) AS step, unnest($layers) AS layer),
-        load AS (
+        WITH picked AS (SELECT DISTINCT unnest($steps) AS step, unnest($layers) AS layer),
+        per_expert AS (
             SELECT r.layer, r.expert, sum(r.tokens) AS tokens FROM routing r JOIN picked USING (step, layer)
             WHERE r.run_id = $run GROUP BY r.layer, r.expert
+        ), load AS (
+            SELECT layer, expert, tokens, tokens / (sum(tokens) OVER (PARTITION BY layer) / $experts) AS load
+            FROM per_expert
         )
-        SELECT layer, expert, tokens / (sum(tokens) OVER (PARTITION BY layer) / $experts) FROM load
-        WHERE expert >= $first AND expert < $stop AND tokens > 0 ORDER BY 3 DESC, layer, expert LIMIT $count
+        SELECT layer, expert, load FROM load
+        WHERE expert >= $first AND expert < $stop AND tokens > 0 ORDER BY load DESC, layer, expert LIMIT $count
         """,
         {"steps": [s for s, _ in calls], "layers": [layer for _, layer in calls], "run": run_id,
          "experts": num_experts, "first": rank * per_rank, "stop": (rank + 1) * per_rank, "count": count},
