@@ -2,21 +2,25 @@
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.bench_rebalance [--ranks 4] [--preset debug-small]
         [--skew 1.0] [--batch-size 2] [--prompt-len 64] [--decode-steps 12] [--rounds 3] [--seed 0]
-        [--redundant-experts 1] [--capacity-slack 1.25] [--bias-rate 0.001]
+        [--redundant-experts 1] [--capacity-slack 1.25] [--bias-rate 0.001] [--bias-iterations 3]
         [--db out/bench_rebalance.duckdb] [--json out/bench_rebalance.json] [--plan out/plan.json]
 
 W gloo ranks on loopback (one torch thread each), every rank the same random-weight preset and the
 same routing skew (``hybridlm.distributed.skew``: a Zipf offset on every router's logits). Each rank
 runs its own teacher-forced workload: ``--rounds`` times a prefill of ``--batch-size`` random prompts of
 ``--prompt-len`` tokens, then ``--decode-steps`` decode steps of fixed random tokens, so that every
-method sees exactly the same input ids. Five runs, one after the other in the same process group:
+method sees exactly the same input ids. In one process group:
 
 1. baseline: the skewed model, experts sharded contiguously; rank 0 writes its trace (events of every
    rank, routing rows of every rank, one `step` event per rank and step) into --db;
-2. the plan: ``plan_from_trace`` on that file (what `hybridlm rebalance DB` computes), sent to all ranks;
-3. capacity: the baseline plus the plan's capacity factors (pairs past capacity dropped);
-4. bias: the baseline plus the plan's router bias update (added to e_score_correction_bias);
-5. replicate: the baseline sharded with the plan's EPLB placement (hot experts copied).
+2. the plan: ``plan_from_trace`` on that file (what `hybridlm rebalance DB` computes), sent to all ranks.
+   The bias update closes its loop as DeepSeek-V3's rule means it to (each step sees the load the bias so
+   far leaves): --bias-iterations - 1 more times, the model with the bias so far runs the workload
+   traced, and the update planned from that trace is added;
+3. the baseline again and the three fixes, round by round in turn (so that other load on the machine
+   hits all alike): capacity (the plan's capacity factors: pairs past capacity dropped), bias (the
+   summed bias update added to e_score_correction_bias), replicate (sharded with the plan's EPLB
+   placement: hot experts copied).
 
 Each run's trace goes into --db as its own run, and the table is computed from it: balancedness (per
 MoE call mean / max pairs computed per rank, summed over calls), moe_dispatch and moe_combine p99 (all
@@ -26,15 +30,19 @@ capacity, a dropped pair counts as not chosen), and the share of positions whose
 (argmax of the logits) differs from the baseline's, with the largest logit difference. The plan is
 measured on the workload it was computed from (in-sample).
 
-What CPU ranks can and cannot show: the W ranks share this machine's cores (2 here), so a rank that
-waits in a collective frees its core for the busy one and the tail is smaller than on separate GPUs;
-gloo moves rows through loopback TCP, not NVLink; timings on a shared machine vary by tens of percent
-between runs. Balancedness, drops and routing changes are exact counts and do not vary.
+What CPU ranks can and cannot show: balancedness, drops and routing changes are exact counts, the same
+on every run. The times are not a measure of the fixes here: 4 ranks share this machine's 2 cores, so a
+step costs about the ranks' total work / 2 whether one rank does most of it (the others sleep in the
+collective and leave it a core) or all do an even share (4 busy ranks on 2 cores); other jobs on the
+machine move them by tens of percent between runs (the methods run round by round in turn so that they
+share the noise). With a core or a GPU per rank the slowest rank sets each all-to-all's pace, and that
+is what balancedness measures; gloo moves rows through loopback TCP, not NVLink.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -43,6 +51,8 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+
+import numpy as np
 
 METHODS = ("baseline", "capacity", "bias", "replicate")
 
@@ -60,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redundant-experts", type=int, default=1)
     p.add_argument("--capacity-slack", type=float, default=1.25)
     p.add_argument("--bias-rate", type=float, default=1e-3)
+    p.add_argument("--bias-iterations", type=int, default=3, help="trace -> plan -> apply rounds of the bias")
     p.add_argument("--db", default="out/bench_rebalance.duckdb", help="trace database (replaced)")
     p.add_argument("--json", default="out/bench_rebalance.json")
     p.add_argument("--plan", default="out/bench_rebalance_plan.json")
@@ -84,10 +95,8 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
 
 def run_all_methods(rank: int, args: argparse.Namespace) -> None:
     import torch
-    import torch.distributed as dist
 
     from hybridlm import HybridLM
-    from hybridlm.distributed.rebalance import plan_from_trace
     from hybridlm.presets import get_preset
     from hybridlm.trace.store import TraceStore
 
@@ -96,31 +105,66 @@ def run_all_methods(rank: int, args: argparse.Namespace) -> None:
     weights = HybridLM(config).state_dict()
     workload = rank_workload(rank, args, config.vocab_size)
     store = TraceStore(args.db) if rank == 0 else None
-    baseline: dict | None = None
-    plan = None
+
+    # 1. the skewed baseline alone, traced; the plan from its trace
+    baseline = build_model("baseline", args, config, weights, None)
+    plan = trace_and_plan(rank, args, store, "baseline (traced for the plan)", baseline, workload)
+    # the bias closes its loop: each further run adds the update `hybridlm rebalance` finds in its own trace
+    bias_E = {p.layer: np.array(p.expert_bias_update) for p in plan.layers}
+    for iteration in range(2, args.bias_iterations + 1):
+        with_bias = with_expert_bias(plan, bias_E)
+        model = build_model("bias", args, config, weights, with_bias)
+        again = trace_and_plan(rank, args, store, f"bias after {iteration - 1} updates (traced)", model, workload)
+        for p in again.layers:
+            bias_E[p.layer] += p.expert_bias_update
+    plan = with_expert_bias(plan, bias_E)
+    plan.source["bias_iterations"] = args.bias_iterations
+    if rank == 0:
+        plan.save(args.plan, overwrite=True)
+
+    # 2. the baseline again and each fix, round by round in turn, so that load on the machine hits all alike
+    runs = {method: MethodRun(build_model(method, args, config, weights, plan), rank, workload) for method in METHODS}
+    for round_inputs in workload:
+        for run in runs.values():
+            run.run_round(*round_inputs)
     results = {}
-    for method in METHODS:
-        run = run_method(method, rank, args, config, weights, workload, plan)
-        rows = gather(run.pop("rows"))
+    for method, run in runs.items():
+        rows, changes = gather(run.rows()), gather(compare_with_baseline(run, runs["baseline"]))
         if rank == 0:
-            run_id = write_run(store, args, method, rows)
-        if method == "baseline":
-            baseline = run
-            if rank == 0:
-                store.flush()
-                plan = plan_from_trace(
-                    args.db, args.ranks, run_id, args.capacity_slack, args.bias_rate, args.redundant_experts
-                )
-                plan.save(args.plan, overwrite=True)
-            shared = [plan]
-            dist.broadcast_object_list(shared, src=0)
-            plan = shared[0]
-        changes = gather(compare_with_baseline(run, baseline))
-        if rank == 0:
-            results[method] = {"run_id": run_id, **sum_changes(changes)}
+            results[method] = {"run_id": write_run(store, args, method, rows), **sum_changes(changes)}
     if rank == 0:
         store.close()
         report(args, plan, results)
+
+
+def trace_and_plan(rank: int, args: argparse.Namespace, store, name: str, model, workload: list[tuple]):
+    """Run ``model`` over the workload traced; rank 0 writes the trace as run ``name`` and plans from it
+    (what `hybridlm rebalance DB --run ID` computes); every rank gets the plan."""
+    import torch.distributed as dist
+
+    from hybridlm.distributed.rebalance import plan_from_trace
+
+    traced = MethodRun(model, rank, workload)
+    for round_inputs in workload:
+        traced.run_round(*round_inputs)
+    rows = gather(traced.rows())
+    shared = [None]
+    if rank == 0:
+        run_id = write_run(store, args, name, rows)
+        store.flush()
+        shared = [
+            plan_from_trace(args.db, args.ranks, run_id, args.capacity_slack, args.bias_rate, args.redundant_experts)
+        ]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def with_expert_bias(plan, bias_E: dict):
+    """A copy of ``plan`` whose bias update is ``bias_E[layer]``."""
+    plan = copy.deepcopy(plan)
+    for layer_plan in plan.layers:
+        layer_plan.expert_bias_update = [float(b) for b in bias_E[layer_plan.layer]]
+    return plan
 
 
 def rank_workload(rank: int, args: argparse.Namespace, vocab_size: int) -> list[tuple]:
@@ -135,13 +179,10 @@ def rank_workload(rank: int, args: argparse.Namespace, vocab_size: int) -> list[
     ]
 
 
-def run_method(method, rank, args, config, weights, workload, plan) -> dict:
-    """Build the skewed model, apply ``method``'s fix, run the workload traced. Returns this rank's trace
-    rows, its chosen expert sets per (call, block) and its logits per step."""
-    import torch
-
+def build_model(method: str, args: argparse.Namespace, config, weights: dict, plan):
+    """The skewed model with ``method``'s fix, its experts sharded over the group."""
     from hybridlm import HybridLM
-    from hybridlm.distributed import CollectiveTrace, clock_ns, shard_experts
+    from hybridlm.distributed import shard_experts
     from hybridlm.distributed.rebalance import apply_capacity_factors, apply_expert_bias
     from hybridlm.distributed.skew import apply_routing_skew
 
@@ -154,37 +195,51 @@ def run_method(method, rank, args, config, weights, workload, plan) -> dict:
     shard_experts(model, placement=plan.placement() if method == "replicate" else None)
     if method == "capacity":
         apply_capacity_factors(model, plan)
-    routing = RoutingRecorder(model)
-    trace = CollectiveTrace(rank=rank).attach(model)
-    with torch.no_grad():
-        run_workload(model, workload[:1], args.decode_steps // 4, trace)  # warm-up, not kept
-        trace.rows, trace.step_index = [], -1
-        routing.reset()
-        logits, steps = [], []
-        for prompts, tokens in workload:
-            cache = model.new_cache(batch_size=prompts.shape[0], max_seq_len=prompts.shape[1] + len(tokens))
+    return model
+
+
+class MethodRun:
+    """One model run round by round, traced: the CollectiveTrace's rows, one `step` event per forward call,
+    routing rows, each call's chosen expert sets, and the logits of every position."""
+
+    def __init__(self, model, rank: int, workload: list[tuple]) -> None:
+        from hybridlm.distributed import CollectiveTrace
+
+        self.model, self.rank = model, rank
+        self.routing = RoutingRecorder(model)
+        self.trace = CollectiveTrace(rank=rank).attach(model)
+        self.logits: list = []
+        self.steps: list[tuple] = []
+        prompts, tokens = workload[0]
+        self.run_round(prompts[:, : prompts.shape[1] // 2], tokens[:2])  # warm-up, then forgotten
+        self.trace.rows, self.trace.step_index = [], -1
+        self.routing.reset()
+        self.logits, self.steps = [], []
+
+    def run_round(self, prompts, tokens) -> None:
+        """A prefill of ``prompts`` [B, P], then one decode step per row of ``tokens`` [D, B]."""
+        import torch
+
+        from hybridlm.distributed import clock_ns
+
+        model = self.model
+        cache = model.new_cache(batch_size=prompts.shape[0], max_seq_len=prompts.shape[1] + len(tokens))
+        with torch.no_grad():
             for phase, ids in [("prefill", prompts)] + [("decode", token) for token in tokens]:
-                trace.phase = routing.phase = phase
+                self.trace.phase = self.routing.phase = phase
                 start = clock_ns()
                 if phase == "prefill":
-                    logits.append(model(ids, cache=cache).logits.flatten(0, 1))  # [B * P, V]
+                    logits = model(ids, cache=cache).logits.flatten(0, 1)  # [B * P, V]
                 else:
-                    logits.append(model.decode_step(ids, cache))  # [B, V]
+                    logits = model.decode_step(ids, cache)  # [B, V]
                 duration_us = (clock_ns() - start) / 1000
-                steps.append(("step", phase, None, None, phase, trace.step_index, start / 1000, duration_us,
-                              prompts.shape[0], None, rank, None, os.getpid(), None))  # fmt: skip
-                routing.end_step(trace.step_index)
-    return {"rows": (trace.rows + steps, routing.rows), "chosen": routing.chosen, "logits": logits}
+                self.logits.append(logits)
+                step = (self.trace.step_index, start / 1000, duration_us, prompts.shape[0])
+                self.steps.append(("step", phase, None, None, phase, *step, None, self.rank, None, os.getpid(), None))
+                self.routing.end_step(self.trace.step_index)
 
-
-def run_workload(model, workload, decode_steps: int, trace) -> None:
-    for prompts, tokens in workload:
-        cache = model.new_cache(batch_size=prompts.shape[0], max_seq_len=prompts.shape[1] + decode_steps)
-        trace.phase = "prefill"
-        model(prompts, cache=cache)
-        trace.phase = "decode"
-        for token in tokens[:decode_steps]:
-            model.decode_step(token, cache)
+    def rows(self) -> tuple[list, list]:
+        return self.trace.rows + self.steps, self.routing.rows
 
 
 class RoutingRecorder:
@@ -220,17 +275,17 @@ class RoutingRecorder:
         self._pending = []
 
 
-def compare_with_baseline(run: dict, baseline: dict) -> dict:
+def compare_with_baseline(run: MethodRun, baseline: MethodRun) -> dict:
     """Counts: (call, block, token) entries whose expert set changed; positions whose argmax changed;
     the largest |logit difference| and |logit|."""
-    changed = sum(int((a != b).any(dim=1).sum()) for a, b in zip(run["chosen"], baseline["chosen"], strict=True))
-    entries = sum(a.shape[0] for a in run["chosen"])
-    flips = sum(
-        int((a.argmax(-1) != b.argmax(-1)).sum()) for a, b in zip(run["logits"], baseline["logits"], strict=True)
+    changed = sum(
+        int((a != b).any(dim=1).sum()) for a, b in zip(run.routing.chosen, baseline.routing.chosen, strict=True)
     )
-    positions = sum(a.shape[0] for a in run["logits"])
-    diff = max(float((a - b).abs().max()) for a, b in zip(run["logits"], baseline["logits"], strict=True))
-    scale = max(float(b.abs().max()) for b in baseline["logits"])
+    entries = sum(a.shape[0] for a in run.routing.chosen)
+    flips = sum(int((a.argmax(-1) != b.argmax(-1)).sum()) for a, b in zip(run.logits, baseline.logits, strict=True))
+    positions = sum(a.shape[0] for a in run.logits)
+    diff = max(float((a - b).abs().max()) for a, b in zip(run.logits, baseline.logits, strict=True))
+    scale = max(float(b.abs().max()) for b in baseline.logits)
     return {
         "changed": changed,
         "entries": entries,

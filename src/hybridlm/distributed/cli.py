@@ -1,13 +1,19 @@
 """``hybridlm rebalance DB``: capacity factors, a router bias update and an expert placement from a trace.
 
-Registered by the main CLI through ``add_rebalance_parser(subparsers)``; everything heavy is imported
-when the command runs.
+Registered by the main CLI through ``register(subparsers)`` (or ``add_rebalance_parser``). Importing this
+module imports the ``hybridlm.distributed`` package (its ``__init__``), as any module inside it does.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import TYPE_CHECKING
+
+from hybridlm.distributed.rebalance import DEFAULT_BIAS_RATE, DEFAULT_CAPACITY_SLACK, DEFAULT_REDUNDANT_PER_RANK
+
+if TYPE_CHECKING:
+    from hybridlm.distributed.rebalance import RebalancePlan
 
 EPILOG = """\
 examples:
@@ -22,13 +28,12 @@ Apply a plan (Python, on every rank):
   apply_expert_bias(model, plan)                      # (b) router bias moved towards balance"""
 
 
-def add_rebalance_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hybridlm.distributed.rebalance import (  # light: numpy and the plan's defaults
-        DEFAULT_BIAS_RATE,
-        DEFAULT_CAPACITY_SLACK,
-        DEFAULT_REDUNDANT_PER_RANK,
-    )
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The main CLI's hook for subcommand modules (``SUBCOMMAND_MODULES`` in hybridlm/cli.py)."""
+    add_rebalance_parser(subparsers)
 
+
+def add_rebalance_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     about = "per-expert capacity factors, a router bias update and a placement with hot experts replicated"
     p = subparsers.add_parser(
         "rebalance",
@@ -87,7 +92,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(plan) -> None:
+def print_plan(plan: RebalancePlan) -> None:
     from hybridlm.trace.query import format_table
 
     slots = plan.num_experts // plan.world_size + plan.redundant_per_rank

@@ -5,7 +5,7 @@ Legend: E experts per MoE block, W ranks, L = E / W experts per rank, T MoE call
 ``plan_from_trace(db, world_size)`` reads the ``routing`` table (tokens per (step, phase, layer,
 expert), summed over whatever ranks wrote rows) and computes, for every MoE block:
 
-(a) ``capacity_factors`` [E]: with the contiguous sharding, a rank whose experts get more than
+(a) ``capacity_factors`` [E]: for the contiguous sharding, a rank whose experts get more than
     ``capacity_slack`` times its even share (L / E of the tokens) is capped by water-filling: its
     experts' shares (tokens / (total / E), 1.0 = even) are cut at the level t where the rank's capped
     shares add up to slack * L, and each of its experts gets factor t; experts of other ranks get None
@@ -14,7 +14,9 @@ expert), summed over whatever ranks wrote rows) and computes, for every MoE bloc
 (b) ``expert_bias_update`` [E]: DeepSeek-V3's aux-loss-free rule (technical report, section 2.1.2),
     bias[e] += rate * sign(mean load - load[e]), iterated once per traced call of the block, on the
     loads observed in that call (a replay: the trace cannot show how the load would have answered the
-    bias, so the sum is rate * (calls below the mean - calls above it)). ``apply_expert_bias`` adds it
+    bias, so the sum is rate * (calls below the mean - calls above it), and a large rate overshoots).
+    The loop closes across runs: a trace recorded with the bias applied plans the next increment, which
+    adds to it (bench_rebalance runs three such rounds). ``apply_expert_bias`` adds it
     to the router's ``e_score_correction_bias``; a router without one (``use_expert_bias`` false) gets
     it attached as one, which ``route`` then applies the same way: to choose the top-k only, the
     combine weights still come from the unbiased scores;
@@ -272,6 +274,11 @@ def apply_capacity_factors(model: nn.Module, plan: RebalancePlan) -> None:
         experts = block.mixer.experts
         if not isinstance(experts, ShardedExperts):
             raise ValueError("capacity factors limit the dispatch of sharded experts: call shard_experts first")
+        if experts.world_size != plan.world_size:
+            raise ValueError(
+                f"the plan's capacity factors are for {plan.world_size} ranks, the experts are sharded over "
+                f"{experts.world_size}; plan again with --ep {experts.world_size}"
+            )
         factors = [math.inf if f is None else f for f in layer_plan.capacity_factors]
         experts.capacity_factors = torch.tensor(factors, dtype=torch.float64)
 
