@@ -162,3 +162,27 @@ def test_a_single_process_run_has_no_rank_sections(traces):
     result = run_cli("report", str(db))
     assert result.returncode == 0, result.stderr
     assert "per rank" not in result.stdout and "stragglers" not in result.stdout
+
+
+def test_hot_experts_follow_a_placement_the_run_records(tmp_path):
+    """A run whose notes give a placement (rank 0 holding experts 0 and 3 of 4, as a rebalanced run
+    would): the straggler's hot experts are the ones it held, not a contiguous range."""
+    from hybridlm.trace.store import TraceStore
+
+    db = tmp_path / "placed.duckdb"
+    with TraceStore(db) as store:
+        run_id = store.new_run(config={"moe": {"num_experts": 4}}, notes=json.dumps({"placement": {"1": [0, 3, 1, 2]}}))
+        rows = []
+        for step in range(3):
+            for rank, entry in ((0, 100.0 + step), (1, 50.0)):  # rank 0 enters last every time
+                for source in ("layer", "collective"):
+                    rows.append((source, "L1.moe_combine", 1, "moe_combine", "decode", step, entry, 10.0,
+                                 None, 4, rank, None, None, None))  # fmt: skip
+        store.add_events(run_id, rows)
+        store.add_routing(run_id, [(step, "decode", 1, expert, tokens, 0) for step in range(3)
+                                   for expert, tokens in enumerate([1, 0, 2, 5])])  # fmt: skip
+        store.end_run(run_id)
+    [decode, _] = _report(db, run_id)["expert_parallel"]["stragglers"]
+    assert decode["rank"] == 0 and decode["last_counts"] == {"0": 3}
+    assert decode["wait_p50_us"] == pytest.approx(51.0)
+    assert decode["hot_experts"] == [[1, 3, pytest.approx(15 / 6)], [1, 0, pytest.approx(3 / 6)]]

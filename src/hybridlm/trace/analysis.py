@@ -355,7 +355,7 @@ FROM e GROUP BY GROUPING SETS ((lt, phase), (lt))
 UNION ALL
 SELECT NULL, phase, 1, grouping(phase), count(*), quantile_cont(duration_us, [0.5, 0.99]), avg(duration_us),
        sum(duration_us)
-FROM e WHERE NOT list_contains($parts, lt) GROUP BY GROUPING SETS ((phase), ())
+FROM e WHERE NOT list_contains($parts, lt) GROUP BY GROUPING SETS ((phase), ()) HAVING count(*) > 0
 """
 
 

@@ -12,13 +12,15 @@ starts when the rank entered the collective, on a clock every rank shares. Here:
   others waited for (wait = last entry - own entry): which rank is last most often, the waits, and the
   experts hot on that rank in the calls where it was last (from the routing counts).
 
-Experts are placed as ``shard_experts`` places them, E / W contiguous experts per rank.
+Experts are placed as ``shard_experts`` places them, E / W contiguous experts per rank, unless the
+run's notes give a placement (``placement``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -142,15 +144,13 @@ WHERE c.ranks = (SELECT count(DISTINCT rk) FROM entries)
 """
 
 
-def stragglers(con: duckdb.DuckDBPyConnection, run_id: str, num_experts: int | None = None) -> list[Straggler]:
+def stragglers(con: duckdb.DuckDBPyConnection, run_id: str) -> list[Straggler]:
     """Per collective (moe_dispatch, moe_combine) and phase (then ALL_PHASES): which rank the others
-    waited for and how long. ``num_experts`` (default: the run's config) places experts as
-    ``shard_experts`` does, E / W contiguous per rank, to name the straggler's hot experts."""
+    waited for, how long, and which experts were hot on it (``placement`` says which it holds)."""
     rows = con.execute(_ENTRIES_SQL, {"run": run_id, "collectives": list(COLLECTIVES)}).fetchall()
     if not rows:
         return []
-    world_size = len({row[4] for row in rows})
-    num_experts = num_experts or _config_num_experts(con, run_id)
+    held = placement(con, run_id, world_size=len({row[4] for row in rows}))
     groups: dict[tuple[str, str], list[tuple]] = {}
     for row in rows:
         groups.setdefault((row[0], row[1]), []).append(row)
@@ -164,7 +164,7 @@ def stragglers(con: duckdb.DuckDBPyConnection, run_id: str, num_experts: int | N
         straggler = max(sorted(counts), key=counts.__getitem__)
         waits = sorted(wait for *_, rank, wait, last_rank in group if rank != last_rank)
         calls_on_it = [key for key, rank in last.items() if rank == straggler]
-        hot = _hot_experts(con, run_id, calls_on_it, straggler, world_size, num_experts)
+        hot = _hot_experts(con, run_id, calls_on_it, lambda layer, r=straggler: held(layer, r))
         result.append(
             Straggler(layer_type, phase, len(last), dict(sorted(counts.items())), straggler,
                       _quantile(waits, 0.5), _quantile(waits, 0.99), waits[-1] if waits else None, hot)
@@ -183,11 +183,35 @@ def _quantile(values: list[float], q: float) -> float | None:
     return values[low] + (values[high] - values[low]) * (position - low)
 
 
-def _config_num_experts(con: duckdb.DuckDBPyConnection, run_id: str) -> int | None:
-    [(config_json,)] = con.execute("SELECT config_json FROM runs WHERE run_id = ?", [run_id]).fetchall()
+def placement(con: duckdb.DuckDBPyConnection, run_id: str, world_size: int) -> Callable[[int, int], set[int]]:
+    """held(layer, rank): the experts a rank held in a layer. From the run's notes where they give a
+    placement (``{"placement": {layer: physical_to_logical}}``, rank r holding slots [r * S, (r + 1) * S),
+    as ``shard_experts(model, placement=...)`` takes it), else E / W contiguous experts per rank (E from
+    the run's config); nothing when neither is known."""
+    config_json, notes_json = con.execute("SELECT config_json, notes FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    num_experts = _json_field(config_json, "moe", "num_experts")
+    layouts = _json_field(notes_json, "placement") or {}
+
+    def held(layer: int, rank: int) -> set[int]:
+        slots = layouts.get(str(layer)) if isinstance(layouts, dict) else None
+        if isinstance(slots, list) and len(slots) % world_size == 0:
+            per_rank = len(slots) // world_size
+            return set(slots[rank * per_rank : (rank + 1) * per_rank])
+        if isinstance(num_experts, int) and num_experts % world_size == 0:
+            per_rank = num_experts // world_size
+            return set(range(rank * per_rank, (rank + 1) * per_rank))
+        return set()
+
+    return held
+
+
+def _json_field(text: str | None, *keys: str) -> object:
     try:
-        return int(json.loads(config_json)["moe"]["num_experts"])
-    except (TypeError, ValueError, KeyError):
+        value = json.loads(text) if text else None
+        for key in keys:
+            value = value[key]
+        return value
+    except (ValueError, TypeError, KeyError):
         return None
 
 
@@ -195,33 +219,31 @@ def _hot_experts(
     con: duckdb.DuckDBPyConnection,
     run_id: str,
     calls: list[tuple[int, int]],
-    rank: int,
-    world_size: int,
-    num_experts: int | None,
+    held: Callable[[int], set[int]],
     count: int = 3,
 ) -> tuple[tuple[int, int, float], ...]:
-    """The ``count`` experts held by ``rank`` with the most tokens in ``calls`` (step, layer), as (layer,
-    expert, tokens / mean tokens per expert of that layer in those calls); () without routing rows."""
-    if not calls or not num_experts or num_experts % world_size:
+    """Of the experts ``held(layer)`` in each layer, the ``count`` with the most tokens in ``calls`` (step,
+    layer), as (layer, expert, tokens / mean tokens per expert of that layer in those calls)."""
+    if not calls:
         return ()
-    per_rank = num_experts // world_size
     rows = con.execute(
         """
-        WITH picked AS (SELECT DISTINCT unnest($steps) AS step, unnest($layers) AS layer),
-        per_expert AS (
-            SELECT r.layer, r.expert, sum(r.tokens) AS tokens FROM routing r JOIN picked USING (step, layer)
-            WHERE r.run_id = $run GROUP BY r.layer, r.expert
-        ), load AS (
-            SELECT layer, expert, tokens, tokens / (sum(tokens) OVER (PARTITION BY layer) / $experts) AS load
-            FROM per_expert
-        )
-        SELECT layer, expert, load FROM load
-        WHERE expert >= $first AND expert < $stop AND tokens > 0 ORDER BY load DESC, layer, expert LIMIT $count
+        WITH picked AS (SELECT DISTINCT unnest($steps) AS step, unnest($layers) AS layer)
+        SELECT r.layer, r.expert, sum(r.tokens) FROM routing r JOIN picked USING (step, layer)
+        WHERE r.run_id = $run GROUP BY r.layer, r.expert
         """,
-        {"steps": [s for s, _ in calls], "layers": [layer for _, layer in calls], "run": run_id,
-         "experts": num_experts, "first": rank * per_rank, "stop": (rank + 1) * per_rank, "count": count},
-    ).fetchall()  # fmt: skip
-    return tuple((int(layer), int(expert), float(load)) for layer, expert, load in rows)
+        {"steps": [s for s, _ in calls], "layers": [layer for _, layer in calls], "run": run_id},
+    ).fetchall()
+    totals: dict[int, list[int]] = {}
+    for layer, _, tokens in rows:
+        totals.setdefault(layer, []).append(tokens)
+    loads = [
+        (int(layer), int(expert), tokens / (sum(totals[layer]) / len(totals[layer])))
+        for layer, expert, tokens in rows
+        if tokens > 0 and expert in held(layer)
+    ]
+    loads.sort(key=lambda item: (-item[2], item[0], item[1]))
+    return tuple(loads[:count])
 
 
 @dataclass(frozen=True)
