@@ -45,7 +45,12 @@ sleep instead of spinning, which otherwise slows small models many times over on
 Run 'hybridlm COMMAND --help' for a command's options. --debug (or HYBRIDLM_DEBUG=1) shows the
 full traceback of an error."""
 
-SUBCOMMAND_MODULES = ("hybridlm.trace.cli", "hybridlm.checkpoints.cli", "hybridlm.train.cli")
+SUBCOMMAND_MODULES = (
+    "hybridlm.trace.cli",
+    "hybridlm.checkpoints.cli",
+    "hybridlm.train.cli",
+    "hybridlm.distributed.cli",
+)
 
 
 # ---------------------------------------------------------------------------------------------
