@@ -146,11 +146,13 @@ WHERE c.ranks = (SELECT count(DISTINCT rk) FROM entries)
 
 def stragglers(con: duckdb.DuckDBPyConnection, run_id: str) -> list[Straggler]:
     """Per collective (moe_dispatch, moe_combine) and phase (then ALL_PHASES): which rank the others
-    waited for, how long, and which experts were hot on it (``placement`` says which it holds)."""
+    waited for, how long, and which experts were hot on it (``placement`` says which it holds). Empty for
+    a run of one rank."""
     rows = con.execute(_ENTRIES_SQL, {"run": run_id, "collectives": list(COLLECTIVES)}).fetchall()
-    if not rows:
-        return []
-    held = placement(con, run_id, world_size=len({row[4] for row in rows}))
+    world_size = len({row[4] for row in rows})
+    if world_size < 2:
+        return []  # one rank waits for no one
+    held = placement(con, run_id, world_size)
     groups: dict[tuple[str, str], list[tuple]] = {}
     for row in rows:
         groups.setdefault((row[0], row[1]), []).append(row)

@@ -153,7 +153,7 @@ def rank_part_tables(report: RankReport) -> list[Table]:
 
 
 RANK_NOTES = (
-    "MoE block parts: {ranks} ranks; the other layer types are pooled over the ranks above. tokens = (token, "
+    "MoE block parts: {ranks}; the other layer types are pooled over the ranks above. tokens = (token, "
     "expert) pairs routed (router), sent (dispatch; combine brings the same rows back), computed (experts).",
     "load = pairs a rank's experts computed / the mean over ranks (1.0 = even); experts sit E / W contiguous per "
     "rank. The busiest rank sets the pace of every all-to-all.",
@@ -270,11 +270,14 @@ def render_tables(
         console.print()
         console.print(imbalance_table(imbalance))
     if ranks is not None:
-        for table in [*rank_part_tables(ranks), rank_tokens_table(ranks), straggler_table(ranks)]:
+        tables = [*rank_part_tables(ranks), rank_tokens_table(ranks)]
+        tables += [straggler_table(ranks)] if ranks.stragglers else []
+        for table in tables:
             console.print()
             console.print(table)
-        for note in RANK_NOTES:
-            console.print(note.format(ranks=ranks.ranks), markup=False)
+        notes = RANK_NOTES if ranks.stragglers else RANK_NOTES[:-1]
+        for note in notes:
+            console.print(note.format(ranks=f"{ranks.ranks} rank{'s' * (ranks.ranks != 1)}"), markup=False)
     if changes is not None:
         console.print()
         console.print(change_table(changes, comparison_title))
