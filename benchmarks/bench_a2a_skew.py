@@ -9,8 +9,9 @@ back: per skew, the max / mean (token, expert) pairs a rank's experts computed p
 even, 4.0 = one rank computes everything), the p50 / p99 / tail ratio of the all-to-all (moe_dispatch +
 moe_combine of one MoE call on one rank) and of every other layer type, how long ranks waited for the
 straggler, and the aggregate: every block call pooled, and the step time. Decode steps only in the
-tables (prefill calls are a few long ones that would be the p99 of any pooled column); the JSON has
-both phases. Writes OUT/results.json, OUT/a2a_skew.png and prints markdown tables.
+tables that lead (prefill calls are a few long ones that would be the p99 of any pooled column); then
+the prefill steps' first table (few calls: their p99 is about their maximum). The JSON has both phases.
+Writes OUT/results.json and OUT/a2a_skew.png, and prints markdown tables.
 
 What CPU gloo ranks on a shared 2-core machine can show, and what they cannot:
 - they can show the mechanism: the all-to-all waits for the slowest rank, the rank holding the hot
@@ -40,10 +41,12 @@ import numpy as np
 
 from benchmarks.common import print_table
 
-DEFAULT = {"model": "debug-small", "skews": "0,0.5,1,2,4", "requests": 16, "batch_size": 4, "new_tokens": 16,
-           "prompt_len": "16-64"}  # fmt: skip
+# 16 sequences per rank: with fewer, a decode step gives each rank a handful of (token, expert) pairs and
+# the hot rank's extra rows cost nothing next to gloo's own latency.
+DEFAULT = {"model": "debug-small", "skews": "0,0.5,1,2,4", "requests": 64, "batch_size": 64, "new_tokens": 16,
+           "prompt_len": "8-32", "rounds": 2}  # fmt: skip
 QUICK = {"model": "debug-tiny-nemotron", "skews": "0,2", "requests": 4, "batch_size": 4, "new_tokens": 4,
-         "prompt_len": "8-16"}  # fmt: skip
+         "prompt_len": "8-16", "rounds": 1}  # fmt: skip
 OTHER_TYPES = ("mamba2", "attention", "moe_router", "moe_experts", "moe")  # moe: the whole block on one rank
 
 
@@ -71,37 +74,41 @@ def stats(values: list[float]) -> dict:
     return {"calls": len(values), "p50_us": float(p50), "p99_us": float(p99), "tail": float(p99 / p50) if p50 else None}
 
 
-def measure(db: Path, phase: str) -> dict:
-    """What one skew's trace shows in ``phase``."""
-    from hybridlm.trace.report.ranks import stragglers
+PARTS = "('moe_router', 'moe_dispatch', 'moe_experts', 'moe_combine')"
+SAMPLES = {  # name -> one value per row, from one trace (its one run), for phase $phase
+    # the all-to-all of one MoE call on one rank: dispatch + combine
+    "a2a": "SELECT sum(duration_us) FROM events WHERE phase = $phase AND source = 'layer' "
+    "AND layer_type IN ('moe_dispatch', 'moe_combine') GROUP BY rank, step, layer",
+    # per MoE call: max / mean over the ranks of the pairs their experts computed
+    "balance": "SELECT max(tokens) / avg(tokens) FROM events WHERE phase = $phase AND source = 'layer' "
+    "AND layer_type = 'moe_experts' GROUP BY step, layer HAVING avg(tokens) > 0",
+    "all_layers": "SELECT duration_us FROM events WHERE phase = $phase AND source = 'layer' "
+    f"AND layer_type NOT IN {PARTS}",
+    "step": "SELECT duration_us FROM events WHERE phase = $phase AND source = 'step'",
+    **{t: f"SELECT duration_us FROM events WHERE phase = $phase AND source = 'layer' AND layer_type = '{t}'"
+       for t in OTHER_TYPES},
+    # each rank's wait for the last rank into the same collective (the last rank's own wait, 0, left out)
+    **{f"{c}_wait": "SELECT wait FROM (SELECT max(start_us) OVER (PARTITION BY step, layer) - start_us AS wait "
+       f"FROM events WHERE phase = $phase AND source = 'collective' AND layer_type = '{c}') WHERE wait > 0"
+       for c in ("moe_dispatch", "moe_combine")},
+}  # fmt: skip
 
-    with duckdb.connect(str(db), read_only=True) as con:
-        [(run_id,)] = con.execute("SELECT run_id FROM runs").fetchall()
 
-        def durations(where: str) -> list[float]:
-            sql = f"SELECT duration_us FROM events WHERE run_id = ? AND phase = ? AND {where}"
-            return [d for (d,) in con.execute(sql, [run_id, phase]).fetchall()]
-
-        a2a = con.execute(
-            "SELECT sum(duration_us) FROM events WHERE run_id = ? AND phase = ? AND source = 'layer' "
-            "AND layer_type IN ('moe_dispatch', 'moe_combine') GROUP BY rank, step, layer",
-            [run_id, phase],
-        ).fetchall()
-        balance = con.execute(
-            "SELECT max(tokens) / avg(tokens) FROM events WHERE run_id = ? AND phase = ? AND source = 'layer' "
-            "AND layer_type = 'moe_experts' GROUP BY step, layer HAVING avg(tokens) > 0",
-            [run_id, phase],
-        ).fetchall()
-        waits = {s.layer_type: s for s in stragglers(con, run_id) if s.phase == phase}
-        blocks = "source = 'layer' AND layer_type NOT IN ('moe_router', 'moe_dispatch', 'moe_experts', 'moe_combine')"
-        return {
-            "max_over_mean_tokens_per_rank": float(np.mean([b for (b,) in balance])),
-            "a2a": stats([d for (d,) in a2a]),
-            "wait_p99_us": {name: s.wait_p99_us for name, s in waits.items()},
-            "layer_types": {t: stats(durations(f"source = 'layer' AND layer_type = '{t}'")) for t in OTHER_TYPES},
-            "all_layers": stats(durations(blocks)),
-            "step": {**stats(durations("source = 'step'")), "mean_us": float(np.mean(durations("source = 'step'")))},
-        }
+def measure(dbs: list[Path], phase: str) -> dict:
+    """What the traces of one skew (one per round) show in ``phase``, their calls pooled."""
+    samples: dict[str, list[float]] = {name: [] for name in SAMPLES}
+    for db in dbs:
+        with duckdb.connect(str(db), read_only=True) as con:
+            for name, sql in SAMPLES.items():
+                samples[name] += [float(v) for (v,) in con.execute(sql, {"phase": phase}).fetchall()]
+    return {
+        "max_over_mean_tokens_per_rank": float(np.mean(samples["balance"])),
+        "a2a": stats(samples["a2a"]),
+        "wait_p99_us": {c: stats(samples[f"{c}_wait"])["p99_us"] for c in ("moe_dispatch", "moe_combine")},
+        "layer_types": {t: stats(samples[t]) for t in OTHER_TYPES},
+        "all_layers": stats(samples["all_layers"]),
+        "step": {**stats(samples["step"]), "mean_us": float(np.mean(samples["step"]))},
+    }
 
 
 def us(value: float | None) -> str:
@@ -112,7 +119,7 @@ def tail(entry: dict) -> str:
     return "-" if entry["tail"] is None else f"{entry['tail']:.1f}x"
 
 
-def print_tables(results: list[dict], phase: str) -> None:
+def print_tables(results: list[dict], phase: str, other_types: bool = True) -> None:
     print(f"\nall-to-all, waits and the aggregate ({phase} steps; µs)\n")
     headers = ["skew", "max/mean tokens per rank", "a2a p50", "a2a p99", "a2a tail", "dispatch wait p99",
                "combine wait p99", "all layers p50", "p99", "tail", "step p50", "step p99", "step mean"]  # fmt: skip
@@ -125,6 +132,8 @@ def print_tables(results: list[dict], phase: str) -> None:
                      us(m["all_layers"]["p99_us"]), tail(m["all_layers"]), us(m["step"]["p50_us"]),
                      us(m["step"]["p99_us"]), us(m["step"]["mean_us"])])  # fmt: skip
     print_table(headers, rows)
+    if not other_types:
+        return
     print(f"\nthe other layer types ({phase} steps; p50 / p99 µs, tail ratio)\n")
     headers = ["skew", *OTHER_TYPES]
     rows = [
@@ -178,24 +187,34 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prompt-len", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=None, help="runs per skew, interleaved (default 2; quick 1)")
     parser.add_argument("--out", type=Path, default=Path("bench-a2a-skew"))
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for skew in [float(s) for s in args.skews.split(",")]:
-        db = args.out / f"skew-{skew:g}.duckdb"
-        seconds = run_profile(args, skew, db)
-        results.append({"skew": skew, "seconds": seconds, **{p: measure(db, p) for p in ("prefill", "decode")}})
-        print(f"skew {skew:g}: profiled in {seconds:.1f} s", file=sys.stderr)
+    skews = [float(s) for s in args.skews.split(",")]
+    traces: dict[float, list[Path]] = {skew: [] for skew in skews}
+    seconds: dict[float, float] = dict.fromkeys(skews, 0.0)
+    for round_index in range(args.rounds):  # skews interleaved: a change in the machine's load hits all alike
+        for skew in skews:
+            db = args.out / f"skew-{skew:g}-round{round_index}.duckdb"
+            seconds[skew] += run_profile(args, skew, db)
+            traces[skew].append(db)
+            print(f"round {round_index}, skew {skew:g}: profiled in {seconds[skew]:.1f} s so far", file=sys.stderr)
+    results = [
+        {"skew": skew, "seconds": seconds[skew], **{p: measure(traces[skew], p) for p in ("prefill", "decode")}}
+        for skew in skews
+    ]
     setup = (f"{args.model}, {args.ranks} gloo ranks on {os.cpu_count()} CPUs, {args.requests} requests in batches "
-             f"of {args.batch_size}, prompts {args.prompt_len}, {args.new_tokens} new tokens")  # fmt: skip
+             f"of {args.batch_size}, prompts {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} "
+             f"round{'s' * (args.rounds != 1)} per skew")  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
     plot(results, "decode", args.out / "a2a_skew.png", setup)
     print(setup)
     print_tables(results, "decode")
+    print_tables(results, "prefill", other_types=False)
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'a2a_skew.png'}")
 
 
