@@ -8,11 +8,12 @@ subcommand module is imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
@@ -238,18 +239,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from hybridlm.engine import Engine, EngineConfig
-    from hybridlm.engine.chat import ChatTemplate
-    from hybridlm.engine.metrics import EngineMetrics
-    from hybridlm.engine.server import bind_socket, build_app, run_server
-    from hybridlm.loading import load_model, parse_dtype, resolve_config
+    from hybridlm.loading import parse_dtype, resolve_config
 
     # everything a user typed is checked, and the port taken, before a model is built
-    dtype = parse_dtype(args.dtype)
-    device = _resolve_device(args.device)
-    config = EngineConfig(
+    parse_dtype(args.dtype)
+    _resolve_device(args.device)
+    _engine_config(args).check()
+    model_config = resolve_config(args.model)
+    if args.ep is not None:  # the experts spread over ranks: rank 0 serves, the others replay its calls
+        from hybridlm.distributed.launch import check_expert_parallel, run_on_ranks
+
+        check_expert_parallel(args.ep, model_config, args.device)
+        _bind(args.host, args.port).close()  # a port in use is said before N ranks start
+        with _forwarding_sigterm_to_rank0():
+            return run_on_ranks(args.ep, args.device, args.threads, _serve_rank, args)
+    sock = _bind(args.host, args.port)
+    try:
+        from hybridlm.loading import load_model
+
+        model = load_model(
+            args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=_resolve_device(args.device)
+        )
+        return _serve_model(args, model, sock, expert_group=None)
+    finally:
+        sock.close()
+
+
+def _engine_config(args: argparse.Namespace) -> Any:
+    from hybridlm.engine import EngineConfig
+
+    return EngineConfig(
         max_slots=args.max_slots,
         max_model_len=args.max_model_len,
         memory_budget_bytes=args.memory_budget,
@@ -258,28 +277,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_bytes=args.prefix_cache_bytes,
         snapshot_interval=args.snapshot_interval,
     )
-    config.check()
-    model_config = resolve_config(args.model)
+
+
+def _bind(host: str, port: int) -> Any:
+    from hybridlm.engine.server import bind_socket
+
+    return bind_socket(host, port)
+
+
+def _serve_model(args: argparse.Namespace, model: Any, sock: Any, expert_group: Any) -> int:
+    from pathlib import Path
+
+    from hybridlm.engine import Engine
+    from hybridlm.engine.chat import ChatTemplate
+    from hybridlm.engine.metrics import EngineMetrics
+    from hybridlm.engine.server import build_app, run_server
+
     model_name = args.served_model_name or (
         Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
     )
     tokenizer = _tokenizer_for(args.model)
     chat_template = ChatTemplate.from_checkpoint(args.model)
-    sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
+    metrics = EngineMetrics(model_name, model.config)
+    engine = Engine(model, tokenizer, _engine_config(args), metrics=metrics, expert_group=expert_group)
+    if args.trace is not None:
+        run_id = engine.enable_trace(args.trace, model_name=model_name)
+        print(f"trace: recording run {run_id} into {args.trace} (hybridlm report {args.trace})", file=sys.stderr)
+    _print_serving(engine.memory_report(), model_name, chat_template, args.host, port)
+    app = build_app(engine, model_name, tokenizer, chat_template)
+    engine.start()
+    run_server(app, args.host, port, engine, sock=sock, drain_timeout=args.drain_timeout)
+    return 0
+
+
+def _serve_rank(rank: int, world_size: int, device: str, args: argparse.Namespace) -> int:
+    """One rank of ``serve --ep N``: rank 0 runs the engine and the HTTP server, broadcasting every model
+    call; the others replay them (``hybridlm.engine.worker.follow``) until rank 0 stops."""
+    import signal
+
+    import torch.distributed as dist
+
+    from hybridlm.distributed.launch import build_rank_model
+    from hybridlm.engine.worker import follow
+    from hybridlm.loading import parse_dtype
+
+    if rank != 0:  # rank 0 decides when to stop (it drains on SIGTERM / Ctrl-C) and tells the others
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    model = build_rank_model(args.model, args.seed, parse_dtype(args.dtype), device, rank)
+    if rank != 0:
+        follow(model)
+        return 0
+    sock = _bind(args.host, args.port)
     try:
-        model = load_model(args.model, seed=args.seed, dtype=dtype, device=device)
-        engine = Engine(model, tokenizer, config, metrics=EngineMetrics(model_name, model_config))
-        if args.trace is not None:
-            run_id = engine.enable_trace(args.trace, model_name=model_name)
-            print(f"trace: recording run {run_id} into {args.trace} (hybridlm report {args.trace})", file=sys.stderr)
-        _print_serving(engine.memory_report(), model_name, chat_template, args.host, port)
-        app = build_app(engine, model_name, tokenizer, chat_template)
-        engine.start()
-        run_server(app, args.host, port, engine, sock=sock, drain_timeout=args.drain_timeout)
+        return _serve_model(args, model, sock, expert_group=dist.group.WORLD)
     finally:
         sock.close()
-    return 0
+
+
+@contextlib.contextmanager
+def _forwarding_sigterm_to_rank0() -> Iterator[None]:
+    """While spawned ranks serve: SIGTERM to this process goes on to rank 0 (which drains and stops the
+    others); Ctrl-C reaches rank 0 from the terminal itself, so this process ignores it."""
+    import multiprocessing
+    import signal
+
+    def forward(signum: int, frame: object) -> None:
+        for child in multiprocessing.active_children():
+            if child.name == "hybridlm-rank0" and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def _print_serving(report: dict, model_name: str, chat_template: Any, host: str, port: int) -> None:
@@ -533,6 +607,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "prefix seen before, and at each prompt's end (default 64)",
     )
     p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
+    p.add_argument(
+        "--ep",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
+        "joins torchrun's; rank 0 serves HTTP and schedules, the other ranks replay its model calls",
+    )
     p.add_argument(
         "--served-model-name",
         default=None,
