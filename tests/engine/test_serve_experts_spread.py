@@ -8,6 +8,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.engine.test_server import MODEL, THREADS, Server
 
 PROMPTS = ["Hybrid models keep state: ", "Experts are spread over ranks, "]
@@ -35,7 +38,21 @@ def test_serving_with_experts_on_two_ranks_answers_what_one_process_generates(tm
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: the two decode in one batch
             served = list(pool.map(complete, PROMPTS))
         assert server.wait_until_idle()["free_slots"] == 4
+        calls = _block_calls(httpx.get(f"{server.url}/metrics", timeout=30).text)
     finally:
         status = server.stop()
     assert status == 0, server.log.read_text()
     assert served == [_generate_alone(prompt) for prompt in PROMPTS]
+    # the parts of the MoE blocks whose experts are spread are timed like blocks, in both phases
+    for part in ("moe_router", "moe_dispatch", "moe_experts", "moe_combine"):
+        assert calls[(part, "prefill")] > 0 and calls[(part, "decode")] > 0
+        assert calls[(part, "decode")] == calls[("moe", "decode")]  # one of each part per MoE block call
+
+
+def _block_calls(text: str) -> dict[tuple[str, str], float]:
+    calls = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "hybridlm:block_seconds_count":
+                calls[(sample.labels["layer_type"], sample.labels["phase"])] = sample.value
+    return calls

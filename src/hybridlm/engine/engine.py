@@ -177,6 +177,9 @@ class Engine:
         if metrics is not None:
             block_timer = metrics.block_timer(inner=model.block_observer)
             model.block_observer = block_timer
+            for module in model.modules():  # experts spread over ranks time their own parts
+                if hasattr(module, "on_span") and module.on_span is None:
+                    module.on_span = block_timer.record_span
             metrics.set_memory(self._memory_by_kind())
         # With experts spread over the ranks of ``expert_group``, the other ranks replay every call
         # (``hybridlm.engine.worker.follow``); alone, the worker runs them here.

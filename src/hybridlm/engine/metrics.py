@@ -215,6 +215,11 @@ class BlockTimer:
         if self.inner is not None:
             self.inner.after_block(index, layer_type, hidden, routing_counts)
 
+    def record_span(self, layer_index: int, layer_type: str, start_ns: int, end_ns: int, *details: object) -> None:
+        """A part of a block timed by the block itself (an expert-parallel MoE block's ``on_span``:
+        moe_router, moe_dispatch, moe_experts, moe_combine), into the same histogram."""
+        self._current[layer_type].append(end_ns - start_ns)
+
     def _begin_forward(self, hidden: Tensor) -> None:
         if self._phase is None:  # hidden: [B, T, hidden]
             self._current = self._pending["prefill" if hidden.shape[1] > 1 else "decode"]
