@@ -13,17 +13,21 @@ tables that lead (prefill calls are a few long ones that would be the p99 of any
 the prefill steps' first table (few calls: their p99 is about their maximum). The JSON has both phases.
 Writes OUT/results.json and OUT/a2a_skew.png, and prints markdown tables.
 
-What CPU gloo ranks on a shared 2-core machine can show, and what they cannot:
-- they can show the mechanism: the all-to-all waits for the slowest rank, the rank holding the hot
-  experts computes more rows, so its peers wait in dispatch and combine while Mamba and attention,
-  which do the same work on every rank, stay where they were; and the aggregate columns, pooled over
-  every call, move far less than the all-to-all.
-- they cannot show GPU numbers: gloo moves rows through loopback TCP, not NCCL over NVLink; there is
-  no kernel-launch or SM occupancy effect; 4 ranks time-share 2 cores, so a rank ready to enter a
-  collective often waits for a core first and much of the wait is the scheduler's, not the load's
-  (with S = 0 the waits are already milliseconds). Every rank also pays the hot experts' matmuls on
-  a core the others need. Read the trend across S, not the absolute µs; on a loaded machine (other
-  jobs on the same cores) the p99 columns are noisy.
+What CPU gloo ranks on a shared 2-core machine can show, and what they cannot (default sweep, 2 rounds,
+on a 2-core VM that other jobs were also using, load average ~4.5):
+- the imbalance itself: max / mean pairs per rank goes 1.25, 1.45, 1.88, 2.33, 2.50 over S = 0..4;
+- the mechanism, where the hot rank's extra rows are real work (prefill: hundreds of rows per expert):
+  the all-to-all p50 doubled (48 -> 95 ms) and p99 doubled (81 -> 163 ms), the waits at the combine (for
+  the rank still computing its experts) rose 3.2x at p99 (34 -> 108 ms), while the pooled block calls
+  ("all layers" p50 158-167 ms) and the step time (+4%) hardly moved: the aggregate hides it;
+- not the decode tail: 16 sequences per rank give each rank ~32 pairs per MoE call, and the hot rank's
+  extra matmul time (~1 ms) vanishes next to a gloo all-to-all of ~20 ms on time-shared cores; the
+  all-to-all p99 stays at 35-37 ms for every S (one round at S = 0.5 met a burst of load: 63 ms);
+- nothing about GPUs: gloo moves rows through loopback TCP, not NCCL over NVLink; no kernel-launch or
+  occupancy effects; 4 ranks time-share 2 cores, so a rank ready for a collective often waits for a core
+  first, and the waits are mostly the scheduler's (already 10-16 ms at p99 with S = 0). The hot rank's
+  matmuls also take cores from the other ranks, which is why attention and Mamba move with S here
+  (attention decode p50 1.3 -> 3.2 ms) where on GPUs they would not. Read trends across S, not µs.
 """
 
 from __future__ import annotations
@@ -147,29 +151,35 @@ def print_tables(results: list[dict], phase: str, other_types: bool = True) -> N
     print_table(headers, rows)
 
 
-def plot(results: list[dict], phase: str, path: Path, title: str) -> None:
+PHASES = ("decode", "prefill")
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Per phase, each series' p99 relative to the first skew's; and the imbalance over ranks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     skews = [r["skew"] for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     series = {"all-to-all (dispatch + combine)": lambda m: m["a2a"]}
     series |= {t: (lambda m, t=t: m["layer_types"][t]) for t in OTHER_TYPES}
     series |= {"all layers (aggregate)": lambda m: m["all_layers"], "step (aggregate)": lambda m: m["step"]}
-    for name, pick in series.items():
-        base = pick(results[0][phase])["p99_us"]
-        values = [pick(r[phase])["p99_us"] / base if base else None for r in results]
-        style = (
-            {"linewidth": 3} if name.startswith("all-to-all") else {"linestyle": "--" if "aggregate" in name else "-"}
-        )
-        left.plot(skews, values, marker="o", label=name, **style)
-    left.set(xlabel="routing skew S", ylabel=f"p99 / p99 at S={skews[0]:g}", title=f"{phase} p99 relative to no skew")
-    left.legend(fontsize=8)
-    right.plot(skews, [r[phase]["max_over_mean_tokens_per_rank"] for r in results], marker="o")
-    right.set(xlabel="routing skew S", ylabel="max / mean pairs computed per rank", title="load imbalance over ranks")
-    right.set_ylim(bottom=1)
+    for axis, phase in zip(axes, PHASES, strict=False):
+        for name, pick in series.items():
+            base = pick(results[0][phase])["p99_us"]
+            values = [pick(r[phase])["p99_us"] / base if base else None for r in results]
+            aggregate = "aggregate" in name
+            style = {"linewidth": 3} if name.startswith("all-to-all") else {"linestyle": "--" if aggregate else "-"}
+            axis.plot(skews, values, marker="o", label=name, **style)
+        axis.set(xlabel="routing skew S", ylabel=f"p99 / p99 at S={skews[0]:g}", title=f"{phase}: p99 vs no skew")
+    axes[0].legend(fontsize=8)
+    for phase in PHASES:
+        axes[2].plot(skews, [r[phase]["max_over_mean_tokens_per_rank"] for r in results], marker="o", label=phase)
+    axes[2].set(xlabel="routing skew S", ylabel="max / mean pairs computed per rank", title="imbalance over ranks")
+    axes[2].set_ylim(bottom=1)
+    axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -211,7 +221,7 @@ def main() -> None:
              f"of {args.batch_size}, prompts {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} "
              f"round{'s' * (args.rounds != 1)} per skew")  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2))
-    plot(results, "decode", args.out / "a2a_skew.png", setup)
+    plot(results, args.out / "a2a_skew.png", setup)
     print(setup)
     print_tables(results, "decode")
     print_tables(results, "prefill", other_types=False)
