@@ -1,6 +1,7 @@
 """`hybridlm train` through its own parser: flags named in errors, text runs, outputs, resume checks."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -97,24 +98,22 @@ def test_text_through_a_tokenizer_json(text_file, tmp_path):
         text_data(text_file, seq_len=8, tokenizer_dir=tmp_path)
 
 
-def _main_cli_with_train(*argv: str) -> subprocess.CompletedProcess:
-    """`hybridlm ARGV` as the main CLI will run it once hybridlm.train.cli is among its subcommand modules."""
-    code = (
-        "import sys, hybridlm.cli as cli\n"
-        "cli.SUBCOMMAND_MODULES = (*cli.SUBCOMMAND_MODULES, 'hybridlm.train.cli')\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
+def _run_hybridlm(*argv: str) -> subprocess.CompletedProcess:
+    """`hybridlm ARGV` through the main command (python -m hybridlm), as a user runs it."""
+    env = {**os.environ, "HYBRIDLM_PROGRESS": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "hybridlm", *argv], capture_output=True, text=True, timeout=300, env=env
     )
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
 
 
 def test_through_the_main_cli_an_error_is_one_line_and_exit_2():
-    run = _main_cli_with_train("train", "--lr", "-1")
+    run = _run_hybridlm("train", "--lr", "-1")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["hybridlm train: error: --lr -1.0: expected a positive number"]
 
 
 def test_through_the_main_cli_a_run_trains_and_prints_recall(tmp_path):
-    run = _main_cli_with_train("train", "--quick", "--steps", "10", "--trace", str(tmp_path / "t.duckdb"))
+    run = _run_hybridlm("train", "--quick", "--steps", "10", "--trace", str(tmp_path / "t.duckdb"))
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("held-out recall ") and "trace: run " in run.stderr
 

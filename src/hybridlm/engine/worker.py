@@ -118,7 +118,10 @@ class MirroredWorker(SlotWorker):
         self._tell("forget", snapshot.id)
 
     def stop(self) -> None:
+        import torch.distributed as dist
+
         self._tell("stop")
+        dist.barrier(group=self.group)  # every rank has left its loop before any tears the group down
 
 
 def follow(model: HybridLM, group: Any = None) -> int:
@@ -141,6 +144,7 @@ def follow(model: HybridLM, group: Any = None) -> int:
         while True:
             name, *args = receive()
             if name == "stop":
+                dist.barrier(group=group)
                 return replayed
             replayed += 1
             if name == "snapshot":
