@@ -51,6 +51,7 @@ SUBCOMMAND_MODULES = (
     "hybridlm.checkpoints.cli",
     "hybridlm.train.cli",
     "hybridlm.distributed.cli",
+    "hybridlm.train.ablate",
 )
 
 
