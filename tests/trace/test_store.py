@@ -62,12 +62,14 @@ def test_round_trip_of_events_routing_and_runs(tmp_path):
         store.add_events(run, [layer_row(0, 1.5), layer_row(1, 2.5)])
         # a full-length row fills the importer extras too
         store.add_events(run, [(*layer_row(2, 3.5), 0, 77, "L2.moe", 4096)])
-        store.add_routing(run, [(0, "decode", 1, expert, 10 + expert, 0) for expert in range(4)])
+        store.add_routing(run, [(0, "decode", 1, expert, 10 + expert, 0) for expert in range(3)])
+        store.add_routing(run, [(0, "decode", 1, 3, 13, 0, 2)])  # a row of rank 2 of an expert-parallel run
     con = open_readonly(path)
     rows = con.execute("SELECT layer, duration_us, correlation, bytes FROM events ORDER BY layer").fetchall()
     assert rows == [(0, 1.5, None, None), (1, 2.5, None, None), (2, 3.5, 77, 4096)]
     routing = con.execute(f"SELECT {', '.join(ROUTING_COLUMNS)} FROM routing ORDER BY expert").fetchall()
-    assert routing == [(run, 0, "decode", 1, e, 10 + e, 0) for e in range(4)]
+    # a row without its rank is rank 0's (one process)
+    assert routing == [(run, 0, "decode", 1, e, 10 + e, 0, 0 if e < 3 else 2) for e in range(4)]
     (run_row,) = con.execute("SELECT kind, model, device, config_json, software_json FROM runs").fetchall()
     assert run_row[:3] == ("recorded", "debug-tiny", "cpu")
     assert json.loads(run_row[3]) == {"pattern": "M*E"}

@@ -137,7 +137,7 @@ class Tracer:
             routing_rows = []
             for index, counts in self._routing:
                 for expert, tokens in enumerate(counts.tolist()):
-                    routing_rows.append((self.step_index, self._phase, index, expert, tokens, 0))
+                    routing_rows.append((self.step_index, self._phase, index, expert, tokens, 0, self.rank))
             self.store.add_routing(self.run_id, routing_rows)
         self._pending.clear()
         self._routing.clear()

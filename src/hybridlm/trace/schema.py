@@ -82,7 +82,9 @@ EVENT_COLUMNS: tuple[str, ...] = EVENT_BASE_COLUMNS + EVENT_EXTRA_COLUMNS
 EVENT_ROW_COLUMNS: tuple[str, ...] = EVENT_COLUMNS[1:]
 EVENT_ROW_BASE_LEN = len(EVENT_BASE_COLUMNS) - 1
 
-ROUTING_COLUMNS: tuple[str, ...] = ("run_id", "step", "phase", "layer", "expert", "tokens", "dropped")
+# rank: the rank whose router chose (experts spread over ranks: each rank routes its own tokens); NULL
+# in files written before it was added, and may be left out of a row (0 for one process)
+ROUTING_COLUMNS: tuple[str, ...] = ("run_id", "step", "phase", "layer", "expert", "tokens", "dropped", "rank")
 ROUTING_ROW_COLUMNS: tuple[str, ...] = ROUTING_COLUMNS[1:]
 
 # DuckDB type of every column, used for the DDL and for typed Arrow batches.
@@ -130,6 +132,7 @@ COLUMN_TYPES: dict[str, dict[str, str]] = {
         "expert": "INTEGER",
         "tokens": "INTEGER",
         "dropped": "INTEGER",
+        "rank": "INTEGER",
     },
 }
 TABLES: tuple[str, ...] = ("runs", "events", "routing")

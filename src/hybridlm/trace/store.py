@@ -288,20 +288,21 @@ class TraceStore:
             self._added(n)
 
     def add_routing(self, run_id: str, rows: Iterable[Sequence]) -> None:
-        """Buffer routing rows: tuples (step, phase, layer, expert, tokens, dropped)."""
+        """Buffer routing rows: tuples (step, phase, layer, expert, tokens, dropped[, rank]); a row
+        without the rank stores 0 (one process)."""
         width = len(ROUTING_ROW_COLUMNS)
         with self._lock:
             self._check_open()
             buffer = self._routing_rows
             before = len(buffer)
             for row in rows:
-                if len(row) != width:
+                if len(row) not in (width - 1, width):
                     del buffer[before:]
                     raise ValueError(
                         f"a routing row has {len(row)} values; expected {width} "
-                        f"({', '.join(ROUTING_ROW_COLUMNS)}): {tuple(row)!r}"
+                        f"({', '.join(ROUTING_ROW_COLUMNS)}; rank may be left out): {tuple(row)!r}"
                     )
-                buffer.append((run_id, *row))
+                buffer.append((run_id, *row, *((0,) if len(row) < width else ())))
             self._added(len(buffer) - before)
 
     def _added(self, n: int) -> None:
