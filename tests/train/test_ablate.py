@@ -128,6 +128,7 @@ def _better_first(run):
         (["ratio", "--num-pairs", "40"], "--num-pairs 40: n pairs and their n queries need 4 * n <= seq_len"),
         (["placement", "--blocks", "3"], "--blocks 3: placement puts 2 attention blocks among at least 4"),
         (["mixer", "--width", "8"], "--width 8: expected a whole number >= 16"),
+        (["mixer", "--blocks", "1"], "--blocks 1: the mixer sweep pairs each mixer with an attention block"),
     ],
 )
 def test_bad_flags_are_one_line_naming_the_flag(argv, message, tmp_path, capsys):

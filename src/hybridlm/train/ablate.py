@@ -2,7 +2,7 @@
 
     hybridlm ablate ratio --out ablations        # 0, 1, 2, 4, 8 attention blocks of 8 Mamba-2 blocks
     hybridlm ablate placement --quick            # 2 attention blocks of 8: first, last, first+last, ...
-    hybridlm ablate mixer --device cuda --steps 4000 --seq-len 256 --num-pairs 32
+    hybridlm ablate mixer --device cuda --steps 4000 --seq-len 256 --num-pairs 32 --vocab-size 8192
 
 Each sweep writes DIR/SWEEP.md (the table), DIR/SWEEP.json (settings, models, every run, the summary)
 and DIR/SWEEP.png. What is compared and how is in ``hybridlm.train.ablation`` (variants: the patterns
@@ -28,27 +28,21 @@ if TYPE_CHECKING:
 SWEEPS = ("ratio", "placement", "mixer")
 RESULT_KIND = "hybridlm ablation"
 
-# The default sweeps: sized from timed runs to take about 30 minutes each on 2 CPU cores (docs/claims.md).
-DEFAULTS: dict[str, Any] = {
-    "blocks": {"ratio": 8, "placement": 8, "mixer": 4},
-    "width": 128,
-    "lrs": (1e-3, 3e-3),
-    "seeds": 3,
-    "batch_size": 32,
-    "steps": 1000,
-    "text_steps": 300,
-    "seq_len": 32,
-    "num_pairs": 4,
-    "vocab_size": 64,
+# The default sweeps, sized from timed runs to take about 30 minutes each on 2 CPU cores (docs/claims.md
+# gives the arithmetic). MQAR(V=64, T=32, 4 pairs); ratio and placement on 8 mixer blocks, the mixer
+# sweep on 2 blocks (Zoology's depth), where these models leave MQAR's plateau within its budget.
+COMMON: dict[str, Any] = {"width": 128, "lrs": (1e-3, 3e-3), "seeds": 3, "batch_size": 32, "seq_len": 32,
+                          "num_pairs": 4, "vocab_size": 64}  # fmt: skip
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "ratio": {**COMMON, "blocks": 8, "steps": 600, "text_steps": 80},
+    "placement": {**COMMON, "blocks": 8, "steps": 600, "text_steps": 80},
+    "mixer": {**COMMON, "blocks": 2, "steps": 800, "text_steps": 100},
 }
-# --quick: the same protocol on 4 blocks, in a few minutes.
-QUICK: dict[str, Any] = {
-    "blocks": {"ratio": 4, "placement": 4, "mixer": 2},
-    "width": 64,
-    "lrs": (3e-3,),
-    "seeds": 2,
-    "steps": 200,
-    "text_steps": 60,
+# --quick: the same protocol, smaller, in a few minutes (one learning rate, two seeds).
+QUICK: dict[str, dict[str, Any]] = {
+    "ratio": {"blocks": 4, "width": 64, "lrs": (3e-3,), "seeds": 2, "steps": 200, "text_steps": 40},
+    "placement": {"blocks": 4, "width": 64, "lrs": (3e-3,), "seeds": 2, "steps": 200, "text_steps": 40},
+    "mixer": {"lrs": (3e-3,), "seeds": 2, "steps": 400, "text_steps": 40},
 }
 
 EPILOG = """\
@@ -72,17 +66,16 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--quick", action="store_true", help="a small sweep in a few minutes")
     p.add_argument("--out", default="ablations", metavar="DIR", help="where SWEEP.md/.json/.png go (default ablations)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--seeds", type=int, help=f"seeds per variant (default {DEFAULTS['seeds']})")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
     p.add_argument("--lrs", type=_lrs, help="learning rates swept per variant, e.g. 1e-3,3e-3 (default 1e-3,3e-3)")
-    p.add_argument("--steps", type=int, help=f"MQAR step budget per run (default {DEFAULTS['steps']})")
-    p.add_argument("--text-steps", type=int, help=f"text steps per run, 0 = no text task (default "
-                   f"{DEFAULTS['text_steps']})")  # fmt: skip
-    p.add_argument("--blocks", type=int, help="sequence-mixer blocks per model (default 8; mixer 4)")
-    p.add_argument("--width", type=int, help=f"the first variant's hidden size (default {DEFAULTS['width']})")
-    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
-    p.add_argument("--seq-len", type=int, help=f"MQAR tokens per sequence (default {DEFAULTS['seq_len']})")
-    p.add_argument("--num-pairs", type=int, help=f"MQAR key-value pairs (default {DEFAULTS['num_pairs']})")
-    p.add_argument("--vocab-size", type=int, help=f"MQAR vocabulary (default {DEFAULTS['vocab_size']})")
+    p.add_argument("--steps", type=int, help="MQAR step budget per run (default 600; mixer 800)")
+    p.add_argument("--text-steps", type=int, help="text steps per run, 0 = no text task (default 80; mixer 100)")
+    p.add_argument("--blocks", type=int, help="sequence-mixer blocks per model (default 8; mixer 2)")
+    p.add_argument("--width", type=int, help=f"the first variant's hidden size (default {COMMON['width']})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {COMMON['batch_size']})")
+    p.add_argument("--seq-len", type=int, help=f"MQAR tokens per sequence (default {COMMON['seq_len']})")
+    p.add_argument("--num-pairs", type=int, help=f"MQAR key-value pairs (default {COMMON['num_pairs']})")
+    p.add_argument("--vocab-size", type=int, help=f"MQAR vocabulary (default {COMMON['vocab_size']})")
     p.add_argument("--text", metavar="PATH", help="a UTF-8 text file for the perplexity task")
     p.set_defaults(func=cmd_ablate)
     return p
@@ -131,17 +124,19 @@ def build_settings(args: argparse.Namespace) -> AblationSettings:
     from hybridlm.train.ablation.runner import AblationSettings
     from hybridlm.train.mqar import MQARConfig
 
-    values = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for name in ("seeds", "lrs", "steps", "text_steps", "width", "batch_size", "seq_len", "num_pairs", "vocab_size"):
+    values = {**DEFAULTS[args.sweep], **(QUICK[args.sweep] if args.quick else {})}
+    for name in values:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    blocks = args.blocks if args.blocks is not None else values["blocks"][args.sweep]
+    blocks = values["blocks"]
     for name, low in (("seeds", 1), ("steps", 1), ("text_steps", 0), ("width", 16), ("batch_size", 1), ("blocks", 1)):
-        value = blocks if name == "blocks" else values[name]
+        value = values[name]
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a whole number >= {low}")
     if args.sweep == "placement" and blocks < 4:
         raise ValueError(f"--blocks {blocks}: placement puts 2 attention blocks among at least 4")
+    if args.sweep == "mixer" and blocks < 2:
+        raise ValueError(f"--blocks {blocks}: the mixer sweep pairs each mixer with an attention block, so at least 2")
     if args.sweep == "ratio":
         variants = v.ratio_variants(blocks)
     elif args.sweep == "placement":
