@@ -42,7 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 QUICK: dict[str, dict[str, Any]] = {
     "ratio": {"blocks": 4, "width": 64, "lrs": (3e-3,), "seeds": 2, "steps": 200, "text_steps": 40},
     "placement": {"blocks": 4, "width": 64, "lrs": (3e-3,), "seeds": 2, "steps": 200, "text_steps": 40},
-    "mixer": {"lrs": (3e-3,), "seeds": 2, "steps": 400, "text_steps": 40},
+    "mixer": {"lrs": (3e-3,), "seeds": 2, "steps": 300, "text_steps": 30},
 }
 
 EPILOG = """\
