@@ -99,34 +99,36 @@ def trim_held_out(data: TrainData, num_examples: int) -> TrainData:
 
 def run_ablation(settings: AblationSettings, data: TaskData, log: Callable[[str], None]) -> dict[str, Any]:
     """Every run of the protocol; returns {"models": {task: [...]}, "runs": [RunRecord as dicts]}."""
-    runs: list[RunRecord] = []
+    runs: list[dict[str, Any]] = []
     models: dict[str, list[SizedVariant]] = {
         task: equal_parameter_models(settings.variants, settings.width, data.vocab_size(task))
         for task in settings.tasks
     }
     total = len(settings.tasks) * len(settings.variants) * (len(settings.lrs) + settings.seeds - 1)
+
+    def run_and_log(task: str, sized: SizedVariant, lr: float, seed: int, phase: str) -> dict[str, Any]:
+        record = _run(settings, data, task, sized, lr, seed, phase)
+        runs.append(dataclasses.asdict(record))
+        log(f"[{len(runs)}/{total}] {settings.sweep} {sized.variant.name} ({sized.variant.pattern}) {task} "
+            f"lr {lr:g} seed {seed}: {_outcome(record, settings.target_recall)} ({record.seconds:.0f} s)")  # fmt: skip
+        return runs[-1]
+
     for task in settings.tasks:
         for sized in models[task]:
-            sweep = [_run(settings, data, task, sized, lr, 0, "lr sweep", len(runs) + i + 1, total, log)
-                     for i, lr in enumerate(settings.lrs)]  # fmt: skip
-            runs += sweep
-            best = min(sweep, key=selection_key).lr
+            sweep = [run_and_log(task, sized, lr, 0, "lr sweep") for lr in settings.lrs]
+            best = min(sweep, key=selection_key)["lr"]
             for seed in range(1, settings.seeds):
-                runs.append(_run(settings, data, task, sized, best, seed, "seeds", len(runs) + 1, total, log))
-    return {
-        "models": {task: [_model_entry(s) for s in sized] for task, sized in models.items()},
-        "runs": [dataclasses.asdict(run) for run in runs],
-    }
+                run_and_log(task, sized, best, seed, "seeds")
+    return {"models": {task: [_model_entry(s) for s in sized] for task, sized in models.items()}, "runs": runs}
 
 
-def selection_key(run: RunRecord | dict[str, Any]) -> tuple:
+def selection_key(run: dict[str, Any]) -> tuple:
     """Smaller is better: MQAR by steps to the target (runs that reach it first), then final recall;
-    text by perplexity."""
-    get = run.get if isinstance(run, dict) else lambda name: getattr(run, name)
-    if get("task") == "mqar":
-        steps = get("steps_to_target")
-        return (0, steps, 0.0) if steps is not None else (1, 0, -get("final_recall"))
-    return (0, get("perplexity"), 0.0)
+    text by perplexity. ``run`` is a RunRecord as a dict (as the JSON holds it)."""
+    if run["task"] == "mqar":
+        steps = run["steps_to_target"]
+        return (0, steps, 0.0) if steps is not None else (1, 0, -run["final_recall"])
+    return (0, run["perplexity"], 0.0)
 
 
 def _model_entry(sized: SizedVariant) -> dict[str, Any]:
@@ -139,28 +141,19 @@ def _model_entry(sized: SizedVariant) -> dict[str, Any]:
 
 
 def _run(
-    settings: AblationSettings,
-    data: TaskData,
-    task: str,
-    sized: SizedVariant,
-    lr: float,
-    seed: int,
-    phase: str,
-    number: int,
-    total: int,
-    log: Callable[[str], None],
+    settings: AblationSettings, data: TaskData, task: str, sized: SizedVariant, lr: float, seed: int, phase: str
 ) -> RunRecord:
+    """One training run from fresh weights (seeded), evaluated on the task's held-out split."""
     task_data = data.mqar_for_seed(seed) if task == "mqar" else data.text
-    config = _train_config(settings, task, lr, seed)
     torch.manual_seed(seed)
     with torch.device(settings.device):
         model = HybridLM(sized.config(task_data.vocab_size))
+    trainer = Trainer(model, task_data, _train_config(settings, task, lr, seed), show_progress=False)
     started = time.perf_counter()
-    result = Trainer(model, task_data, config, show_progress=False, model_name=sized.variant.pattern).train()
+    result = trainer.train()
     seconds = time.perf_counter() - started
-    final = result.final_eval
     reached = result.steps_to_accuracy if task == "mqar" else None
-    record = RunRecord(
+    return RunRecord(
         variant=sized.variant.name,
         pattern=sized.variant.pattern,
         task=task,
@@ -172,13 +165,10 @@ def _run(
         steps_done=result.steps_done,
         steps_to_target=reached,
         tokens_to_target=None if reached is None else sum(r.tokens for r in result.history[:reached]),
-        final_recall=final.accuracy if task == "mqar" else None,
-        perplexity=final.perplexity if task == "text" else None,
+        final_recall=result.final_eval.accuracy if task == "mqar" else None,
+        perplexity=result.final_eval.perplexity if task == "text" else None,
         seconds=round(seconds, 2),
     )
-    log(f"[{number}/{total}] {settings.sweep} {sized.variant.name} ({sized.variant.pattern}) {task} "
-        f"lr {lr:g} seed {seed}: {_outcome(record, settings.target_recall)} ({seconds:.0f} s)")  # fmt: skip
-    return record
 
 
 def _outcome(record: RunRecord, target: float) -> str:
