@@ -17,7 +17,10 @@ from hybridlm.presets import get_preset
 from tests.helpers import gpt2_byte_symbols, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["info", "generate", "serve", "profile", "report", "query", "import", "convert", "train", "rebalance"]
+SUBCOMMANDS = [
+    *("info", "generate", "serve", "profile", "report", "query", "import", "convert"),
+    *("train", "ablate", "rebalance"),
+]
 
 
 run = run_cli

@@ -55,8 +55,8 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = subparsers.add_parser(
         "ablate",
         help="compare equal-parameter hybrids: attention ratio, placement or mixer type",
-        description="Train equal-parameter variants (widths matched within 2%%) on MQAR and on text with a "
-        "learning-rate sweep and several seeds; report steps and tokens to 90%% recall, final recall and "
+        description="Train equal-parameter variants (widths matched within 2%) on MQAR and on text with a "
+        "learning-rate sweep and several seeds; report steps and tokens to 90% recall, final recall and "
         "held-out perplexity (mean and spread over seeds) as a markdown table, JSON and a PNG.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
