@@ -229,7 +229,10 @@ def write_results(out: Path, settings: AblationSettings, results: dict, text_nam
     _write_atomically(out / f"{settings.sweep}.json", lambda f: f.write(json.dumps(document, indent=1).encode()))
     _write_atomically(out / f"{settings.sweep}.md", lambda f: f.write(table.encode()))
     title = f"hybridlm ablate {settings.sweep}: {settings.mqar.name}" + (f"; text {text_name}" if text_name else "")
-    _write_atomically(out / f"{settings.sweep}.png", lambda f: plot(rows, tasks, settings.target_recall, title, f))
+    _write_atomically(
+        out / f"{settings.sweep}.png",
+        lambda f: plot(rows, tasks, settings.target_recall, settings.mqar_steps, title, f),
+    )
 
 
 def _write_atomically(path: Path, write: Any) -> None:

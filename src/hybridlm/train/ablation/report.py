@@ -93,8 +93,11 @@ def markdown_table(rows: list[dict[str, Any]], tasks: list[str], target: float, 
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot(rows: list[dict[str, Any]], tasks: list[str], target: float, title: str, path: Path | BinaryIO) -> None:
-    """Bars with seed spread: steps to the target and final recall (MQAR), perplexity (text)."""
+def plot(
+    rows: list[dict[str, Any]], tasks: list[str], target: float, max_steps: int, title: str, path: Path | BinaryIO
+) -> None:
+    """Bars with seed spread: steps to the target (axis up to the ``max_steps`` budget) and final recall
+    (MQAR), perplexity (text)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +119,8 @@ def plot(rows: list[dict[str, Any]], tasks: list[str], target: float, title: str
         for index, s in enumerate(stats):
             if s["mean"] is None:
                 axis.text(index, 0, "not\nreached", ha="center", va="bottom", fontsize=7)
+        if metric == "steps_to_target":
+            axis.set_ylim(0, max_steps)
         axis.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
         axis.set_title(label, fontsize=9)
         if metric == "perplexity" and all(m > 0 for m in means):
