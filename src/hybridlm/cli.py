@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from hybridlm.cli_flags import add_device_flag, add_dtype_flag, add_expert_parallel_flags
+
 if TYPE_CHECKING:
     import torch
 
@@ -521,29 +523,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="seed of a preset's random weights and of sampling (default 0)",
     )
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto, as stored)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_dtype_flag(p)
+    add_device_flag(p)
     p.add_argument(
         "--allow-longer-than-context",
         action="store_true",
         help="run past the model's context length (max_position_embeddings) instead of refusing",
     )
-    p.add_argument(
-        "--ep",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
-        "joins torchrun's; the prompt runs on every rank, rank 0 prints",
-    )
-    p.add_argument(
-        "--routing-skew",
-        type=float,
-        default=None,
-        metavar="S",
-        help="unbalance the routing (a load generator): a Zipf offset of exponent S on every router's logits; "
-        "0 = none. Changes the text",
-    )
+    add_expert_parallel_flags(p, ranks="the prompt runs on every rank, rank 0 prints")
     p.set_defaults(func=cmd_generate)
 
 
@@ -608,13 +595,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "prefix seen before, and at each prompt's end (default 64)",
     )
     p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
-    p.add_argument(
-        "--ep",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
-        "joins torchrun's; rank 0 serves HTTP and schedules, the other ranks replay its model calls",
+    add_expert_parallel_flags(
+        p, ranks="rank 0 serves HTTP and schedules, the other ranks replay its model calls", skew=False
     )
     p.add_argument(
         "--served-model-name",
@@ -629,8 +611,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may finish before they are aborted (default 30)",
     )
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto, as stored)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_dtype_flag(p)
+    add_device_flag(p)
     p.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of a preset's random weights (default 0)")
     p.set_defaults(func=cmd_serve)
 

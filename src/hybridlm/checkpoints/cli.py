@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hybridlm.checkpoints.destination import carried_files, check_destination
 from hybridlm.checkpoints.hf import FAMILY_NAMES
+from hybridlm.cli_flags import add_dtype_flag
 
 _UNITS = {
     "": 1, "B": 1,
@@ -101,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Hugging Face family for --to hf (default: the source's family, else chosen from the block types)",
     )
-    p.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: as stored)")
+    add_dtype_flag(p)
     p.add_argument("--max-shard-size", default=None, metavar="SIZE", help="split the weights into shards, e.g. 5GB")
     p.add_argument(
         "--overwrite", action="store_true", help="replace DST when it holds a previous checkpoint (and nothing else)"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from hybridlm.cli_flags import add_device_flag, add_dtype_flag, add_expert_parallel_flags
 from hybridlm.trace.analysis import P50_THRESHOLD, P99_THRESHOLD
 from hybridlm.trace.schema import TraceError
 
@@ -184,24 +185,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens generated per prompt (default 32)")
     p.add_argument("--requests", type=int, default=16, metavar="N", help="number of prompts (default 16)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the prompts and a preset's weights")
-    p.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: as stored)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_dtype_flag(p)
+    add_device_flag(p)
     p.add_argument("--kernels", action="store_true", help="also record every operator/kernel under torch.profiler")
-    p.add_argument(
-        "--ep",
-        type=int,
-        default=None,
-        metavar="N",
-        help="spread the routed experts over N ranks (expert parallelism): starts N local processes (gloo), or "
-        "joins torchrun's; each batch is split over the ranks; all ranks' calls go to --db with their rank",
-    )
-    p.add_argument(
-        "--routing-skew",
-        type=float,
-        default=None,
-        metavar="S",
-        help="unbalance the routing: add a Zipf offset of exponent S (in units of the router's logit spread) to "
-        "every router's logits, over a seeded order of the experts; 0 = none. Changes the model's outputs",
+    add_expert_parallel_flags(
+        p, ranks="each batch is split over the ranks; all ranks' calls go to --db with their rank"
     )
     p.set_defaults(func=cmd_profile)
 

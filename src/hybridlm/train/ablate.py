@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybridlm.cli_flags import add_device_flag
+
 if TYPE_CHECKING:
     from hybridlm.train.ablation.runner import AblationSettings
     from hybridlm.train.data import TrainData
@@ -65,7 +67,7 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "2 attention blocks at different places; mixer: Mamba-2 vs Gated DeltaNet vs Mamba-1")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a small sweep in a few minutes")
     p.add_argument("--out", default="ablations", metavar="DIR", help="where SWEEP.md/.json/.png go (default ablations)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_device_flag(p)
     p.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
     p.add_argument("--lrs", type=_lrs, help="learning rates swept per variant, e.g. 1e-3,3e-3 (default 1e-3,3e-3)")
     p.add_argument("--steps", type=int, help="MQAR step budget per run (default 600; mixer 800)")

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybridlm.cli_flags import add_device_flag
+
 if TYPE_CHECKING:
     from hybridlm.config import HybridConfig
     from hybridlm.train.config import TrainConfig
@@ -51,7 +53,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("model", nargs="?", metavar="MODEL", help="preset name or config JSON (default: a small model)")
     p.add_argument("--pattern", help=f"layer pattern (default {DEFAULT_PATTERN!r} for the small model)")
     p.add_argument("--quick", action="store_true", help="the quick MQAR setting: small vocab, short sequences")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_device_flag(p)
 
     data = p.add_argument_group("data")
     data.add_argument("--data", default="mqar", help="mqar, text:PATH or shakespeare (default mqar)")
