@@ -222,7 +222,7 @@ def run_profile_on_ranks(
     tracer = Tracer(rows, run_id=run_id or "rank", rank=rank).attach(model)
     collectives = CollectiveTrace(rank, origin_ns=shared[0]).attach(model)
     # The Tracer times from its own origin on the same clock (perf_counter is CLOCK_MONOTONIC on Linux).
-    shift_us = (tracer._origin_ns - shared[0]) / 1000
+    shift_us = (tracer.origin_ns - shared[0]) / 1000
     try:
         bar = progress(f"profiling {model_name} on {world_size} ranks", total=len(batches))
         with bar if rank == 0 else contextlib.nullcontext(lambda steps=1: None) as advance:

@@ -51,6 +51,27 @@ class Tracer:
         self._step_range: torch.profiler.record_function | None = None
         self._origin_ns = time.perf_counter_ns()
 
+    @property
+    def origin_ns(self) -> int:
+        """Where this Tracer's start times count from, on ``time.perf_counter_ns``'s clock."""
+        return self._origin_ns
+
+    def timestamp(self) -> object:
+        """Now, as this Tracer times calls: a recorded CUDA event for a model on a GPU, else perf_counter_ns."""
+        if self._use_cuda_events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter_ns()
+
+    def record_call(self, index: int, layer_type: str, start: object, end: object) -> bool:
+        """Add a call timed elsewhere (two ``timestamp()``s) to the open step, written with its block calls
+        when the step closes; False, and nothing recorded, when no step is open."""
+        if self._phase is None:
+            return False
+        self._pending.append((index, layer_type, start, end))
+        return True
+
     # -- attaching ---------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Tracer:
         if getattr(model, "block_observer", None) is not None:
@@ -158,19 +179,10 @@ class Tracer:
         if self.emit_ranges:
             self._range = torch.profiler.record_function(f"L{index}.{layer_type}")
             self._range.__enter__()
-        if self._use_cuda_events:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._start = event
-        else:
-            self._start = time.perf_counter_ns()
+        self._start = self.timestamp()
 
     def after_block(self, index: int, layer_type: str, hidden: Tensor, routing_counts: Tensor | None) -> None:
-        if self._use_cuda_events:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-        else:
-            end = time.perf_counter_ns()
+        end = self.timestamp()
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,20 +84,10 @@ class _BackwardTimer:
         self.index, self.layer_type, self.tracer = index, layer_type, tracer
         self._start: object = None
 
-    def _now(self) -> object:
-        if self.tracer._use_cuda_events:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter_ns()
-
     def before(self, module: nn.Module, grad_output: tuple) -> None:
-        self._start = self._now()
+        self._start = self.tracer.timestamp()
 
     def after(self, module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
-        if self._start is None or self.tracer._phase is None:
-            return  # a backward outside a traced step is not recorded
-        # The Tracer's pending calls of the open step, in its own clock: written with its forward calls
-        # when the step closes. (Tracer has no public method for calls it did not time itself yet.)
-        self.tracer._pending.append((self.index, self.layer_type, self._start, self._now()))
+        if self._start is not None:  # a backward outside a traced step is not recorded
+            self.tracer.record_call(self.index, self.layer_type, self._start, self.tracer.timestamp())
         self._start = None
