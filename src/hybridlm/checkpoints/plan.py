@@ -266,6 +266,57 @@ def fill_targets(
             target.copy_(value)
 
 
+def fill_target_rows(
+    reader: CheckpointReader,
+    present: dict[str, TensorInfo],
+    layout: Layout,
+    targets: list[Tensor],
+    full_shapes: list[tuple[int, ...]],
+    rows: range,
+) -> None:
+    """Fill ``targets``, rows ``rows`` (dim 0) of a rule's parameters of ``full_shapes``, reading only
+    the disk tensors, or the rows of them, that hold those rows.
+
+    Which disk tensor fills which rows is found by running the layout's ``to_disk`` on full-size meta
+    tensors: a view's storage offset says which row (e.g. expert) it covers. One disk tensor per row
+    (Hugging Face ``experts.{e}.up_proj.weight``) is read only for the kept rows; a stacked disk tensor
+    (hybridlm's format, transformers 5 ``experts.gate_up_proj``) is read as one contiguous byte range. A
+    layout whose ``to_disk`` is not a view is read whole and sliced.
+    """
+    full = [torch.empty(shape, device="meta") for shape in full_shapes]
+    views = layout.to_disk(full)
+    for key, view in zip(layout.keys, views, strict=True):
+        owner = next((i for i, t in enumerate(full) if view is t or view._base is t), None)
+        if owner is None:  # not a view of the full tensors: read the rule whole, keep the rows
+            sources = [reader.read(present[k].name) for k in layout.keys]
+            for target, value in zip(targets, layout.to_ours(sources), strict=True):
+                target.copy_(value[rows.start : rows.stop])
+            return
+        _fill_rows_from_view(reader, present[key], view, full[owner].stride(0), targets[owner], rows)
+
+
+def _fill_rows_from_view(
+    reader: CheckpointReader, info: TensorInfo, view: Tensor, row_numel: int, local: Tensor, rows: range
+) -> None:
+    """``view``: where disk tensor ``info`` lies in the full tensor; ``local``: its rows ``rows``."""
+    offset = view.storage_offset()
+    spans_rows = view.dim() == local.dim() and view.shape[0] > 1 and view.stride(0) == row_numel
+    if spans_rows and offset < row_numel:  # a stacked disk tensor: its rows are ours
+        destination = local.as_strided((len(rows), *view.shape[1:]), view.stride(), offset)
+        destination.copy_(reader.read_rows(info.name, rows))
+        return
+    row = offset // row_numel
+    last = offset + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride(), strict=True))
+    if last >= (row + 1) * row_numel:
+        raise RuntimeError(f"{info.name}: its place in the full tensor spans its rows unevenly; cannot slice it")
+    if row not in rows:
+        return  # a row not kept (another rank's expert): not read
+    destination = local.as_strided(view.shape, view.stride(), offset - rows.start * row_numel)
+    data = reader.read(info.name, out=destination)
+    if data is not destination:
+        destination.copy_(data)
+
+
 def _is_view_into(tensor: Tensor, targets: list[Tensor]) -> bool:
     pointer = tensor.untyped_storage().data_ptr()
     return tensor.is_contiguous() and any(t.untyped_storage().data_ptr() == pointer for t in targets)
@@ -309,23 +360,37 @@ def load_with_plan(
     reader: CheckpointReader,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    keep_rows: Callable[[HybridLM], dict[str, range]] | None = None,
 ) -> HybridLM:
-    """A HybridLM for ``config`` filled from ``reader`` by the plan; every check runs before any read."""
+    """A HybridLM for ``config`` filled from ``reader`` by the plan; every check runs before any read.
+
+    ``keep_rows``, when given, is called with the meta model once the plan is made and checked against
+    the full model's shapes. It may replace modules whose parameters keep only some rows (dim 0) of the
+    full ones (expert parallelism keeps a rank's experts of each stacked expert tensor) and returns
+    {parameter name: the full tensor's rows it keeps}; only those rows are read from disk.
+    """
     with torch.device("meta"):
         model = HybridLM(config)
     plan = plan_for(model)
-    params = dict(model.named_parameters())
-    _check_plan(params, plan)
+    full_params = dict(model.named_parameters())
+    _check_plan(full_params, plan)
     present = _present_tensors(reader, plan)
     chosen = _choose_layouts(plan, present, reader, config)
-    _check_shapes_and_dtypes(chosen, params, present, config)
+    _check_shapes_and_dtypes(chosen, full_params, present, config)
+    kept_rows = keep_rows(model) if keep_rows is not None else {}
 
     _allocate(model, _model_dtype(chosen, present, dtype), device)
     params = dict(model.named_parameters())
     filled: set[str] = set()
     with progress("loading weights", total=len(chosen)) as advance:
         for rule, layout in chosen:
-            fill_targets(reader, present, layout, [params[t].data for t in rule.targets])
+            targets = [params[t].data for t in rule.targets]
+            rows = kept_rows.get(rule.targets[0])
+            if rows is None:
+                fill_targets(reader, present, layout, targets)
+            else:
+                full_shapes = [tuple(full_params[t].shape) for t in rule.targets]
+                fill_target_rows(reader, present, layout, targets, full_shapes, rows)
             filled.update(rule.targets)
             advance(1)
     if filled != set(params):

@@ -223,20 +223,32 @@ class CheckpointReader:
         )
         target = out if is_direct else torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes:
-            self._read_into(info, _byte_view(target))
+            self._read_into(info, _byte_view(target), info.offset, f"tensor {info.name}")
         return target
 
-    def _read_into(self, info: TensorInfo, buffer: memoryview) -> None:
+    def read_rows(self, name: str, rows: range) -> Tensor:
+        """Rows ``rows`` (dim 0) of the tensor ``name`` as stored: one contiguous byte range of its file."""
+        info = self.tensors[name]
+        if not (rows.step == 1 and 0 <= rows.start <= rows.stop <= (info.shape[0] if info.shape else 0)):
+            raise ValueError(f"{info.name}: rows {rows.start}..{rows.stop} are not within its {info.shape[:1]} rows")
+        out = torch.empty((len(rows), *info.shape[1:]), dtype=info.dtype)
+        row_bytes = math.prod(info.shape[1:]) * out.element_size()
+        if out.numel():
+            where = f"rows {rows.start}..{rows.stop} of {info.name}"
+            self._read_into(info, _byte_view(out), info.offset + rows.start * row_bytes, where)
+        return out
+
+    def _read_into(self, info: TensorInfo, buffer: memoryview, offset: int, what: str) -> None:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115 (closed in close())
-        handle.seek(info.offset)
+        handle.seek(offset)
         filled = 0
-        while filled < info.nbytes:
+        while filled < len(buffer):
             count = handle.readinto(buffer[filled:])
             if not count:
                 raise ValueError(
-                    f"{info.file}: truncated while reading tensor {info.name}: got {filled:,} of {info.nbytes:,} bytes "
+                    f"{info.file}: truncated while reading {what}: got {filled:,} of {len(buffer):,} bytes "
                     "(was the file changed after its header was read?)"
                 )
             filled += count
