@@ -18,8 +18,11 @@ def stored(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize(("name", "rows"), [("experts", range(2, 4)), ("experts", range(0, 8)),
-                                            ("experts", range(7, 8)), ("bf16", range(1, 5)), ("after", range(3, 3))])  # fmt: skip
+CASES = [("experts", range(2, 4)), ("experts", range(0, 8)), ("experts", range(7, 8)), ("bf16", range(1, 5)),
+         ("after", range(3, 3))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "rows"), CASES)
 def test_rows_equal_the_slice_safetensors_reads(stored, name, rows):
     expected = load_file(stored / "model.safetensors")[name][rows.start : rows.stop]
     with CheckpointReader(stored) as reader:
