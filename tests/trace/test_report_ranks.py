@@ -186,3 +186,36 @@ def test_hot_experts_follow_a_placement_the_run_records(tmp_path):
     assert decode["rank"] == 0 and decode["last_counts"] == {"0": 3}
     assert decode["wait_p50_us"] == pytest.approx(51.0)
     assert decode["hot_experts"] == [[1, 3, pytest.approx(15 / 6)], [1, 0, pytest.approx(3 / 6)]]
+
+
+def test_imbalance_latency_is_the_slowest_ranks_block_time(traces):
+    """The MoE trend's series, recomputed from the raw rows: per step, max / mean tokens per expert over
+    both ranks' routing, and the MoE block's time on the slower rank (its parts are inside the block)."""
+    from hybridlm.trace.imbalance import imbalance_and_latency
+
+    db, runs = traces
+    for name in ("skewed", "single"):
+        run_id = runs[name]
+        tokens: dict[tuple, Counter] = {}
+        for layer, phase, step, expert, count in _rows(
+            db, "SELECT layer, phase, step, expert, tokens FROM routing WHERE run_id = ?", run_id
+        ):
+            tokens.setdefault((layer, phase, step), Counter())[expert] += count
+        block_us: dict[tuple, Counter] = {}
+        for layer, step, rank, layer_type, duration in _rows(
+            db, "SELECT layer, step, coalesce(rank, 0), layer_type, duration_us FROM events "
+            "WHERE run_id = ? AND source = 'layer'", run_id,
+        ):  # fmt: skip
+            if layer_type not in PARTS:
+                block_us.setdefault((layer, step), Counter())[rank] += duration
+        expected: dict[tuple, list] = {}
+        for (layer, phase, step), counts in sorted(tokens.items(), key=lambda item: item[0][2]):
+            mean = sum(counts.values()) / len(counts)
+            if mean > 0 and (layer, step) in block_us:
+                pair = (max(counts.values()) / mean, max(block_us[(layer, step)].values()))
+                expected.setdefault((layer, phase), []).append(pair)
+        with duckdb.connect(str(db), read_only=True) as con:
+            got = imbalance_and_latency(con, run_id)
+        assert got.keys() == expected.keys() and got, name
+        for key, pairs in expected.items():
+            np.testing.assert_allclose(np.array(got[key]), np.array(pairs), rtol=1e-9, err_msg=f"{name} {key}")

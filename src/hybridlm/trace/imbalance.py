@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 
 from hybridlm.trace.analysis import phase_key, resolve_run
+from hybridlm.trace.schema import EXPERT_PARALLEL_LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,7 @@ def moe_imbalance(con: duckdb.DuckDBPyConnection, run_id: str) -> list[Imbalance
         """,
         {"run": run_id},
     ).fetchall()
-    series: dict[tuple[int, str], list[tuple[float, float]]] = {}
-    for layer, phase, imbalance, duration in con.execute(
-        _PER_STEP_SQL
-        + """
-        SELECT p.layer, p.phase, p.imbalance, e.duration_us
-        FROM per_step p JOIN (
-            SELECT step, layer, sum(duration_us) AS duration_us FROM events
-            WHERE run_id = $run AND source = 'layer' AND duration_us IS NOT NULL GROUP BY step, layer
-        ) e ON e.step = p.step AND e.layer = p.layer
-        ORDER BY p.layer, p.phase, p.step
-        """,
-        {"run": run_id},
-    ).fetchall():
-        series.setdefault((layer, phase), []).append((imbalance, duration))
+    series = imbalance_and_latency(con, run_id)
     result = []
     for layer, phase, steps, num_experts, mean_tokens, (p50, p99), mean, maximum, dropped in stats:
         pairs = series.get((layer, phase), [])
@@ -120,6 +108,37 @@ def moe_imbalance(con: duckdb.DuckDBPyConnection, run_id: str) -> list[Imbalance
         )
     result.sort(key=lambda r: (r.layer, phase_key(r.phase or "")))
     return result
+
+
+def imbalance_and_latency(
+    con: duckdb.DuckDBPyConnection, run_id: str
+) -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """(layer, phase) -> [(imbalance, block latency in us)] per step, in step order.
+
+    The latency is the block's time in that step on its slowest rank: ranks of an expert-parallel run
+    wait for each other in the all-to-all, and the parts of their MoE blocks (moe_router, moe_dispatch,
+    moe_experts, moe_combine) lie inside the block's own call, so they are not added again. A run of one
+    process has one rank: the block's time.
+    """
+    series: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for layer, phase, imbalance, duration in con.execute(
+        _PER_STEP_SQL
+        + """
+        SELECT p.layer, p.phase, p.imbalance, e.duration_us
+        FROM per_step p JOIN (
+            SELECT step, layer, max(duration_us) AS duration_us FROM (
+                SELECT step, layer, coalesce(rank, 0) AS rank, sum(duration_us) AS duration_us FROM events
+                WHERE run_id = $run AND source = 'layer' AND duration_us IS NOT NULL
+                  AND layer_type NOT IN (SELECT unnest($parts))
+                GROUP BY step, layer, rank
+            ) GROUP BY step, layer
+        ) e ON e.step = p.step AND e.layer = p.layer
+        ORDER BY p.layer, p.phase, p.step
+        """,
+        {"run": run_id, "parts": list(EXPERT_PARALLEL_LAYER_TYPES)},
+    ).fetchall():
+        series.setdefault((layer, phase), []).append((imbalance, duration))
+    return series
 
 
 MIN_TREND_STEPS = 8  # fewer steps than this: no latency-vs-imbalance figure at all
