@@ -238,3 +238,45 @@ def test_a_failing_compiler_warns_once_and_everything_runs_on_torch(tmp_path, mo
         assert not any(tmp_path.rglob("*.so")), "a failed build must leave no library behind"
     finally:
         native._library.cache_clear()
+
+
+SUBNORMAL = 1e-39  # below fp32's smallest normal (1.18e-38), above its smallest subnormal (1.4e-45)
+
+
+def _subnormals_survive() -> tuple[bool, bool]:
+    """Whether a subnormal survives x * 1 on this thread (a one-element op) and on every thread of the
+    pool (an op over 4M elements, which torch splits over its threads)."""
+    one = torch.tensor([SUBNORMAL]) * 1.0
+    many = torch.full((1 << 22,), SUBNORMAL) * 1.0
+    return bool(one[0] != 0), bool((many != 0).all())
+
+
+@requires_kernels
+def test_subnormals_are_flushed_inside_the_block_on_every_thread_and_kept_after():
+    assert _subnormals_survive() == (True, True)  # IEEE arithmetic: gradual underflow
+    with native.subnormals_flushed():
+        assert _subnormals_survive() == (False, False)
+        with native.subnormals_flushed():  # nested: still flushing, and the outer block restores
+            assert _subnormals_survive() == (False, False)
+        assert _subnormals_survive() == (False, False)
+    assert _subnormals_survive() == (True, True)
+
+
+def test_without_the_kernels_the_mode_is_left_alone(monkeypatch):
+    monkeypatch.setattr(native, "_library", lambda: None)
+    with native.subnormals_flushed():
+        assert _subnormals_survive() == (True, True)
+
+
+@requires_kernels
+def test_a_model_forward_flushes_subnormals_and_restores_the_mode():
+    from hybridlm.model import HybridLM
+    from hybridlm.presets import get_preset
+
+    model = HybridLM(get_preset("debug-tiny", pattern="G*")).eval()
+    seen = []
+    model.layers[0].register_forward_hook(lambda *_: seen.append(_subnormals_survive()))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen == [(False, False)]
+    assert _subnormals_survive() == (True, True)

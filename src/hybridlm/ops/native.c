@@ -392,3 +392,38 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
         }
     }
 }
+
+/* Subnormal floats as zero: x86 MXCSR flush-to-zero (bit 15) + denormals-are-zero (bit 6), Arm FPCR
+ * flush-to-zero (bit 24). Decays such as exp(-100) underflow into the subnormal range, and on x86 every
+ * operation that reads or produces a subnormal takes a microcode assist (~100x slower); GPU kernels
+ * flush them by default. The mode is per thread: it is set on the calling thread and on every thread of
+ * the OpenMP pool (torch's: libgomp is loaded once per process), and the calling thread's previous mode
+ * is returned (1 = flushing) so that the caller can restore it. Plain twin: leaving the mode alone. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FLUSH_BITS 0x8040u
+static int flushing(void) { return (_mm_getcsr() & FLUSH_BITS) != 0; }
+static void set_flushing(int on) { _mm_setcsr((_mm_getcsr() & ~FLUSH_BITS) | (on ? FLUSH_BITS : 0u)); }
+#elif defined(__aarch64__)
+#define FLUSH_BIT (1ull << 24)
+static int flushing(void) { uint64_t r; __asm__ volatile("mrs %0, fpcr" : "=r"(r)); return (r & FLUSH_BIT) != 0; }
+static void set_flushing(int on) {
+    uint64_t r;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(r));
+    r = on ? (r | FLUSH_BIT) : (r & ~FLUSH_BIT);
+    __asm__ volatile("msr fpcr, %0" : : "r"(r));
+}
+#else
+static int flushing(void) { return 0; }
+static void set_flushing(int on) { (void)on; }
+#endif
+
+int hybridlm_flush_subnormals(int on) {
+    int before = flushing();
+    set_flushing(on);
+#ifdef _OPENMP
+#pragma omp parallel
+    set_flushing(on);
+#endif
+    return before;
+}
