@@ -65,6 +65,8 @@ class Settings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.flush_denormals:  # before torch starts its threads, which inherit the mode
+        torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     settings = Settings.from_args(args.quick, args.repeats)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "started": started,
         "command": " ".join([sys.executable, "-m", "benchmarks.bench_decode", *(argv or sys.argv[1:])]),
         "torch": torch.__version__,
+        "flush_denormals": args.flush_denormals,
         "settings": asdict(settings),
         "families": results,
     }
@@ -98,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("out/bench_decode.json"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-cpp", choices=("auto", "off"), default="auto")
+    parser.add_argument(
+        "--flush-denormals",
+        action="store_true",
+        help="run every thread with subnormals flushed to zero from the start, transformers included "
+        "(hybridlm's CPU forward flushes them itself)",
+    )
     args = parser.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in args.families if f not in FAMILIES]
