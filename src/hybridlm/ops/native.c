@@ -22,6 +22,12 @@
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2048 /* floats: with 4+ tokens a row takes long enough that the hardware prefetcher falls behind */
 #endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 0
+#endif
+#ifndef PREFETCH_MIN_TOKENS
+#define PREFETCH_MIN_TOKENS 4
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
@@ -48,7 +54,7 @@ static inline __attribute__((always_inline)) void row_times_tokens(const float *
     v16 acc[TOKENS_PER_PASS];
     memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < k_vec; k += 16) {
-        if (tokens >= 4) __builtin_prefetch(w + k + PREFETCH_AHEAD, 0, 0);
+        if (tokens >= PREFETCH_MIN_TOKENS) __builtin_prefetch(w + k + PREFETCH_AHEAD, 0, PREFETCH_LOCALITY);
         const v16 wv = load16(w + k);
         for (int64_t t = 0; t < tokens; t++) acc[t] += wv * load16(xr[t] + k);
     }

@@ -63,6 +63,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridlm"
 
 
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _tuning_flags() -> tuple[str, ...]:
+    """The weight-streaming loop's software prefetch, as measured per CPU vendor (native.c's header).
+
+    AMD EPYC (the source's defaults): non-temporal, 8 KB ahead, from 4 token rows on (+20-25% at 8 rows).
+    Intel Xeon (and elsewhere): those halved the 8-row rate (8.7 GB/s on 1 GB of cycled weights); into
+    every cache level, 3 KB ahead, at every row count: 16.8 GB/s at 8 rows, 19.8 at 1 (18.6 before).
+    """
+    if _cpu_vendor() == "AuthenticAMD":
+        return ()
+    return ("-DPREFETCH_AHEAD=768", "-DPREFETCH_LOCALITY=3", "-DPREFETCH_MIN_TOKENS=1")
+
+
 def _machine_key() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
@@ -87,7 +109,11 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", staging], check=True, capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, *_tuning_flags(), str(SOURCE), "-o", staging],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         os.replace(staging, target)
     finally:
@@ -103,7 +129,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _machine_key()]).encode()
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, *_tuning_flags(), platform.machine(), _machine_key()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / "native" / f"native-{key}.so"
     try:
