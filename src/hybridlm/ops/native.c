@@ -19,14 +19,18 @@
 #endif
 
 #define TOKENS_PER_PASS 8 /* token rows multiplied per pass over one W row (8 accumulators) */
+/* Software prefetch of W in the streaming loop. These defaults were measured on an AMD EPYC VM: with 4+
+ * tokens a row takes long enough that the hardware prefetcher falls behind, and a non-temporal prefetch
+ * 8 KB ahead gave +20-25% at 8 tokens. On an Intel Xeon VM they halved the 8-token rate; native.py passes
+ * -D values per CPU vendor (_tuning_flags) instead. */
 #ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048 /* floats: with 4+ tokens a row takes long enough that the hardware prefetcher falls behind */
+#define PREFETCH_AHEAD 2048 /* floats ahead of the row being read */
 #endif
 #ifndef PREFETCH_LOCALITY
-#define PREFETCH_LOCALITY 0
+#define PREFETCH_LOCALITY 0 /* __builtin_prefetch's locality: 0 non-temporal .. 3 every cache level */
 #endif
 #ifndef PREFETCH_MIN_TOKENS
-#define PREFETCH_MIN_TOKENS 4
+#define PREFETCH_MIN_TOKENS 4 /* token rows from which the loop prefetches */
 #endif
 
 typedef float v16 __attribute__((vector_size(64)));
