@@ -40,6 +40,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -200,12 +201,16 @@ def subnormals_flushed() -> Iterator[None]:
     numbers land in the subnormal range, where x86 takes a microcode assist for every operation that reads
     or writes one. A random-weight qwen3_next-shaped model's Gated DeltaNet prefill held 25-60% subnormal
     entries and ran 1.8x slower on an Intel Xeon because of it. What is lost is below fp32's resolution of
-    any sum these values enter (they are 1e-31 of the terms of order 1 beside them). Without the native
-    library nothing changes (``torch.set_flush_denormal`` reaches only the calling thread, and torch has
+    any sum these values enter (they are 1e-31 of the terms of order 1 beside them).
+
+    Only on the main thread: called from another Python thread (the serving engine's scheduler), the
+    parallel region that reaches the pool made 2-rank expert-parallel serving abort ("terminate called
+    without an active exception", SIGABRT) in 3 runs of 8, so there the mode is left alone. Without the
+    native library nothing changes (``torch.set_flush_denormal`` reaches only the calling thread, and torch has
     no way to read the mode back, so a user's own setting could not be restored).
     """
     library = _library()
-    if library is None:
+    if library is None or threading.current_thread() is not threading.main_thread():
         yield
         return
     before = library.hybridlm_flush_subnormals(1)
