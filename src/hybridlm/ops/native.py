@@ -64,14 +64,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridlm"
 
 
-def _cpu_vendor() -> str:
+@functools.cache
+def _cpuinfo() -> tuple[str, ...]:
+    """The lines of /proc/cpuinfo; none where there is no such file."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        pass
-    return ""
+        return ()
+
+
+def _cpu_vendor() -> str:
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("vendor_id")), "")
 
 
 def _tuning_flags() -> tuple[str, ...]:
@@ -88,11 +91,8 @@ def _tuning_flags() -> tuple[str, ...]:
 
 def _machine_key() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
+    lines = {line for line in _cpuinfo() if line.startswith(("model name", "flags", "Features"))}
+    return "\n".join(sorted(lines)) if lines else (platform.processor() or platform.machine())
 
 
 # A build takes seconds (the compiler is stopped after 120 s): a staging file older than this was left
@@ -100,7 +100,7 @@ def _machine_key() -> str:
 STALE_STAGING_SECONDS = 3600
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(".native-*.tmp"):
         with contextlib.suppress(OSError):  # another process may remove it first
@@ -110,7 +110,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, *_tuning_flags(), str(SOURCE), "-o", staging],
+            [compiler, *flags, str(SOURCE), "-o", staging],
             check=True,
             capture_output=True,
             text=True,
@@ -129,13 +129,14 @@ def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
+    flags = (*FLAGS, *_tuning_flags())
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, *_tuning_flags(), platform.machine(), _machine_key()]).encode()
+        "\0".join([SOURCE.read_text(), compiler, *flags, platform.machine(), _machine_key()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / "native" / f"native-{key}.so"
     try:
         if not target.exists():
-            _build(compiler, target)
+            _build(compiler, flags, target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
