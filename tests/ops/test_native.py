@@ -280,3 +280,69 @@ def test_a_model_forward_flushes_subnormals_and_restores_the_mode():
         model(torch.tensor([[1, 2, 3]]))
     assert seen == [(False, False)]
     assert _subnormals_survive() == (True, True)
+
+
+# -- the kernels' worker pool -------------------------------------------------------------------------
+
+
+def _wide_linear_inputs(seed: int, value: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [3, 512] and W [4096, 512]: work enough (2M weights) for every thread of the pool to take rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 512, generator=g) if value is None else torch.full((3, 512), value)
+    return x, torch.randn(4096, 512, generator=g)
+
+
+@requires_kernels
+def test_workers_run_in_the_callers_subnormal_mode():
+    """Every share of a kernel (the caller's rows and the workers') follows the calling thread's mode: a
+    subnormal input is zero inside subnormals_flushed() and kept outside, on all 4096 output columns."""
+    x, weight = _wide_linear_inputs(0, SUBNORMAL)
+    weight = weight.abs() + 1.0  # no cancellation: every output is a sum of 512 positive subnormal terms
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        assert (native.linear(x, weight) != 0).all()
+        with native.subnormals_flushed():
+            assert (native.linear(x, weight) == 0).all()
+        assert (native.linear(x, weight) != 0).all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_kernels
+def test_kernels_called_from_several_threads_at_once_give_each_caller_its_own_result():
+    """While one caller holds the pool, another runs its kernel alone on its own thread: no mixing."""
+    import threading
+
+    inputs = [_wide_linear_inputs(seed) for seed in range(4)]
+    expected = [F.linear(x, w) for x, w in inputs]
+    failures = []
+
+    def call_many(i: int) -> None:
+        x, w = inputs[i]
+        for _ in range(30):
+            if not torch.equal(native.linear(x, w), native.linear(x, w)) or not torch.allclose(
+                native.linear(x, w), expected[i], rtol=1e-4, atol=1e-4
+            ):
+                failures.append(i)
+                return
+
+    callers = [threading.Thread(target=call_many, args=(i,)) for i in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert failures == []
+
+
+@requires_kernels
+def test_a_forked_child_gets_a_working_pool():
+    """The workers do not survive fork(); the child's first kernel call starts its own."""
+    import multiprocessing
+
+    x, weight = _wide_linear_inputs(5)
+    native.linear(x, weight)  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        result = children.apply(native.linear, (x, weight))
+    assert_close(result, F.linear(x, weight))

@@ -9,11 +9,24 @@
  * (several rows read side by side halved the bandwidth: the prefetcher follows one stream best),
  * and multiplies each row with up to 8 token rows held in L1 before moving on.
  *
+ * Threads: a decode step is a few hundred kernels of 5-200 us each, with Python in between. OpenMP's
+ * pool under OMP_WAIT_POLICY=PASSIVE (what torch users run on shared machines) puts its threads to
+ * sleep after each parallel region, and waking one took ~100 us on a 2-core KVM guest: more than most
+ * of these kernels. So the kernels share out their work on a pool of their own (below): its workers
+ * spin between tasks for HYBRIDLM_SPIN_US microseconds (default 1000, yielding the core to any other
+ * runnable thread as they spin), then sleep; the caller's thread always takes the first share.
+ *
  * Each function names its plain twin; tests/ops/test_native.py compares them. Compiled at first
- * use by hybridlm/ops/native.py with -O3 -march=native -fopenmp; GCC vector extensions map v16 onto AVX-512, AVX2 or NEON.
+ * use by hybridlm/ops/native.py with -O3 -march=native -fopenmp -pthread; GCC vector extensions map v16
+ * onto AVX-512, AVX2 or NEON.
  */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -98,27 +111,171 @@ static void rows_times_tokens(const float *x, int64_t x_stride, const int64_t *r
     }
 }
 
+/* Subnormal floats as zero: x86 MXCSR flush-to-zero (bit 15) + denormals-are-zero (bit 6), Arm FPCR
+ * flush-to-zero (bit 24). Decays such as exp(-100) underflow into the subnormal range, and on x86 every
+ * operation that reads or produces a subnormal takes a microcode assist (~100x slower); GPU kernels
+ * flush them by default. The mode is per thread: hybridlm_flush_subnormals sets it on the calling thread
+ * and on every thread of the OpenMP pool (torch's: libgomp is loaded once per process), and returns the
+ * calling thread's previous mode (1 = flushing) so that the caller can restore it; the pool below runs
+ * each task in its caller's mode. Plain twin: leaving the mode alone. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FLUSH_BITS 0x8040u
+static int flushing(void) { return (_mm_getcsr() & FLUSH_BITS) != 0; }
+static void set_flushing(int on) { _mm_setcsr((_mm_getcsr() & ~FLUSH_BITS) | (on ? FLUSH_BITS : 0u)); }
+static inline void cpu_relax(void) { _mm_pause(); }
+#elif defined(__aarch64__)
+#define FLUSH_BIT (1ull << 24)
+static int flushing(void) { uint64_t r; __asm__ volatile("mrs %0, fpcr" : "=r"(r)); return (r & FLUSH_BIT) != 0; }
+static void set_flushing(int on) {
+    uint64_t r;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(r));
+    r = on ? (r | FLUSH_BIT) : (r & ~FLUSH_BIT);
+    __asm__ volatile("msr fpcr, %0" : : "r"(r));
+}
+static inline void cpu_relax(void) { __asm__ volatile("yield"); }
+#else
+static int flushing(void) { return 0; }
+static void set_flushing(int on) { (void)on; }
+static inline void cpu_relax(void) {}
+#endif
+
+int hybridlm_flush_subnormals(int on) {
+    int before = flushing();
+    set_flushing(on);
+#ifdef _OPENMP
+#pragma omp parallel
+    set_flushing(on);
+#endif
+    return before;
+}
+
+/* ---- The worker pool ----------------------------------------------------------------------------
+ * run(task, ctx, threads) calls task(ctx, t, threads) once for every t < threads, t = 0 on the calling
+ * thread and the others on workers, and returns when all are done. A task is published by bumping
+ * `generation`; every worker acknowledges every task (those beyond `threads` do nothing), so the fields
+ * of one task are never overwritten while a worker may read them. A second caller (another Python thread)
+ * finding the pool busy runs its task alone, inline. Plain twin: the same task with threads = 1. */
+typedef void (*task_fn)(void *ctx, int thread, int threads);
+
+#define MAX_WORKERS 63
+static struct {
+    pthread_mutex_t busy;      /* one caller at a time */
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t wake;
+    atomic_uint_fast64_t generation;
+    atomic_int pending;        /* workers yet to acknowledge the current task */
+    atomic_int sleepers;
+    int workers;
+    task_fn task;
+    void *ctx;
+    int threads;
+    int flush;                 /* the caller's subnormal mode, for the workers */
+    int64_t spin_ns;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL,
+          1, 0, -1};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Wait for a generation after `seen`: spin (yielding every ~64 pauses) for spin_ns, then sleep. */
+static uint64_t wait_for_task(uint64_t seen) {
+    const int64_t deadline = now_ns() + pool.spin_ns;
+    for (unsigned spins = 1;; spins++) {
+        const uint64_t g = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        if (g != seen) return g;
+        if (spins % 64) {
+            cpu_relax();
+            continue;
+        }
+        if (now_ns() < deadline) {
+            sched_yield();
+            continue;
+        }
+        pthread_mutex_lock(&pool.sleep_lock);
+        atomic_fetch_add(&pool.sleepers, 1);
+        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+        atomic_fetch_sub(&pool.sleepers, 1);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+}
+
+static void *worker_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    uint64_t seen = atomic_load(&pool.generation);
+    atomic_fetch_sub(&pool.pending, 1); /* started: the creator waits for this */
+    for (;;) {
+        seen = wait_for_task(seen);
+        if (id < pool.threads) {
+            if (flushing() != pool.flush) set_flushing(pool.flush);
+            pool.task(pool.ctx, id, pool.threads);
+        }
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* In a child after fork() the workers are gone: the pool starts over empty. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.sleepers, 0);
+    pool.workers = 0;
+}
+
+/* Workers 1..wanted-1 exist (called holding `busy`); fewer when threads cannot be created. */
+static void grow_pool(int wanted) {
+    if (pool.spin_ns < 0) {
+        const char *spin = getenv("HYBRIDLM_SPIN_US");
+        pool.spin_ns = (spin && *spin ? atoll(spin) : 1000) * 1000;
+        pthread_atfork(NULL, NULL, pool_after_fork);
+    }
+    while (pool.workers + 1 < wanted && pool.workers < MAX_WORKERS) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        atomic_store(&pool.pending, 1);
+        const int failed = pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)(pool.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        while (atomic_load(&pool.pending)) cpu_relax(); /* it has read the generation */
+        pool.workers++;
+    }
+}
+
+static void run(task_fn task, void *ctx, int threads) {
+    if (threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        task(ctx, 0, 1);
+        return;
+    }
+    grow_pool(threads);
+    threads = threads < pool.workers + 1 ? threads : pool.workers + 1;
+    pool.task = task;
+    pool.ctx = ctx;
+    pool.threads = threads;
+    pool.flush = flushing();
+    atomic_store(&pool.pending, pool.workers);
+    atomic_fetch_add(&pool.generation, 1); /* publishes the fields above */
+    if (atomic_load(&pool.sleepers)) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    task(ctx, 0, threads);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire)) cpu_relax();
+    pthread_mutex_unlock(&pool.busy);
+}
+
 /* The rows [begin, end) of [0, N) that thread `thread` of `threads` computes. */
-static void thread_share(int64_t N, int thread, int threads, int64_t *begin, int64_t *end) {
+static void share(int64_t N, int thread, int threads, int64_t *begin, int64_t *end) {
     *begin = N * thread / threads;
     *end = N * (thread + 1) / threads;
-}
-
-static void this_thread(int *thread, int *threads) {
-#ifdef _OPENMP
-    *thread = omp_get_thread_num();
-    *threads = omp_get_num_threads();
-#else
-    *thread = 0;
-    *threads = 1;
-#endif
-}
-
-/* The rows [begin, end) of [0, N) that the calling thread of the current parallel region computes. */
-static void my_share(int64_t N, int64_t *begin, int64_t *end) {
-    int thread, threads;
-    this_thread(&thread, &threads);
-    thread_share(N, thread, threads, begin, end);
 }
 
 /* Rows r < R sorted by expert[r] (stable): order[start[e] .. start[e + 1]) are expert e's rows. */
@@ -131,17 +288,48 @@ static void group_by_expert(const int64_t *expert, int64_t R, int64_t E, int64_t
     for (int64_t r = 0; r < R; r++) order[next[expert[r]]++] = r;
 }
 
+/* A product of W rows with token rows, shared out over threads by W row (see rows_times_tokens). */
+typedef struct {
+    const float *x, *W, *bias;
+    int64_t x_stride, num_tokens, N, K, y_stride;
+    const int64_t *rows, *rows_out;
+    float *y;
+} product;
+
+static void product_task(void *ctx, int thread, int threads) {
+    const product *p = ctx;
+    int64_t begin, end;
+    share(p->N, thread, threads, &begin, &end);
+    rows_times_tokens(p->x, p->x_stride, p->rows, p->rows_out, p->num_tokens, p->W, begin, end, p->K, p->bias, p->y,
+                      p->y_stride);
+}
+
 /* y [M, N] = x [M, K] @ W[N, K]^T + bias (bias may be NULL). All contiguous fp32; M <= 64. */
 void hybridlm_linear(const float *x, int64_t M, const float *W, int64_t N, int64_t K, const float *bias, float *y,
                      int threads) {
     int64_t rows[64];
     for (int64_t m = 0; m < M; m++) rows[m] = m;
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t begin, end;
-        my_share(N, &begin, &end);
-        rows_times_tokens(x, K, rows, rows, M, W, begin, end, K, bias, y, N);
-    }
+    product p = {x, W, bias, K, M, N, K, N, rows, rows, y};
+    run(product_task, &p, threads);
+}
+
+/* Every expert's rows through that expert's [N, K] matrix, each thread on its share of the N rows. */
+typedef struct {
+    const float *x, *W;
+    int64_t x_stride, E, N, K, y_stride;
+    const int64_t *start, *inputs, *outputs;
+    float *y;
+} expert_product;
+
+static void expert_product_task(void *ctx, int thread, int threads) {
+    const expert_product *p = ctx;
+    int64_t begin, end;
+    share(p->N, thread, threads, &begin, &end);
+    for (int64_t e = 0; e < p->E; e++)
+        if (p->start[e] < p->start[e + 1])
+            rows_times_tokens(p->x, p->x_stride, p->inputs + p->start[e], p->outputs + p->start[e],
+                              p->start[e + 1] - p->start[e], p->W + e * p->N * p->K, begin, end, p->K, NULL, p->y,
+                              p->y_stride);
 }
 
 /* y[r] = W[expert[r]] @ x[input_row[r]] for r < R, W [E, N, K]: each expert with rows is streamed
@@ -151,16 +339,8 @@ void hybridlm_expert_linear(const float *x, const int64_t *input_row, const int6
     int64_t start[1024 + 1], order[256], inputs[256];
     group_by_expert(expert, R, E, start, order);
     for (int64_t i = 0; i < R; i++) inputs[i] = input_row[order[i]];
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t begin, end;
-        my_share(N, &begin, &end);
-        for (int64_t e = 0; e < E; e++) {
-            if (start[e] == start[e + 1]) continue;
-            rows_times_tokens(x, K, inputs + start[e], order + start[e], start[e + 1] - start[e], W + e * N * K,
-                              begin, end, K, NULL, y, N);
-        }
-    }
+    expert_product p = {x, W, K, E, N, K, N, start, inputs, order, y};
+    run(expert_product_task, &p, threads);
 }
 
 /* One (batch, head) of the Mamba-2 step (twin: hybridlm.ops.ssd.ssd_step), state [P, N] in place:
@@ -182,6 +362,29 @@ static inline void ssd_head_step(const float *xv, float step, float A, const flo
     }
 }
 
+typedef struct {
+    const float *xBC, *dt_raw, *dt_bias, *A_log, *D;
+    int64_t xBC_stride, dt_stride, batch, H, P, G, N;
+    float dt_min, dt_max;
+    float *state, *y;
+} mamba2_step;
+
+static void mamba2_step_task(void *ctx, int thread, int threads) {
+    const mamba2_step *m = ctx;
+    const int64_t H = m->H, P = m->P, N = m->N, G = m->G, heads_per_group = H / G, inner = H * P;
+    int64_t begin, end;
+    share(m->batch * H, thread, threads, &begin, &end);
+    for (int64_t bh = begin; bh < end; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
+        const float raw = m->dt_raw[b * m->dt_stride + h] + m->dt_bias[h];
+        float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
+        step = step < m->dt_min ? m->dt_min : (step > m->dt_max ? m->dt_max : step);
+        const float *row = m->xBC + b * m->xBC_stride;
+        ssd_head_step(row + h * P, step, -__builtin_expf(m->A_log[h]), row + inner + g * N, row + inner + G * N + g * N,
+                      m->D ? m->D[h] : 0.0f, m->state + bh * P * N, m->y + bh * P, P, N);
+    }
+}
+
 /* The Mamba-2 mixer's step from its projections (twin: Mamba2Mixer.step's torch lines and ssd_step):
  * xBC [batch, H*P + 2*G*N] after the conv (rows xBC_stride apart: x, then B, then C), dt_raw [batch, H]
  * (rows dt_stride apart) before dt = clamp(softplus(dt_raw + dt_bias), dt_min, dt_max), A = -exp(A_log). */
@@ -189,32 +392,26 @@ void hybridlm_mamba2_step(const float *xBC, int64_t xBC_stride, const float *dt_
                           const float *dt_bias, const float *A_log, const float *D, float dt_min, float dt_max,
                           float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G, int64_t N,
                           int threads) {
-    const int64_t heads_per_group = H / G, inner = H * P;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < batch * H; bh++) {
-        const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
-        const float raw = dt_raw[b * dt_stride + h] + dt_bias[h];
-        float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
-        step = step < dt_min ? dt_min : (step > dt_max ? dt_max : step);
-        const float *row = xBC + b * xBC_stride;
-        ssd_head_step(row + h * P, step, -__builtin_expf(A_log[h]), row + inner + g * N, row + inner + G * N + g * N,
-                      D ? D[h] : 0.0f, state + bh * P * N, y + bh * P, P, N);
-    }
+    mamba2_step m = {xBC, dt_raw, dt_bias, A_log, D, xBC_stride, dt_stride, batch, H, P, G, N, dt_min, dt_max, state, y};
+    run(mamba2_step_task, &m, threads);
 }
 
-/* Gated DeltaNet decode step, in place (twin: hybridlm.ops.gated_deltanet.gated_deltanet_step).
- * Per (batch, head), with S = state [K, V]:
- *   S = exp(g) * S;  delta = beta * (v - k^T S);  S += k delta^T;  o = scale * q^T S
- * q/k [Bt, H, K] (L2-normalised), v [Bt, H, V], g/beta [Bt, H], state [Bt, H, K, V], o [Bt, H, V].
- * V <= 1024. The head's state stays in cache between the two passes. */
-void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, const float *g, const float *beta,
-                               float *state, float *o, int64_t batch, int64_t H, int64_t K, int64_t V, float scale,
-                               int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < batch * H; bh++) {
-        float *S = state + bh * K * V;
-        const float *qv = q + bh * K, *kv = k + bh * K, *vv = v + bh * V;
-        const float decay = __builtin_expf(g[bh]), strength = beta[bh];
+typedef struct {
+    const float *q, *k, *v, *g, *beta;
+    float *state, *o;
+    int64_t heads, K, V; /* heads: batch * H */
+    float scale;
+} delta_step;
+
+static void delta_step_task(void *ctx, int thread, int threads) {
+    const delta_step *d = ctx;
+    const int64_t K = d->K, V = d->V;
+    int64_t begin, end;
+    share(d->heads, thread, threads, &begin, &end);
+    for (int64_t bh = begin; bh < end; bh++) {
+        float *S = d->state + bh * K * V;
+        const float *qv = d->q + bh * K, *kv = d->k + bh * K, *vv = d->v + bh * V;
+        const float decay = __builtin_expf(d->g[bh]), strength = d->beta[bh];
         float predicted[1024], delta[1024], out[1024];
         for (int64_t j = 0; j < V; j++) predicted[j] = 0.0f;
         for (int64_t i = 0; i < K; i++) {
@@ -237,7 +434,43 @@ void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, c
                 out[j] += qi * row[j];
             }
         }
-        for (int64_t j = 0; j < V; j++) o[bh * V + j] = scale * out[j];
+        for (int64_t j = 0; j < V; j++) d->o[bh * V + j] = d->scale * out[j];
+    }
+}
+
+/* Gated DeltaNet decode step, in place (twin: hybridlm.ops.gated_deltanet.gated_deltanet_step).
+ * Per (batch, head), with S = state [K, V]:
+ *   S = exp(g) * S;  delta = beta * (v - k^T S);  S += k delta^T;  o = scale * q^T S
+ * q/k [Bt, H, K] (L2-normalised), v [Bt, H, V], g/beta [Bt, H], state [Bt, H, K, V], o [Bt, H, V].
+ * V <= 1024. The head's state stays in cache between the two passes. */
+void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, const float *g, const float *beta,
+                               float *state, float *o, int64_t batch, int64_t H, int64_t K, int64_t V, float scale,
+                               int threads) {
+    delta_step d = {q, k, v, g, beta, state, o, batch * H, K, V, scale};
+    run(delta_step_task, &d, threads);
+}
+
+typedef struct {
+    const float *x;
+    const float *const *Ws;
+    const float *const *biases;
+    const int64_t *rows, *offset;
+    int64_t M, count, K, total;
+    float *y;
+} stacked_product;
+
+static void stacked_product_task(void *ctx, int thread, int threads) {
+    const stacked_product *p = ctx;
+    int64_t begin, end;
+    share(p->total, thread, threads, &begin, &end);
+    for (int64_t i = 0; i < p->count; i++) {
+        const int64_t lo = begin > p->offset[i] ? begin : p->offset[i];
+        const int64_t hi = end < p->offset[i + 1] ? end : p->offset[i + 1];
+        if (lo >= hi) continue;
+        /* rows lo..hi of the stacked weight are rows lo - offset[i].. of W_i, written at column lo.. of y */
+        const float *bias = p->biases[i] ? p->biases[i] - p->offset[i] : NULL;
+        rows_times_tokens(p->x, p->K, p->rows, p->rows, p->M, p->Ws[i] - p->offset[i] * p->K, lo, hi, p->K, bias, p->y,
+                          p->total);
     }
 }
 
@@ -253,17 +486,33 @@ void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, con
         total += Ns[i];
     }
     offset[count] = total;
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t begin, end;
-        my_share(total, &begin, &end);
-        for (int64_t i = 0; i < count; i++) {
-            const int64_t lo = begin > offset[i] ? begin : offset[i], hi = end < offset[i + 1] ? end : offset[i + 1];
-            if (lo >= hi) continue;
-            /* rows lo..hi of the stacked weight are rows lo - offset[i].. of W_i, written at column lo.. of y */
-            rows_times_tokens(x, K, rows, rows, M, Ws[i] - offset[i] * K, lo, hi, K, biases[i] ? biases[i] - offset[i] : NULL,
-                              y, total);
-        }
+    stacked_product p = {x, Ws, biases, rows, offset, M, count, K, total, y};
+    run(stacked_product_task, &p, threads);
+}
+
+typedef struct {
+    const float *x, *weight, *bias;
+    float *state, *y;
+    int64_t x_stride, batch, C, W;
+    int apply_silu;
+} conv_step;
+
+static void conv_step_task(void *ctx, int thread, int threads) {
+    const conv_step *p = ctx;
+    const int64_t C = p->C, W = p->W;
+    int64_t begin, end; /* shared out by (batch, channel) */
+    share(p->batch * C, thread, threads, &begin, &end);
+    for (int64_t bc = begin; bc < end; bc++) {
+        const int64_t b = bc / C, c = bc % C;
+        float *s = p->state + bc * (W - 1);
+        const float *w = p->weight + c * W;
+        const float input = p->x[b * p->x_stride + c];
+        float acc = p->bias ? p->bias[c] : 0.0f;
+        for (int64_t j = 0; j < W - 1; j++) acc += w[j] * s[j];
+        acc += w[W - 1] * input;
+        for (int64_t j = 0; j + 1 < W - 1; j++) s[j] = s[j + 1];
+        if (W > 1) s[W - 2] = input;
+        p->y[bc] = p->apply_silu ? acc / (1.0f + __builtin_expf(-acc)) : acc;
     }
 }
 
@@ -273,18 +522,42 @@ void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, con
  * state [Bt, C, W-1], weight [C, W], bias [C] or NULL, y [Bt, C]; silu when apply_silu. */
 void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const float *weight, const float *bias,
                         float *y, int64_t batch, int64_t C, int64_t W, int apply_silu, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < batch; b++) {
-        for (int64_t c = 0; c < C; c++) {
-            float *s = state + (b * C + c) * (W - 1);
-            const float *w = weight + c * W;
-            const float input = x[b * x_stride + c];
-            float acc = bias ? bias[c] : 0.0f;
-            for (int64_t j = 0; j < W - 1; j++) acc += w[j] * s[j];
-            acc += w[W - 1] * input;
-            for (int64_t j = 0; j + 1 < W - 1; j++) s[j] = s[j + 1];
-            if (W > 1) s[W - 2] = input;
-            y[b * C + c] = apply_silu ? acc / (1.0f + __builtin_expf(-acc)) : acc;
+    conv_step p = {x, weight, bias, state, y, x_stride, batch, C, W, apply_silu};
+    run(conv_step_task, &p, threads);
+}
+
+typedef struct {
+    const float *x, *z, *weight;
+    int64_t rows, dim, group;
+    float eps;
+    int add_one, gate_first, use_sum;
+    float *y;
+} rms_norm;
+
+static void rms_norm_task(void *ctx, int thread, int threads) {
+    const rms_norm *p = ctx;
+    const int64_t dim = p->dim, group = p->group;
+    int64_t begin, end;
+    share(p->rows, thread, threads, &begin, &end);
+    for (int64_t r = begin; r < end; r++) {
+        const float *xr = p->x + r * dim, *zr = p->z ? p->z + r * dim : NULL;
+        float *yr = p->y + r * dim;
+        for (int64_t c = 0; c < dim; c++) {
+            float value = xr[c];
+            if (zr && p->gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
+            yr[c] = value;
+        }
+        for (int64_t g0 = 0; g0 < dim; g0 += group) {
+            float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t c = g0; c < g0 + group; c++) squares += yr[c] * yr[c];
+            const float inverse = 1.0f / __builtin_sqrtf((p->use_sum ? squares : squares / (float)group) + p->eps);
+            for (int64_t c = g0; c < g0 + group; c++) {
+                const float scale = p->weight ? (p->add_one ? 1.0f + p->weight[c] : p->weight[c]) : 1.0f;
+                float value = yr[c] * inverse * scale;
+                if (zr && !p->gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
+                yr[c] = value;
+            }
         }
     }
 }
@@ -298,26 +571,47 @@ void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const fl
 void hybridlm_rms_norm(const float *x, const float *z, int64_t rows, int64_t dim, int64_t group,
                        const float *weight, float eps, int add_one, int gate_first, int use_sum, float *y,
                        int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim, *zr = z ? z + r * dim : NULL;
-        float *yr = y + r * dim;
-        for (int64_t c = 0; c < dim; c++) {
-            float value = xr[c];
-            if (zr && gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
-            yr[c] = value;
+    rms_norm p = {x, z, weight, rows, dim, group, eps, add_one, gate_first, use_sum, y};
+    run(rms_norm_task, &p, threads);
+}
+
+/* The activation of the MoE block's (token, expert) rows, in place into the first I columns of h [R, F]. */
+typedef struct {
+    float *h;
+    int64_t R, F, I;
+    int swiglu;
+} expert_activation;
+
+static void expert_activation_task(void *ctx, int thread, int threads) {
+    const expert_activation *a = ctx;
+    int64_t begin, end;
+    share(a->R, thread, threads, &begin, &end);
+    for (int64_t r = begin; r < end; r++) {
+        float *row = a->h + r * a->F;
+        for (int64_t i = 0; i < a->I; i++) {
+            const float v = row[i];
+            row[i] = a->swiglu ? v / (1.0f + __builtin_expf(-v)) * row[a->I + i] : (v > 0.0f ? v * v : 0.0f);
         }
-        for (int64_t g0 = 0; g0 < dim; g0 += group) {
-            float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-            for (int64_t c = g0; c < g0 + group; c++) squares += yr[c] * yr[c];
-            const float inverse = 1.0f / __builtin_sqrtf((use_sum ? squares : squares / (float)group) + eps);
-            for (int64_t c = g0; c < g0 + group; c++) {
-                const float scale = weight ? (add_one ? 1.0f + weight[c] : weight[c]) : 1.0f;
-                float value = yr[c] * inverse * scale;
-                if (zr && !gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
-                yr[c] = value;
-            }
+    }
+}
+
+/* out[n] = sum_k weights[n, k] * y[n * top_k + k] over tokens n < N, rows D wide. */
+typedef struct {
+    const float *y, *weights;
+    float *out;
+    int64_t N, D, top_k;
+} weighted_sum;
+
+static void weighted_sum_task(void *ctx, int thread, int threads) {
+    const weighted_sum *s = ctx;
+    int64_t begin, end;
+    share(s->N, thread, threads, &begin, &end);
+    for (int64_t n = begin; n < end; n++) {
+        float *o = s->out + n * s->D;
+        for (int64_t d = 0; d < s->D; d++) o[d] = 0.0f;
+        for (int64_t k = 0; k < s->top_k; k++) {
+            const float w = s->weights[n * s->top_k + k], *yr = s->y + (n * s->top_k + k) * s->D;
+            for (int64_t d = 0; d < s->D; d++) o[d] += w * yr[d];
         }
     }
 }
@@ -368,72 +662,13 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     int64_t start[1024 + 1], order[256], tokens[256];
     group_by_expert(ids, R, E, start, order); /* (token, slot) rows */
     for (int64_t i = 0; i < R; i++) tokens[i] = order[i] / top_k;
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t begin, end;
-        my_share(F, &begin, &end);
-        for (int64_t e = 0; e < E; e++)
-            if (start[e] < start[e + 1])
-                rows_times_tokens(x, D, tokens + start[e], order + start[e], start[e + 1] - start[e],
-                                  up + e * F * D, begin, end, D, NULL, h, F);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) { /* the activation, in place into the first I columns */
-            float *row = h + r * F;
-            for (int64_t i = 0; i < I; i++) {
-                const float a = row[i];
-                row[i] = swiglu ? a / (1.0f + __builtin_expf(-a)) * row[I + i] : (a > 0.0f ? a * a : 0.0f);
-            }
-        }
-        my_share(D, &begin, &end);
-        for (int64_t e = 0; e < E; e++) /* the activations are rows of h with stride F, read I wide */
-            if (start[e] < start[e + 1])
-                rows_times_tokens(h, F, order + start[e], order + start[e], start[e + 1] - start[e],
-                                  down + e * D * I, begin, end, I, NULL, y, D);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float *o = out + n * D;
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t k = 0; k < top_k; k++) {
-                const float w = weights[n * top_k + k], *yr = y + (n * top_k + k) * D;
-                for (int64_t d = 0; d < D; d++) o[d] += w * yr[d];
-            }
-        }
-    }
-}
-
-/* Subnormal floats as zero: x86 MXCSR flush-to-zero (bit 15) + denormals-are-zero (bit 6), Arm FPCR
- * flush-to-zero (bit 24). Decays such as exp(-100) underflow into the subnormal range, and on x86 every
- * operation that reads or produces a subnormal takes a microcode assist (~100x slower); GPU kernels
- * flush them by default. The mode is per thread: it is set on the calling thread and on every thread of
- * the OpenMP pool (torch's: libgomp is loaded once per process), and the calling thread's previous mode
- * is returned (1 = flushing) so that the caller can restore it. Plain twin: leaving the mode alone. */
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#define FLUSH_BITS 0x8040u
-static int flushing(void) { return (_mm_getcsr() & FLUSH_BITS) != 0; }
-static void set_flushing(int on) { _mm_setcsr((_mm_getcsr() & ~FLUSH_BITS) | (on ? FLUSH_BITS : 0u)); }
-#elif defined(__aarch64__)
-#define FLUSH_BIT (1ull << 24)
-static int flushing(void) { uint64_t r; __asm__ volatile("mrs %0, fpcr" : "=r"(r)); return (r & FLUSH_BIT) != 0; }
-static void set_flushing(int on) {
-    uint64_t r;
-    __asm__ volatile("mrs %0, fpcr" : "=r"(r));
-    r = on ? (r | FLUSH_BIT) : (r & ~FLUSH_BIT);
-    __asm__ volatile("msr fpcr, %0" : : "r"(r));
-}
-#else
-static int flushing(void) { return 0; }
-static void set_flushing(int on) { (void)on; }
-#endif
-
-int hybridlm_flush_subnormals(int on) {
-    int before = flushing();
-    set_flushing(on);
-#ifdef _OPENMP
-#pragma omp parallel
-    set_flushing(on);
-#endif
-    return before;
+    expert_product up_pass = {x, up, D, E, F, D, F, start, tokens, order, h};
+    run(expert_product_task, &up_pass, threads);
+    expert_activation activation = {h, R, F, I, swiglu};
+    run(expert_activation_task, &activation, threads);
+    /* the activations are rows of h with stride F, read I wide */
+    expert_product down_pass = {h, down, F, E, D, I, D, start, order, order, y};
+    run(expert_product_task, &down_pass, threads);
+    weighted_sum combine = {y, weights, out, N, D, top_k};
+    run(weighted_sum_task, &combine, threads);
 }

@@ -20,6 +20,12 @@ recurrent step written as torch ops reads and writes the whole state several tim
   DeltaNet decode steps, updating the state in place in one pass (twins: ``ssd_step``,
   ``gated_deltanet_step``).
 
+The kernels share their work out on native.c's own worker pool, not OpenMP's: under
+``OMP_WAIT_POLICY=PASSIVE`` OpenMP puts its threads to sleep after every parallel region, and waking
+one cost ~100 us on a 2-core KVM guest, more than most decode kernels take (a qwen3_next-shaped batch-1
+step: 15.5 -> 10.7 ms). The pool's workers spin between tasks for ``HYBRIDLM_SPIN_US`` (default 1000)
+microseconds, yielding their core to any other runnable thread, then sleep.
+
 Each runs the kernel when it applies (CPU, fp32, contiguous, no autograd, within the size limits)
 and its twin otherwise; tests/ops/test_native.py holds every pair to each other.
 
@@ -51,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-shared", "-fPIC")
 MAX_ROWS = 64  # token rows per call (the kernel's limit; decode batches are far smaller)
 MAX_EXPERT_ROWS = 256  # (token, expert) pairs per expert_linear call
 MAX_EXPERTS = 1024
@@ -202,7 +208,8 @@ def subnormals_flushed() -> Iterator[None]:
     numbers land in the subnormal range, where x86 takes a microcode assist for every operation that reads
     or writes one. A random-weight qwen3_next-shaped model's Gated DeltaNet prefill held 25-60% subnormal
     entries and ran 1.8x slower on an Intel Xeon because of it. What is lost is below fp32's resolution of
-    any sum these values enter (they are 1e-31 of the terms of order 1 beside them).
+    any sum these values enter (they are 1e-31 of the terms of order 1 beside them). The kernels' own
+    workers run every task in the mode of the thread that called the kernel.
 
     Only on the main thread: called from another Python thread (the serving engine's scheduler), the
     parallel region that reaches the pool made 2-rank expert-parallel serving abort ("terminate called
@@ -236,8 +243,8 @@ def _applies(*tensors: Tensor) -> bool:
     return _library() is not None
 
 
-# Below this many weight values (256 KB) one thread streams a matrix faster than a second one can be
-# woken: with OMP_WAIT_POLICY=PASSIVE each parallel region wakes its sleeping threads (~9 us here).
+# Below this many weight values (256 KB) one thread does the work alone: handing a share to a spinning
+# worker costs ~1 us, to a sleeping one ~100 us (native.c's pool); 16K and 256K measured the same.
 SMALL_WORK = 64 * 1024
 
 
