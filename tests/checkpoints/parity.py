@@ -14,6 +14,12 @@ from hybridlm.checkpoints import save_pretrained
 from hybridlm.model import HybridLM
 
 LOGIT_ATOL = 1e-4  # hybridlm vs transformers (different kernels: chunked scans, grouped experts)
+# A prefill in pieces plus decode steps against transformers' full forward: two fp32 computations of 86
+# tokens whose rounding the tiny random models amplify (qwen3_next: per-layer errors of ~1e-6 reach the
+# logits at ~1e-4). Measured against float64 (2026-12-01): hybridlm's token-by-token Gated DeltaNet scan
+# 1.16e-4, transformers' chunked form 4.2e-5, 1.58e-4 apart; with the same fp32 input each of our Gated
+# DeltaNet layers is nearer float64 than the chunked form (0.9-2.1e-6 vs 1.2-3.6e-6).
+STEPPED_VS_TRANSFORMERS_ATOL = 2e-4
 ROUND_TRIP_ATOL = 1e-5  # transformers vs transformers after a hybridlm save
 NEW_TOKENS = 16
 
@@ -88,7 +94,9 @@ def check_chunked_decode(
     ours_diff = max_diff(stepped, ours_logits(model, full_ids))
     hf_diff = max_diff(stepped, hf_logits(hf_model, full_ids))
     assert ours_diff < LOGIT_ATOL, f"chunked prefill + decode vs full forward: {ours_diff:.2e}"
-    assert hf_diff < LOGIT_ATOL, f"chunked prefill + decode vs transformers' full forward: {hf_diff:.2e}"
+    assert hf_diff < STEPPED_VS_TRANSFORMERS_ATOL, (
+        f"chunked prefill + decode vs transformers' full forward: {hf_diff:.2e}"
+    )
     return hf_diff
 
 

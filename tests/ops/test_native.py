@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.ops import native
-from hybridlm.ops.gated_deltanet import gated_deltanet_step
+from hybridlm.ops.gated_deltanet import gated_deltanet_reference, gated_deltanet_step
 from hybridlm.ops.moe import moe_experts_few_tokens, moe_experts_reference, route
-from hybridlm.ops.ssd import ssd_step
+from hybridlm.ops.ssd import ssd_reference, ssd_step
 from tests.helpers import assert_close
 
 requires_kernels = pytest.mark.skipif(
@@ -78,7 +78,7 @@ def test_moe_few_tokens_matches_reference(activation, tokens):
 
 @requires_kernels
 @pytest.mark.parametrize(("batch", "heads", "key_dim", "value_dim"), [(1, 8, 64, 64), (3, 4, 16, 12)])
-def test_gated_delta_step_in_place_matches_gated_deltanet_step(batch, heads, key_dim, value_dim):
+def test_gated_delta_scan_of_one_token_matches_gated_deltanet_step(batch, heads, key_dim, value_dim):
     g = torch.Generator().manual_seed(key_dim)
     q = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
     k = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
@@ -87,9 +87,27 @@ def test_gated_delta_step_in_place_matches_gated_deltanet_step(batch, heads, key
     beta = torch.rand(batch, heads, generator=g)
     state = torch.randn(batch, heads, key_dim, value_dim, generator=g)
     o_expected, state_expected = gated_deltanet_step(q, k, v, log_decay, beta, state)
-    o = native.gated_delta_step_(q, k, v, log_decay, beta, state)
-    assert_close(o, o_expected, name="o")
+    o = native.gated_delta_scan_(q[:, None], k[:, None], v[:, None], log_decay[:, None], beta[:, None], state)
+    assert_close(o[:, 0], o_expected, name="o")
     assert_close(state, state_expected, name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize(("batch", "T", "heads", "key_dim", "value_dim"), [(1, 300, 8, 64, 64), (3, 17, 4, 16, 12)])
+def test_gated_delta_scan_matches_the_reference_loop(batch, T, heads, key_dim, value_dim):
+    """Prefill token by token against the plain loop in float64, from a carried state; strong decays included."""
+    g = torch.Generator().manual_seed(T)
+    q = F.normalize(torch.randn(batch, T, heads, key_dim, generator=g), dim=-1)
+    k = F.normalize(torch.randn(batch, T, heads, key_dim, generator=g), dim=-1)
+    v = torch.randn(batch, T, heads, value_dim, generator=g)
+    log_decay = -F.softplus(3 * torch.randn(batch, T, heads, generator=g))
+    beta = torch.rand(batch, T, heads, generator=g)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=g)
+    inputs64 = (t.double() for t in (q, k, v, log_decay, beta, state))
+    o_expected, state_expected = gated_deltanet_reference(*inputs64)
+    o = native.gated_delta_scan_(q, k, v, log_decay, beta, state)
+    assert_close(o, o_expected.float(), name="o")
+    assert_close(state, state_expected.float(), name="state")
 
 
 def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path, monkeypatch):
@@ -208,7 +226,7 @@ def test_conv_step_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bi
 @requires_kernels
 @pytest.mark.parametrize("time_step_limit", [(0.0, float("inf")), (0.05, 0.5)])
 @pytest.mark.parametrize(("batch", "H", "P", "G", "N"), [(2, 4, 6, 2, 5), (1, 16, 64, 1, 128), (3, 8, 12, 2, 7)])
-def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit, batch, H, P, G, N):
+def test_mamba2_scan_of_one_token_matches_ssd_step(time_step_limit, batch, H, P, G, N):
     g = torch.Generator().manual_seed(3)
     xBC = torch.randn(batch, H * P + 2 * G * N + 3, generator=g)[:, 3:]  # strided rows
     dt_raw = torch.randn(batch, H + 2, generator=g)[:, 1:-1]
@@ -219,9 +237,30 @@ def test_mamba2_step_from_projections_matches_ssd_step(time_step_limit, batch, H
     y_expected, state_expected = ssd_step(
         xs.reshape(batch, H, P), dt, -torch.exp(A_log), Bs.reshape(batch, G, N), Cs.reshape(batch, G, N), D, state
     )
-    y = native.mamba2_step_(xBC, dt_raw, dt_bias, A_log, D, time_step_limit, state)
+    y = native.mamba2_scan_(xBC, dt_raw, dt_bias, A_log, D, time_step_limit, state)
     assert_close(y, y_expected.reshape(batch, H * P), name="y")
     assert_close(state, state_expected, name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize(("batch", "T", "H", "P", "G", "N"), [(1, 300, 16, 64, 2, 128), (3, 17, 8, 12, 2, 7)])
+def test_mamba2_scan_matches_the_reference_loop(batch, T, H, P, G, N):
+    """Prefill token by token (strided projection rows, a carried state) against ssd_reference in float64."""
+    g = torch.Generator().manual_seed(T)
+    width = H * P + 2 * G * N
+    xBC = torch.randn(batch * T, width + 3, generator=g)[:, 3:]  # strided rows
+    dt_raw = torch.randn(batch * T, H + 2, generator=g)[:, 1:-1]
+    dt_bias, A_log, D = (torch.randn(H, generator=g) for _ in range(3))
+    state = torch.randn(batch, H, P, N, generator=g)
+    xs, Bs, Cs = xBC.double().view(batch, T, width).split([H * P, G * N, G * N], dim=-1)
+    dt = F.softplus(dt_raw.double() + dt_bias.double()).view(batch, T, H)
+    y_expected, state_expected = ssd_reference(
+        xs.reshape(batch, T, H, P), dt, -torch.exp(A_log.double()), Bs.reshape(batch, T, G, N),
+        Cs.reshape(batch, T, G, N), D.double(), state.double(),
+    )  # fmt: skip
+    y = native.mamba2_scan_(xBC, dt_raw, dt_bias, A_log, D, (0.0, float("inf")), state)
+    assert_close(y, y_expected.reshape(batch * T, H * P).float(), name="y")
+    assert_close(state, state_expected.float(), name="state")
 
 
 def test_a_failing_compiler_warns_once_and_everything_runs_on_torch(tmp_path, monkeypatch):

@@ -83,7 +83,8 @@ class GatedDeltaNetMixer(BlockModule):
             q, k = q.repeat_interleave(repeats, dim=1), k.repeat_interleave(repeats, dim=1)
         beta, g = self._gates(b, a)
         v = upcast(v.reshape(B, c.num_value_heads, c.value_head_dim))
-        o = native.gated_delta_step_(q, k, v, g, beta, state.recurrent)
+        o = native.gated_delta_scan_(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state.recurrent)
+        o = o[:, 0]
         o = self.norm(o.to(x.dtype), z.view(B, c.num_value_heads, c.value_head_dim))
         return self.out_proj(o.reshape(B, c.value_dim))
 
@@ -116,9 +117,15 @@ class GatedDeltaNetMixer(BlockModule):
         if repeats > 1:  # value head h reads key head h // repeats
             q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
         beta, g = self._gates(self.in_proj_b(x), self.in_proj_a(x))  # (B, T, H_v) each
-        o, recurrent = gated_deltanet_chunked(
-            q, k, upcast(v), g, beta, None if state is None else state.recurrent, chunk_size=c.chunk_size
-        )
+        v = upcast(v)
+        if state is not None:
+            recurrent = state.recurrent
+        else:
+            recurrent = v.new_zeros(B, c.num_value_heads, c.key_head_dim, c.value_head_dim)
+        if native.gated_delta_scan_applies(q, k, v, g, beta, recurrent):  # inference in fp32 on CPU
+            o = native.gated_delta_scan_(q, k, v, g, beta, recurrent)  # token by token, the state in place
+        else:
+            o, recurrent = gated_deltanet_chunked(q, k, v, g, beta, recurrent, chunk_size=c.chunk_size)
         if state is not None:
             state.conv.copy_(conv_state)
             state.recurrent.copy_(recurrent)

@@ -73,8 +73,8 @@ class Mamba2Mixer(BlockModule):
         B = x.shape[0]
         z, xBC, dt = self.in_proj(x).split([c.intermediate_size, c.conv_dim, c.num_heads], dim=-1)
         xBC = conv_step(xBC, state.conv, self.conv1d)
-        if native.mamba2_step_applies(xBC, dt, state.recurrent, self.dt_bias, self.A_log, self.D):
-            y = native.mamba2_step_(xBC, dt, self.dt_bias, self.A_log, self.D, c.time_step_limit, state.recurrent)
+        if native.mamba2_scan_applies(xBC, dt, state.recurrent, self.dt_bias, self.A_log, self.D):
+            y = native.mamba2_scan_(xBC, dt, self.dt_bias, self.A_log, self.D, c.time_step_limit, state.recurrent)
             y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
             return self.out_proj(y)
         G, N = c.num_groups, c.state_size
@@ -119,20 +119,26 @@ class Mamba2Mixer(BlockModule):
         if mask is not None:
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
-        G, N = c.num_groups, c.state_size
-        xs, Bs, Cs = xBC.split([inner, G * N, G * N], dim=-1)
-        xs = xs.view(B, T, c.num_heads, c.head_dim)
-        Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
-        dt = self._time_step(dt)
-        A = -torch.exp(upcast(self.A_log))
-
-        chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
-        y, ssm_state = ssd_chunked(
-            xs, dt, A, Bs, Cs, self.D, None if state is None else state.recurrent, chunk_size=chunk_size
-        )
+        if state is not None:
+            recurrent = state.recurrent
+        else:  # in the compute dtype: fp32, or fp64 for fp64 inputs
+            shape = (B, c.num_heads, c.head_dim, c.state_size)
+            recurrent = xBC.new_zeros(shape, dtype=torch.promote_types(xBC.dtype, torch.float32))
+        xBC_rows, dt_rows = xBC.reshape(B * T, conv_dim), dt.reshape(B * T, c.num_heads)
+        if native.mamba2_scan_applies(xBC_rows, dt_rows, recurrent, self.dt_bias, self.A_log, self.D):
+            # inference in fp32 on CPU: token by token, the state updated in place and kept in cache
+            y = native.mamba2_scan_(xBC_rows, dt_rows, self.dt_bias, self.A_log, self.D, c.time_step_limit, recurrent)
+        else:
+            G, N = c.num_groups, c.state_size
+            xs, Bs, Cs = xBC.split([inner, G * N, G * N], dim=-1)
+            xs = xs.view(B, T, c.num_heads, c.head_dim)
+            Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
+            A = -torch.exp(upcast(self.A_log))
+            chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
+            y, recurrent = ssd_chunked(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
         if state is not None:
             state.conv.copy_(conv_state)
-            state.recurrent.copy_(ssm_state)
+            state.recurrent.copy_(recurrent)
         y = y.reshape(B, T, inner)
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y)

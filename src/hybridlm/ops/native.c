@@ -364,90 +364,106 @@ static inline void ssd_head_step(const float *xv, float step, float A, const flo
 
 typedef struct {
     const float *xBC, *dt_raw, *dt_bias, *A_log, *D;
-    int64_t xBC_stride, dt_stride, batch, H, P, G, N;
+    int64_t xBC_stride, dt_stride, batch, T, H, P, G, N;
     float dt_min, dt_max;
     float *state, *y;
-} mamba2_step;
+} mamba2_scan;
 
-static void mamba2_step_task(void *ctx, int thread, int threads) {
-    const mamba2_step *m = ctx;
+/* Each (batch, head) of the thread's share runs through its T tokens in order, its state in L1/L2. */
+static void mamba2_scan_task(void *ctx, int thread, int threads) {
+    const mamba2_scan *m = ctx;
     const int64_t H = m->H, P = m->P, N = m->N, G = m->G, heads_per_group = H / G, inner = H * P;
     int64_t begin, end;
     share(m->batch * H, thread, threads, &begin, &end);
     for (int64_t bh = begin; bh < end; bh++) {
         const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
-        const float raw = m->dt_raw[b * m->dt_stride + h] + m->dt_bias[h];
-        float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
-        step = step < m->dt_min ? m->dt_min : (step > m->dt_max ? m->dt_max : step);
-        const float *row = m->xBC + b * m->xBC_stride;
-        ssd_head_step(row + h * P, step, -__builtin_expf(m->A_log[h]), row + inner + g * N, row + inner + G * N + g * N,
-                      m->D ? m->D[h] : 0.0f, m->state + bh * P * N, m->y + bh * P, P, N);
+        const float A = -__builtin_expf(m->A_log[h]), skip = m->D ? m->D[h] : 0.0f;
+        for (int64_t t = 0; t < m->T; t++) {
+            const int64_t token = b * m->T + t;
+            const float raw = m->dt_raw[token * m->dt_stride + h] + m->dt_bias[h];
+            float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
+            step = step < m->dt_min ? m->dt_min : (step > m->dt_max ? m->dt_max : step);
+            const float *row = m->xBC + token * m->xBC_stride;
+            ssd_head_step(row + h * P, step, A, row + inner + g * N, row + inner + G * N + g * N, skip,
+                          m->state + bh * P * N, m->y + token * inner + h * P, P, N);
+        }
     }
 }
 
-/* The Mamba-2 mixer's step from its projections (twin: Mamba2Mixer.step's torch lines and ssd_step):
- * xBC [batch, H*P + 2*G*N] after the conv (rows xBC_stride apart: x, then B, then C), dt_raw [batch, H]
- * (rows dt_stride apart) before dt = clamp(softplus(dt_raw + dt_bias), dt_min, dt_max), A = -exp(A_log). */
-void hybridlm_mamba2_step(const float *xBC, int64_t xBC_stride, const float *dt_raw, int64_t dt_stride,
+/* The Mamba-2 mixer's recurrence over T tokens from its projections, token by token (twin: ssd_reference,
+ * or for T = 1 ssd_step and the mixer's torch step): xBC [batch * T, H*P + 2*G*N] after the conv (rows
+ * xBC_stride apart: x, then B, then C), dt_raw [batch * T, H] (rows dt_stride apart) before
+ * dt = clamp(softplus(dt_raw + dt_bias), dt_min, dt_max), A = -exp(A_log); state [batch, H, P, N] in place;
+ * y [batch * T, H*P]. Work H*P*N per token and head, against the chunked form's extra chunk-square terms. */
+void hybridlm_mamba2_scan(const float *xBC, int64_t xBC_stride, const float *dt_raw, int64_t dt_stride,
                           const float *dt_bias, const float *A_log, const float *D, float dt_min, float dt_max,
-                          float *state, float *y, int64_t batch, int64_t H, int64_t P, int64_t G, int64_t N,
+                          float *state, float *y, int64_t batch, int64_t T, int64_t H, int64_t P, int64_t G, int64_t N,
                           int threads) {
-    mamba2_step m = {xBC, dt_raw, dt_bias, A_log, D, xBC_stride, dt_stride, batch, H, P, G, N, dt_min, dt_max, state, y};
-    run(mamba2_step_task, &m, threads);
+    mamba2_scan m = {xBC, dt_raw, dt_bias, A_log, D, xBC_stride, dt_stride, batch, T, H, P, G, N, dt_min, dt_max,
+                     state, y};
+    run(mamba2_scan_task, &m, threads);
+}
+
+/* One token of the gated delta rule for one head, S = state [K, V] in place:
+ *   S = exp(g) * S;  delta = beta * (v - k^T S);  S += k delta^T;  o = scale * q^T S
+ * Two passes over S, which stays in cache between them. V <= 1024. */
+static inline void delta_head_step(const float *qv, const float *kv, const float *vv, float decay, float strength,
+                                   float scale, float *S, float *o, int64_t K, int64_t V) {
+    float predicted[1024], delta[1024], out[1024];
+    for (int64_t j = 0; j < V; j++) predicted[j] = 0.0f;
+    for (int64_t i = 0; i < K; i++) {
+        float *row = S + i * V;
+        const float ki = kv[i];
+        for (int64_t j = 0; j < V; j++) {
+            row[j] *= decay;
+            predicted[j] += ki * row[j];
+        }
+    }
+    for (int64_t j = 0; j < V; j++) {
+        delta[j] = strength * (vv[j] - predicted[j]);
+        out[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < K; i++) {
+        float *row = S + i * V;
+        const float ki = kv[i], qi = qv[i];
+        for (int64_t j = 0; j < V; j++) {
+            row[j] += ki * delta[j];
+            out[j] += qi * row[j];
+        }
+    }
+    for (int64_t j = 0; j < V; j++) o[j] = scale * out[j];
 }
 
 typedef struct {
     const float *q, *k, *v, *g, *beta;
     float *state, *o;
-    int64_t heads, K, V; /* heads: batch * H */
+    int64_t batch, T, H, K, V;
     float scale;
-} delta_step;
+} delta_scan;
 
-static void delta_step_task(void *ctx, int thread, int threads) {
-    const delta_step *d = ctx;
-    const int64_t K = d->K, V = d->V;
+static void delta_scan_task(void *ctx, int thread, int threads) {
+    const delta_scan *d = ctx;
+    const int64_t H = d->H, K = d->K, V = d->V;
     int64_t begin, end;
-    share(d->heads, thread, threads, &begin, &end);
+    share(d->batch * H, thread, threads, &begin, &end);
     for (int64_t bh = begin; bh < end; bh++) {
-        float *S = d->state + bh * K * V;
-        const float *qv = d->q + bh * K, *kv = d->k + bh * K, *vv = d->v + bh * V;
-        const float decay = __builtin_expf(d->g[bh]), strength = d->beta[bh];
-        float predicted[1024], delta[1024], out[1024];
-        for (int64_t j = 0; j < V; j++) predicted[j] = 0.0f;
-        for (int64_t i = 0; i < K; i++) {
-            float *row = S + i * V;
-            const float ki = kv[i];
-            for (int64_t j = 0; j < V; j++) {
-                row[j] *= decay;
-                predicted[j] += ki * row[j];
-            }
+        const int64_t b = bh / H, h = bh % H;
+        for (int64_t t = 0; t < d->T; t++) {
+            const int64_t at = (b * d->T + t) * H + h; /* (batch, token, head) */
+            delta_head_step(d->q + at * K, d->k + at * K, d->v + at * V, __builtin_expf(d->g[at]), d->beta[at],
+                            d->scale, d->state + bh * K * V, d->o + at * V, K, V);
         }
-        for (int64_t j = 0; j < V; j++) {
-            delta[j] = strength * (vv[j] - predicted[j]);
-            out[j] = 0.0f;
-        }
-        for (int64_t i = 0; i < K; i++) {
-            float *row = S + i * V;
-            const float ki = kv[i], qi = qv[i];
-            for (int64_t j = 0; j < V; j++) {
-                row[j] += ki * delta[j];
-                out[j] += qi * row[j];
-            }
-        }
-        for (int64_t j = 0; j < V; j++) d->o[bh * V + j] = d->scale * out[j];
     }
 }
 
-/* Gated DeltaNet decode step, in place (twin: hybridlm.ops.gated_deltanet.gated_deltanet_step).
- * Per (batch, head), with S = state [K, V]:
- *   S = exp(g) * S;  delta = beta * (v - k^T S);  S += k delta^T;  o = scale * q^T S
- * q/k [Bt, H, K] (L2-normalised), v [Bt, H, V], g/beta [Bt, H], state [Bt, H, K, V], o [Bt, H, V].
- * V <= 1024. The head's state stays in cache between the two passes. */
-void hybridlm_gated_delta_step(const float *q, const float *k, const float *v, const float *g, const float *beta,
-                               float *state, float *o, int64_t batch, int64_t H, int64_t K, int64_t V, float scale,
-                               int threads) {
-    delta_step d = {q, k, v, g, beta, state, o, batch * H, K, V, scale};
-    run(delta_step_task, &d, threads);
+/* The gated delta rule over T tokens, token by token, in place (twin: gated_deltanet_reference; for T = 1
+ * gated_deltanet_step). q/k [Bt, T, H, K] (L2-normalised), v [Bt, T, H, V], g/beta [Bt, T, H],
+ * state [Bt, H, K, V], o [Bt, T, H, V], all contiguous. V <= 1024. */
+void hybridlm_gated_delta_scan(const float *q, const float *k, const float *v, const float *g, const float *beta,
+                               float *state, float *o, int64_t batch, int64_t T, int64_t H, int64_t K, int64_t V,
+                               float scale, int threads) {
+    delta_scan d = {q, k, v, g, beta, state, o, batch, T, H, K, V, scale};
+    run(delta_scan_task, &d, threads);
 }
 
 typedef struct {

@@ -16,9 +16,11 @@ recurrent step written as torch ops reads and writes the whole state several tim
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
   ``causal_conv1d_step``);
-- ``mamba2_step_``, ``gated_delta_step_``: the Mamba-2 (from the mixer's projections) and Gated
-  DeltaNet decode steps, updating the state in place in one pass (twins: ``ssd_step``,
-  ``gated_deltanet_step``).
+- ``mamba2_scan_``, ``gated_delta_scan_``: the Mamba-2 (from the mixer's projections) and Gated
+  DeltaNet recurrences token by token, the state updated in place and kept in cache: the decode
+  step (one token) and prefill (twins: ``ssd_reference`` / ``ssd_step``, ``gated_deltanet_reference`` /
+  ``gated_deltanet_step``). In prefill they replace the chunked forms, whose many small batched
+  matmuls, concatenations and copies ran at a tenth of their FLOP count's matmul time here.
 
 The kernels share their work out on native.c's own worker pool, not OpenMP's: under
 ``OMP_WAIT_POLICY=PASSIVE`` OpenMP puts its threads to sleep after every parallel region, and waking
@@ -158,11 +160,11 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_linear.restype = None
     library.hybridlm_expert_linear.argtypes = [p, p, p, i64, p, i64, i64, i64, p, i32]
     library.hybridlm_expert_linear.restype = None
-    library.hybridlm_mamba2_step.argtypes = [p, i64, p, i64, p, p, p, ctypes.c_float, ctypes.c_float, p, p]
-    library.hybridlm_mamba2_step.argtypes += [i64, i64, i64, i64, i64, i32]
-    library.hybridlm_mamba2_step.restype = None
-    library.hybridlm_gated_delta_step.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i32]
-    library.hybridlm_gated_delta_step.restype = None
+    library.hybridlm_mamba2_scan.argtypes = [p, i64, p, i64, p, p, p, ctypes.c_float, ctypes.c_float, p, p]
+    library.hybridlm_mamba2_scan.argtypes += [i64, i64, i64, i64, i64, i64, i32]
+    library.hybridlm_mamba2_scan.restype = None
+    library.hybridlm_gated_delta_scan.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    library.hybridlm_gated_delta_scan.restype = None
     library.hybridlm_linear_many.argtypes = [p, i64, p, p, p, i64, i64, p, i32]
     library.hybridlm_linear_many.restype = None
     library.hybridlm_conv_step.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i32, i32]
@@ -434,14 +436,16 @@ def _pointers(*tensors: Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
 
-def mamba2_step_applies(xBC: Tensor, dt_raw: Tensor, state: Tensor, *parameters: Tensor | None) -> bool:
-    """Whether ``mamba2_step_`` runs the kernel (fp32 CPU, unit column strides, a contiguous state)."""
+def mamba2_scan_applies(xBC: Tensor, dt_raw: Tensor, state: Tensor, *parameters: Tensor | None) -> bool:
+    """Whether ``mamba2_scan_`` runs the kernel (fp32 CPU without autograd, unit column strides, a contiguous
+    state, whole sequences of rows)."""
     present = [t for t in parameters if t is not None]
     strided = xBC.dim() == 2 and dt_raw.dim() == 2 and xBC.stride(1) == 1 and dt_raw.stride(1) == 1
-    return strided and state.is_contiguous() and _applies(xBC, dt_raw, state, *present)
+    whole = xBC.shape[0] == dt_raw.shape[0] and xBC.shape[0] % max(state.shape[0], 1) == 0
+    return strided and whole and state.is_contiguous() and _applies(xBC, dt_raw, state, *present)
 
 
-def mamba2_step_(
+def mamba2_scan_(
     xBC: Tensor,
     dt_raw: Tensor,
     dt_bias: Tensor,
@@ -450,44 +454,57 @@ def mamba2_step_(
     time_step_limit: tuple[float, float],
     state: Tensor,
 ) -> Tensor:
-    """The Mamba-2 step from the mixer's projections, where ``mamba2_step_applies``: xBC [batch, H*P + 2*G*N]
-    (after the conv), dt_raw [batch, H] (before softplus and its bias); ``state`` [batch, H, P, N] is
-    updated in place; returns y [batch, H*P] (before the gated norm). Twin: the mixer's torch step."""
+    """The Mamba-2 recurrence over T tokens per sequence from the mixer's projections, token by token, where
+    ``mamba2_scan_applies``: xBC [batch * T, H*P + 2*G*N] (after the conv; row b * T + t is token t of
+    sequence b), dt_raw [batch * T, H] (before softplus and its bias); ``state`` [batch, H, P, N] is updated
+    in place; returns y [batch * T, H*P] (before the gated norm). T = 1 is the decode step. Twins:
+    ``ssd_reference`` (any T), the mixer's torch step (T = 1)."""
     batch, H, P, N = state.shape
+    T = xBC.shape[0] // batch
     G = (xBC.shape[1] - H * P) // (2 * N)
-    y = torch.empty(batch, H * P, dtype=torch.float32)
+    y = torch.empty(batch * T, H * P, dtype=torch.float32)
     low, high = time_step_limit
-    _library().hybridlm_mamba2_step(
+    _library().hybridlm_mamba2_scan(
         xBC.data_ptr(), xBC.stride(0), dt_raw.data_ptr(), dt_raw.stride(0),
         *_pointers(dt_bias.contiguous(), A_log.contiguous(), None if D is None else D.contiguous()),
-        low, min(high, torch.finfo(torch.float32).max), *_pointers(state, y), batch, H, P, G, N,
-        _threads(state.numel()),
+        low, min(high, torch.finfo(torch.float32).max), *_pointers(state, y), batch, T, H, P, G, N,
+        _threads(state.numel() * T),
     )  # fmt: skip
     return y
 
 
-def gated_delta_step_(
+def gated_delta_scan_applies(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> bool:
+    """Whether ``gated_delta_scan_`` runs the kernel: fp32 CPU without autograd, V <= 1024, a contiguous state."""
+    return v.shape[-1] <= 1024 and state.is_contiguous() and _applies(q, k, v, g, beta, state)
+
+
+def gated_delta_scan_(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, scale: float | None = None
 ) -> Tensor:
-    """``gated_deltanet_step`` that writes the new state into ``state`` and returns o [batch, H, V].
+    """The gated delta rule over a sequence, token by token, writing the final state into ``state``;
+    returns o [batch, T, H, V].
 
-    Shapes as ``hybridlm.ops.gated_deltanet.gated_deltanet_step``: q/k [batch, H, K], v [batch, H, V],
-    g/beta [batch, H], state [batch, H, K, V].
+    Shapes as ``hybridlm.ops.gated_deltanet.gated_deltanet_reference`` (q/k [batch, T, H, K], v [batch, T, H, V],
+    g/beta [batch, T, H]), state [batch, H, K, V]. Where the kernel does not apply, the chunked form runs
+    (``gated_deltanet_step`` for T = 1).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fits = v.shape[-1] <= 1024 and state.is_contiguous()
-    if not fits or not _applies(q, k, v, g, beta, state):
-        from hybridlm.ops.gated_deltanet import gated_deltanet_step
+    from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
 
-        o, new_state = gated_deltanet_step(q, k, v, g, beta, state, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not gated_delta_scan_applies(q, k, v, g, beta, state):
+        if q.shape[1] == 1:
+            o, new_state = gated_deltanet_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale)
+            o = o[:, None]
+        else:
+            o, new_state = gated_deltanet_chunked(q, k, v, g, beta, state, scale)
         state.copy_(new_state)
         return o
-    batch, H, K = q.shape
+    batch, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     o = torch.empty_like(v)
-    _library().hybridlm_gated_delta_step(
-        *_pointers(q, k, v, g, beta, state, o), batch, H, K, V, scale, _threads(state.numel())
+    _library().hybridlm_gated_delta_scan(
+        *_pointers(q, k, v, g, beta, state, o), batch, T, H, K, V, scale, _threads(state.numel() * T)
     )
     return o
 
