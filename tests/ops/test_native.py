@@ -385,3 +385,24 @@ def test_a_forked_child_gets_a_working_pool():
     with context.Pool(1) as children:
         result = children.apply(native.linear, (x, weight))
     assert_close(result, F.linear(x, weight))
+
+
+@requires_kernels
+@pytest.mark.parametrize(("rows", "width"), [(1, 1), (7, 33), (300, 640)])
+def test_swiglu_on_two_halves_of_a_projection_matches_silu_times_up(rows, width):
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 2 * width, generator=g) * 4
+    gate, up = h.chunk(2, dim=-1)  # strided halves, as the MLP hands them over
+    expected = (gate.double() * torch.sigmoid(gate.double())) * up.double()
+    assert_close(native.swiglu(gate, up), expected.float())
+
+
+@requires_kernels
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 1), (5, 2), (300, 8)])
+def test_combine_matches_a_float64_weighted_sum_of_gathered_rows(tokens, top_k):
+    g = torch.Generator().manual_seed(tokens * top_k)
+    y = torch.randn(tokens * top_k + 3, 48, generator=g)
+    rows = torch.randperm(tokens * top_k, generator=g).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=g)
+    expected = (y.double()[rows] * weights.double()[..., None]).sum(1)
+    assert_close(native.combine(y, rows, weights), expected.float())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
 from hybridlm.layers.linear import Linear
+from hybridlm.ops import native
 from hybridlm.ops.moe import relu_squared
 
 if TYPE_CHECKING:
@@ -48,10 +48,10 @@ class MLP(BlockModule):
         """The output from the input projections' outputs joined on the last dim (see ``input_projections``)."""
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(native.swiglu(gate, up))
         return self.down_proj(relu_squared(h))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(native.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(relu_squared(self.up_proj(x)))

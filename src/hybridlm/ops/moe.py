@@ -60,7 +60,7 @@ def _activate(h_MF: Tensor, activation: str) -> Tensor:
     if activation == "swiglu":
         # gate_up_proj stacks the gate rows first, then the up rows (transformers v5 Qwen3NextExperts).
         gate_MI, up_MI = h_MF.chunk(2, dim=-1)
-        return F.silu(gate_MI) * up_MI
+        return native.swiglu(gate_MI, up_MI)
     # relu2 = squared ReLU (Primer, So et al. 2021), NemotronH's expert activation.
     return relu_squared(h_MF)
 
@@ -185,9 +185,10 @@ def moe_experts_grouped(
 
     1. sort the N*K (token, slot) pairs by expert id (stable) and gather their tokens;
     2. up-project each contiguous per-expert segment, activate, down-project;
-    3. scale by the routing weights and scatter-add back to the tokens.
+    3. sum each token's K rows weighted by its routing weights (`native.combine`, in slot order; the
+       reference adds them in expert order, so the sums agree to fp32 round-off).
     Step 2 runs `F.grouped_mm` when `grouped_mm_supported(...)` is true, else one matmul per non-empty
-    expert segment. Both accumulate each token's K contributions in expert order, like the reference.
+    expert segment.
     """
     _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
     num_experts, K = up_proj_EFD.shape[0], topk_ids_NK.shape[1]
@@ -198,13 +199,13 @@ def moe_experts_grouped(
     token_M = order_M // K
     counts_E = tokens_per_expert(topk_ids_NK, num_experts)
     x_MD = hidden_ND[token_M]
-    weights_M = topk_weights_NK.flatten()[order_M].to(hidden_ND.dtype)
 
     h_MF = _grouped_linear(x_MD, up_proj_EFD, counts_E, use_grouped_mm)
     y_MD = _grouped_linear(_activate(h_MF, activation), down_proj_EDI, counts_E, use_grouped_mm)
 
-    out_ND = torch.zeros_like(hidden_ND)
-    return out_ND.index_add_(0, token_M, y_MD * weights_M[:, None])
+    row_M = torch.empty_like(order_M)
+    row_M[order_M] = torch.arange(order_M.shape[0], device=order_M.device)  # where each (token, slot) went
+    return native.combine(y_MD, row_M.view_as(topk_ids_NK), topk_weights_NK.to(hidden_ND.dtype))
 
 
 def moe_experts_few_tokens(

@@ -14,6 +14,8 @@ recurrent step written as torch ops reads and writes the whole state several tim
   ``gated_deltanet.l2_normalize``, which call them for fp32 inputs without autograd);
 - ``moe_decode``: a whole MoE block's routing and routed experts for a few tokens in one call
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
+- ``swiglu``, ``combine``: prefill's elementwise passes of the MLP and MoE blocks (twins:
+  ``F.silu(gate) * up``, the weighted sum of each token's expert rows);
 - ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
   ``causal_conv1d_step``);
 - ``mamba2_scan_``, ``gated_delta_scan_``: the Mamba-2 (from the mixer's projections) and Gated
@@ -196,6 +198,10 @@ def _library() -> ctypes.CDLL | None:
         i32,
     ]
     library.hybridlm_moe_decode.restype = None
+    library.hybridlm_swiglu.argtypes = [p, i64, p, i64, i64, i64, p, i32]
+    library.hybridlm_swiglu.restype = None
+    library.hybridlm_combine.argtypes = [p, p, p, i64, i64, i64, p, i32]
+    library.hybridlm_combine.restype = None
     library.hybridlm_flush_subnormals.argtypes = [i32]
     library.hybridlm_flush_subnormals.restype = i32
     return library
@@ -507,6 +513,39 @@ def gated_delta_scan_(
         *_pointers(q, k, v, g, beta, state, o), batch, T, H, K, V, scale, _threads(state.numel() * T)
     )
     return o
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``F.silu(gate) * up`` for gate, up [..., I] (halves of one projection, say) in one pass on the pool
+    where the kernel applies (fp32 CPU without autograd, rows with unit column stride), else the twin."""
+    I = gate.shape[-1]
+    rows = gate.numel() // I if I else 0
+    fits = rows > 0 and up.shape == gate.shape and gate.stride(-1) == 1 and up.stride(-1) == 1
+    gate_rows, up_rows = (t.reshape(rows, I) if fits else t for t in (gate, up))  # views where the layout allows
+    fits = fits and gate_rows.data_ptr() == gate.data_ptr() and up_rows.data_ptr() == up.data_ptr()
+    if not fits or not _applies(gate, up):
+        return F.silu(gate) * up
+    out = torch.empty(gate.shape, dtype=torch.float32)
+    _library().hybridlm_swiglu(
+        gate_rows.data_ptr(), gate_rows.stride(0), up_rows.data_ptr(), up_rows.stride(0), rows, I, out.data_ptr(),
+        _threads(rows * I),
+    )  # fmt: skip
+    return out
+
+
+def combine(y_MD: Tensor, row_NK: Tensor, weights_NK: Tensor) -> Tensor:
+    """out [N, D]: ``out[n] = sum_k weights_NK[n, k] * y_MD[row_NK[n, k]]`` in slot order, the MoE block's
+    weighted sum of each token's expert outputs, where the kernel applies (fp32 CPU without autograd, row
+    ids trusted in range); else the twin, ``(y_MD[row_NK] * weights_NK[..., None]).sum(1)``."""
+    N, K = row_NK.shape
+    D = y_MD.shape[1]
+    if N == 0 or not _applies(y_MD, weights_NK):
+        return (y_MD[row_NK] * weights_NK[..., None]).sum(1)
+    y_MD, weights_NK = y_MD.contiguous(), weights_NK.contiguous()
+    row_NK = row_NK.to(torch.int64).contiguous()
+    out_ND = torch.empty(N, D, dtype=torch.float32)
+    _library().hybridlm_combine(*_pointers(y_MD, row_NK, weights_NK), N, K, D, out_ND.data_ptr(), _threads(N * K * D))
+    return out_ND
 
 
 def moe_decode_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
