@@ -76,37 +76,49 @@ def test_moe_few_tokens_matches_reference(activation, tokens):
     assert_close(moe_experts_few_tokens(hidden, ids, weights, up, down, activation), expected)
 
 
-@requires_kernels
-@pytest.mark.parametrize(("batch", "heads", "key_dim", "value_dim"), [(1, 8, 64, 64), (3, 4, 16, 12)])
-def test_gated_delta_scan_of_one_token_matches_gated_deltanet_step(batch, heads, key_dim, value_dim):
-    g = torch.Generator().manual_seed(key_dim)
-    q = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
-    k = F.normalize(torch.randn(batch, heads, key_dim, generator=g), dim=-1)
-    v = torch.randn(batch, heads, value_dim, generator=g)
-    log_decay = -F.softplus(torch.randn(batch, heads, generator=g))
-    beta = torch.rand(batch, heads, generator=g)
-    state = torch.randn(batch, heads, key_dim, value_dim, generator=g)
-    o_expected, state_expected = gated_deltanet_step(q, k, v, log_decay, beta, state)
-    o = native.gated_delta_scan_(q[:, None], k[:, None], v[:, None], log_decay[:, None], beta[:, None], state)
-    assert_close(o[:, 0], o_expected, name="o")
-    assert_close(state, state_expected, name="state")
+def _gated_deltanet_projections(batch, T, H, Hk, K, V, seed):
+    """Raw projections as the mixer hands them to the kernel: qkv after the conv (strided rows), b, a."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch * T, 2 * Hk * K + H * V + 5, generator=g)[:, 5:]
+    b = torch.randn(batch * T, H + 1, generator=g)[:, 1:]
+    a = 3 * torch.randn(batch * T, H, generator=g)
+    A_log, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g)
+    state = torch.randn(batch, H, K, V, generator=g)
+    return qkv, b, a, A_log, dt_bias, state
+
+
+def _gated_deltanet_inputs_float64(qkv, b, a, A_log, dt_bias, batch, T, H, Hk, K, V):
+    """The mixer's formulas written out in float64: L2-normalised q, k (repeated to H heads), v, g, beta."""
+    q, k, v = qkv.double().view(batch, T, -1).split([Hk * K, Hk * K, H * V], dim=-1)
+    q, k = ((t.reshape(batch, T, Hk, K) / (t.reshape(batch, T, Hk, K).square().sum(-1, keepdim=True) + 1e-6).sqrt())
+            .repeat_interleave(H // Hk, dim=2) for t in (q, k))  # fmt: skip
+    beta = torch.sigmoid(b.double()).view(batch, T, H)
+    log_decay = -torch.exp(A_log.double()) * F.softplus(a.double() + dt_bias.double()).view(batch, T, H)
+    return q, k, v.reshape(batch, T, H, V), log_decay, beta
 
 
 @requires_kernels
-@pytest.mark.parametrize(("batch", "T", "heads", "key_dim", "value_dim"), [(1, 300, 8, 64, 64), (3, 17, 4, 16, 12)])
-def test_gated_delta_scan_matches_the_reference_loop(batch, T, heads, key_dim, value_dim):
+@pytest.mark.parametrize(("batch", "H", "Hk", "K", "V"), [(1, 8, 8, 64, 64), (3, 4, 2, 16, 12)])
+def test_gated_delta_scan_of_one_token_matches_gated_deltanet_step(batch, H, Hk, K, V):
+    qkv, b, a, A_log, dt_bias, state = _gated_deltanet_projections(batch, 1, H, Hk, K, V, seed=K)
+    q, k, v, log_decay, beta = _gated_deltanet_inputs_float64(qkv, b, a, A_log, dt_bias, batch, 1, H, Hk, K, V)
+    o_expected, state_expected = gated_deltanet_step(
+        q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], beta[:, 0], state.double()
+    )
+    o = native.gated_delta_scan_(qkv, b, a, A_log, dt_bias, Hk, state)
+    assert_close(o.view(batch, H, V), o_expected.float(), name="o")
+    assert_close(state, state_expected.float(), name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize(("batch", "T", "H", "Hk", "K", "V"), [(1, 300, 8, 8, 64, 64), (3, 17, 4, 2, 16, 12)])
+def test_gated_delta_scan_matches_the_reference_loop(batch, T, H, Hk, K, V):
     """Prefill token by token against the plain loop in float64, from a carried state; strong decays included."""
-    g = torch.Generator().manual_seed(T)
-    q = F.normalize(torch.randn(batch, T, heads, key_dim, generator=g), dim=-1)
-    k = F.normalize(torch.randn(batch, T, heads, key_dim, generator=g), dim=-1)
-    v = torch.randn(batch, T, heads, value_dim, generator=g)
-    log_decay = -F.softplus(3 * torch.randn(batch, T, heads, generator=g))
-    beta = torch.rand(batch, T, heads, generator=g)
-    state = torch.randn(batch, heads, key_dim, value_dim, generator=g)
-    inputs64 = (t.double() for t in (q, k, v, log_decay, beta, state))
-    o_expected, state_expected = gated_deltanet_reference(*inputs64)
-    o = native.gated_delta_scan_(q, k, v, log_decay, beta, state)
-    assert_close(o, o_expected.float(), name="o")
+    qkv, b, a, A_log, dt_bias, state = _gated_deltanet_projections(batch, T, H, Hk, K, V, seed=T)
+    inputs = _gated_deltanet_inputs_float64(qkv, b, a, A_log, dt_bias, batch, T, H, Hk, K, V)
+    o_expected, state_expected = gated_deltanet_reference(*inputs, state.double())
+    o = native.gated_delta_scan_(qkv, b, a, A_log, dt_bias, Hk, state)
+    assert_close(o.view(batch, T, H, V), o_expected.float(), name="o")
     assert_close(state, state_expected.float(), name="state")
 
 
@@ -209,7 +221,7 @@ def test_linear_many_matches_concatenated_f_linear(rows, with_bias):
 @requires_kernels
 @pytest.mark.parametrize("kernel_width", [1, 2, 4])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_conv_step_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bias):
+def test_causal_conv_of_one_token_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bias):
     from hybridlm.ops.conv import causal_conv1d_step
 
     g = torch.Generator().manual_seed(kernel_width)
@@ -219,8 +231,28 @@ def test_conv_step_rolls_the_state_like_causal_conv1d_step(kernel_width, with_bi
     weight = torch.randn(37, kernel_width, generator=g)
     bias = torch.randn(37, generator=g) if with_bias else None
     y_expected, state_expected = causal_conv1d_step(x, state, weight, bias, "silu")
-    assert_close(native.conv_step_(x, state, weight, bias, "silu"), y_expected, name="y")
+    assert_close(native.causal_conv_(x, state, weight, bias, "silu"), y_expected, name="y")
     assert_close(state, state_expected, name="state")
+
+
+@requires_kernels
+@pytest.mark.parametrize("kernel_width", [1, 2, 4])
+@pytest.mark.parametrize(("batch", "T"), [(1, 300), (3, 2), (2, 17)])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_causal_conv_over_a_prompt_matches_the_tap_loop(kernel_width, batch, T, activation):
+    """Prompts shorter than the state (T = 2 < K - 1 = 3) included: the new state then reaches into the old."""
+    from hybridlm.ops.conv import causal_conv1d_reference
+
+    g = torch.Generator().manual_seed(T * kernel_width)
+    x = torch.randn(batch * T, 70, generator=g)[:, 5:42] * 6  # strided rows; large inputs reach silu's tails
+    state = torch.randn(batch, 37, kernel_width - 1, generator=g)
+    weight, bias = torch.randn(37, kernel_width, generator=g), torch.randn(37, generator=g)
+    y_expected, state_expected = causal_conv1d_reference(
+        x.double().view(batch, T, 37), weight.double(), bias.double(), state.double(), activation
+    )
+    y = native.causal_conv_(x, state, weight, bias, activation)
+    assert_close(y, y_expected.reshape(batch * T, 37).float(), name="y")
+    assert_close(state, state_expected.float(), name="state")
 
 
 @requires_kernels

@@ -15,12 +15,11 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
-from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
+from hybridlm.layers.short_conv import conv_sequence, conv_step
 from hybridlm.ops import native
-from hybridlm.ops.conv import causal_conv1d
-from hybridlm.ops.gated_deltanet import gated_deltanet_chunked
+from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
 from hybridlm.ops.precision import upcast
 
 if TYPE_CHECKING:
@@ -75,18 +74,39 @@ class GatedDeltaNetMixer(BlockModule):
         fused = native.linear_many(x, [p.weight for p in projections], [None] * len(projections))
         qkv, z, b, a = fused.split([c.conv_dim, c.value_dim, c.num_value_heads, c.num_value_heads], dim=-1)
         qkv = conv_step(qkv, state.conv, self.conv1d)
-        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
-        q = l2_normalize(upcast(q.reshape(B, c.num_key_heads, c.key_head_dim)))
-        k = l2_normalize(upcast(k.reshape(B, c.num_key_heads, c.key_head_dim)))
-        repeats = c.num_value_heads // c.num_key_heads
-        if repeats > 1:  # value head h reads key head h // repeats
-            q, k = q.repeat_interleave(repeats, dim=1), k.repeat_interleave(repeats, dim=1)
-        beta, g = self._gates(b, a)
-        v = upcast(v.reshape(B, c.num_value_heads, c.value_head_dim))
-        o = native.gated_delta_scan_(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state.recurrent)
-        o = o[:, 0]
+        o = self._recurrence(qkv, b, a, state.recurrent, B, 1)[:, 0]
         o = self.norm(o.to(x.dtype), z.view(B, c.num_value_heads, c.value_head_dim))
         return self.out_proj(o.reshape(B, c.value_dim))
+
+    def _recurrence(self, qkv: Tensor, b: Tensor, a: Tensor, recurrent: Tensor | None, B: int, T: int) -> Tensor:
+        """The gated delta rule from the projections (rows b * T + t: qkv after the conv, b and a raw) over
+        T tokens per sequence -> o [B, T, H, V]; ``recurrent`` [B, H, K, V] (zeros when None) is updated in
+        place."""
+        c = self.config
+        parameters = (self.A_log, self.dt_bias)
+        state = recurrent
+        if state is None:  # in the compute dtype: fp32, or fp64 for fp64 inputs
+            shape = (B, c.num_value_heads, c.key_head_dim, c.value_head_dim)
+            state = qkv.new_zeros(shape, dtype=torch.promote_types(qkv.dtype, torch.float32))
+        if native.gated_delta_scan_applies(qkv, b, a, state, *parameters):  # inference in fp32 on CPU
+            o = native.gated_delta_scan_(qkv, b, a, *parameters, c.num_key_heads, state)  # token by token
+            return o.view(B, T, c.num_value_heads, c.value_head_dim)
+        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
+        q = l2_normalize(upcast(q.reshape(B, T, c.num_key_heads, c.key_head_dim)))
+        k = l2_normalize(upcast(k.reshape(B, T, c.num_key_heads, c.key_head_dim)))
+        repeats = c.num_value_heads // c.num_key_heads
+        if repeats > 1:  # value head h reads key head h // repeats
+            q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
+        beta, g = self._gates(b.reshape(B, T, -1), a.reshape(B, T, -1))
+        v = upcast(v.reshape(B, T, c.num_value_heads, c.value_head_dim))
+        if T == 1:
+            o, new_state = gated_deltanet_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
+            o = o[:, None]
+        else:
+            o, new_state = gated_deltanet_chunked(q, k, v, g, beta, recurrent, chunk_size=c.chunk_size)
+        if recurrent is not None:
+            recurrent.copy_(new_state)
+        return o
 
     def _gates(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         """The write strength beta = sigmoid(b) and the log-decay g = -exp(A_log) * softplus(a + dt_bias)."""
@@ -104,31 +124,11 @@ class GatedDeltaNetMixer(BlockModule):
         mask = context.token_mask
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
-        conv_weight = self.conv1d.weight.squeeze(1)
-        qkv, conv_state = causal_conv1d(qkv, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        qkv = conv_sequence(qkv, None if state is None else state.conv, self.conv1d)
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
-
-        q, k, v = qkv.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
-        q = l2_normalize(upcast(q.view(B, T, c.num_key_heads, c.key_head_dim)))
-        k = l2_normalize(upcast(k.view(B, T, c.num_key_heads, c.key_head_dim)))
-        v = v.reshape(B, T, c.num_value_heads, c.value_head_dim)
-        repeats = c.num_value_heads // c.num_key_heads
-        if repeats > 1:  # value head h reads key head h // repeats
-            q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
-        beta, g = self._gates(self.in_proj_b(x), self.in_proj_a(x))  # (B, T, H_v) each
-        v = upcast(v)
-        if state is not None:
-            recurrent = state.recurrent
-        else:
-            recurrent = v.new_zeros(B, c.num_value_heads, c.key_head_dim, c.value_head_dim)
-        if native.gated_delta_scan_applies(q, k, v, g, beta, recurrent):  # inference in fp32 on CPU
-            o = native.gated_delta_scan_(q, k, v, g, beta, recurrent)  # token by token, the state in place
-        else:
-            o, recurrent = gated_deltanet_chunked(q, k, v, g, beta, recurrent, chunk_size=c.chunk_size)
-        if state is not None:
-            state.conv.copy_(conv_state)
-            state.recurrent.copy_(recurrent)
+        rows = (t.reshape(B * T, -1) for t in (qkv, self.in_proj_b(x), self.in_proj_a(x)))
+        o = self._recurrence(*rows, None if state is None else state.recurrent, B, T)
         z = self.in_proj_z(x).view(B, T, c.num_value_heads, c.value_head_dim)
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, c.value_dim))

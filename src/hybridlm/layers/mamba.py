@@ -14,11 +14,10 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
-from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.short_conv import conv_sequence, conv_step
 from hybridlm.ops import native
-from hybridlm.ops.conv import causal_conv1d
 from hybridlm.ops.precision import upcast
 from hybridlm.ops.selective_scan import selective_scan_chunked, selective_scan_step
 
@@ -94,8 +93,7 @@ class MambaMixer(BlockModule):
         mask = context.token_mask
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
-        conv_weight = self.conv1d.weight.squeeze(1)
-        xs, conv_state = causal_conv1d(xs, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        xs = conv_sequence(xs, None if state is None else state.conv, self.conv1d)
         if mask is not None:
             xs = xs.masked_fill(~mask[..., None], 0.0)
         dt, B, C = self._scan_inputs(xs)
@@ -104,7 +102,6 @@ class MambaMixer(BlockModule):
             delta_softplus=True, initial_state=None if state is None else state.recurrent, chunk_size=c.chunk_size,
         )  # fmt: skip
         if state is not None:
-            state.conv.copy_(conv_state)
             state.recurrent.copy_(ssm_state)
         return self.out_proj(y)
 

@@ -15,11 +15,10 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
-from hybridlm.layers.conv_step import conv_step
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
+from hybridlm.layers.short_conv import conv_sequence, conv_step
 from hybridlm.ops import native
-from hybridlm.ops.conv import causal_conv1d
 from hybridlm.ops.precision import upcast
 from hybridlm.ops.ssd import ssd_chunked, ssd_step
 
@@ -114,8 +113,7 @@ class Mamba2Mixer(BlockModule):
         if mask is not None:  # left padding must not leak into the state: zero it before and after the conv
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
-        conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
-        xBC, conv_state = causal_conv1d(xBC, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        xBC = conv_sequence(xBC, None if state is None else state.conv, self.conv1d)
         if mask is not None:
             xBC = xBC.masked_fill(~mask[..., None], 0.0)
 
@@ -137,7 +135,6 @@ class Mamba2Mixer(BlockModule):
             chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
             y, recurrent = ssd_chunked(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
         if state is not None:
-            state.conv.copy_(conv_state)
             state.recurrent.copy_(recurrent)
         y = y.reshape(B, T, inner)
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)

@@ -56,6 +56,63 @@ static inline v16 load16(const float *p) {
     return v;
 }
 
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* exp(x) on 16 lanes: x = n ln2 + r with n = round(x / ln2) (the 1.5 * 2^23 trick rounds to nearest
+ * without a rounding instruction), exp(r) by Cephes' expf polynomial on |r| <= ln2 / 2, 2^n through
+ * the exponent bits. Inputs are clamped to [-87.3, 88.7], where the result stays a normal float: within
+ * 2 ulp of expf there, 1.2e-38 below it (expf: a subnormal or 0, which every caller here adds to 1). */
+static inline v16 clamp16(v16 x, float low, float high) {
+    const v16 zero = {0}, low_v = zero + low, high_v = zero + high;
+    vi16 xi, low_i, high_i;
+    memcpy(&xi, &x, sizeof x);
+    memcpy(&low_i, &low_v, sizeof x);
+    memcpy(&high_i, &high_v, sizeof x);
+    const vi16 below = x < low_v, above = x > high_v; /* lanes: -1 where true */
+    xi = (xi & ~(below | above)) | (low_i & below) | (high_i & above);
+    memcpy(&x, &xi, sizeof x);
+    return x;
+}
+
+static inline v16 exp16(v16 x) {
+    const v16 zero = {0}, magic = zero + 12582912.0f;
+    x = clamp16(x, -87.3f, 88.7f);
+    const v16 n = (x * 1.44269504088896341f + magic) - magic;
+    const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    v16 poly = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const v16 exp_r = poly * r * r + r + 1.0f;
+    const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return exp_r * scale;
+}
+
+/* y[i] *= sigmoid(z[i]) for i < n (y may be z: silu in place); exp16 on full vectors, expf on the tail. */
+static void times_sigmoid(float *y, const float *z, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const v16 zv = load16(z + i);
+        store16(y + i, load16(y + i) / (1.0f + exp16(-zv)));
+    }
+    for (; i < n; i++) y[i] /= 1.0f + __builtin_expf(-z[i]);
+}
+
+/* y[i] *= silu(z[i]) = z[i] / (1 + exp(-z[i])) for i < n; exp16 on full vectors, expf on the tail. */
+static void times_silu(float *y, const float *z, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const v16 zv = load16(z + i);
+        store16(y + i, load16(y + i) * zv / (1.0f + exp16(-zv)));
+    }
+    for (; i < n; i++) y[i] *= z[i] / (1.0f + __builtin_expf(-z[i]));
+}
+
 /* A tree of adds (a serial chain of 16 scalar adds would cost more than streaming a short row). */
 static inline float sum16(v16 v) {
     const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -442,34 +499,57 @@ static inline void delta_head_step(const float *qv, const float *kv, const float
 }
 
 typedef struct {
-    const float *q, *k, *v, *g, *beta;
+    const float *qkv, *b, *a, *A_log, *dt_bias;
+    int64_t qkv_stride, b_stride, a_stride, batch, T, H, Hk, K, V;
+    float eps, scale;
     float *state, *o;
-    int64_t batch, T, H, K, V;
-    float scale;
 } delta_scan;
+
+/* x / sqrt(sum(x^2) + eps) into out, K values. */
+static inline void l2_normalized(const float *x, int64_t K, float eps, float *out) {
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < K; i++) squares += x[i] * x[i];
+    const float inverse = 1.0f / __builtin_sqrtf(squares + eps);
+    for (int64_t i = 0; i < K; i++) out[i] = x[i] * inverse;
+}
 
 static void delta_scan_task(void *ctx, int thread, int threads) {
     const delta_scan *d = ctx;
-    const int64_t H = d->H, K = d->K, V = d->V;
+    const int64_t H = d->H, Hk = d->Hk, K = d->K, V = d->V, repeats = H / Hk;
     int64_t begin, end;
     share(d->batch * H, thread, threads, &begin, &end);
     for (int64_t bh = begin; bh < end; bh++) {
-        const int64_t b = bh / H, h = bh % H;
+        const int64_t b = bh / H, h = bh % H, key_head = h / repeats; /* value head h reads key head h / repeats */
+        const float A = -__builtin_expf(d->A_log[h]);
+        float q[1024], k[1024];
         for (int64_t t = 0; t < d->T; t++) {
-            const int64_t at = (b * d->T + t) * H + h; /* (batch, token, head) */
-            delta_head_step(d->q + at * K, d->k + at * K, d->v + at * V, __builtin_expf(d->g[at]), d->beta[at],
-                            d->scale, d->state + bh * K * V, d->o + at * V, K, V);
+            const int64_t token = b * d->T + t;
+            const float *row = d->qkv + token * d->qkv_stride;
+            l2_normalized(row + key_head * K, K, d->eps, q);
+            l2_normalized(row + Hk * K + key_head * K, K, d->eps, k);
+            const float strength = 1.0f / (1.0f + __builtin_expf(-d->b[token * d->b_stride + h]));
+            const float raw = d->a[token * d->a_stride + h] + d->dt_bias[h];
+            const float softplus = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw));
+            delta_head_step(q, k, row + 2 * Hk * K + h * V, __builtin_expf(A * softplus), strength, d->scale,
+                            d->state + bh * K * V, d->o + token * H * V + h * V, K, V);
         }
     }
 }
 
-/* The gated delta rule over T tokens, token by token, in place (twin: gated_deltanet_reference; for T = 1
- * gated_deltanet_step). q/k [Bt, T, H, K] (L2-normalised), v [Bt, T, H, V], g/beta [Bt, T, H],
- * state [Bt, H, K, V], o [Bt, T, H, V], all contiguous. V <= 1024. */
-void hybridlm_gated_delta_scan(const float *q, const float *k, const float *v, const float *g, const float *beta,
-                               float *state, float *o, int64_t batch, int64_t T, int64_t H, int64_t K, int64_t V,
-                               float scale, int threads) {
-    delta_scan d = {q, k, v, g, beta, state, o, batch, T, H, K, V, scale};
+/* The Gated DeltaNet mixer's recurrence over T tokens from its projections, token by token, in place
+ * (twin: the mixer's torch lines, then gated_deltanet_reference; for T = 1 gated_deltanet_step). Per token
+ * (row b * T + t of sequence b) and value head h, reading key head h / (H / Hk):
+ *   q, k = L2-normalised (eps) query and key;  beta = sigmoid(b);  g = -exp(A_log) * softplus(a + dt_bias)
+ * then the gated delta rule (delta_head_step). qkv [batch * T, 2*Hk*K + H*V] after the conv (rows
+ * qkv_stride apart: queries, keys, values), b / a [batch * T, H] (rows b_stride / a_stride apart), state
+ * [batch, H, K, V], o [batch * T, H * V]. K, V <= 1024. */
+void hybridlm_gated_delta_scan(const float *qkv, int64_t qkv_stride, const float *b, int64_t b_stride,
+                               const float *a, int64_t a_stride, const float *A_log, const float *dt_bias,
+                               float *state, float *o, int64_t batch, int64_t T, int64_t H, int64_t Hk, int64_t K,
+                               int64_t V, float eps, float scale, int threads) {
+    delta_scan d = {qkv, b, a, A_log, dt_bias, qkv_stride, b_stride, a_stride, batch, T, H, Hk, K, V, eps, scale,
+                    state, o};
     run(delta_scan_task, &d, threads);
 }
 
@@ -514,39 +594,64 @@ void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, con
 }
 
 typedef struct {
-    const float *x, *weight, *bias;
+    const float *x, *weight_t, *bias; /* weight_t [W, C]: tap j of every channel side by side */
     float *state, *y;
-    int64_t x_stride, batch, C, W;
+    int64_t x_stride, batch, T, C, W;
     int apply_silu;
-} conv_step;
+} causal_conv;
 
-static void conv_step_task(void *ctx, int thread, int threads) {
-    const conv_step *p = ctx;
-    const int64_t C = p->C, W = p->W;
-    int64_t begin, end; /* shared out by (batch, channel) */
-    share(p->batch * C, thread, threads, &begin, &end);
-    for (int64_t bc = begin; bc < end; bc++) {
-        const int64_t b = bc / C, c = bc % C;
-        float *s = p->state + bc * (W - 1);
-        const float *w = p->weight + c * W;
-        const float input = p->x[b * p->x_stride + c];
-        float acc = p->bias ? p->bias[c] : 0.0f;
-        for (int64_t j = 0; j < W - 1; j++) acc += w[j] * s[j];
-        acc += w[W - 1] * input;
-        for (int64_t j = 0; j + 1 < W - 1; j++) s[j] = s[j + 1];
-        if (W > 1) s[W - 2] = input;
-        p->y[bc] = p->apply_silu ? acc / (1.0f + __builtin_expf(-acc)) : acc;
+/* Each thread takes a range of channels through every token (so the state of its channels is its own). */
+static void causal_conv_task(void *ctx, int thread, int threads) {
+    const causal_conv *p = ctx;
+    const int64_t C = p->C, W = p->W, S = W - 1, T = p->T;
+    int64_t c0, c1;
+    share(C, thread, threads, &c0, &c1);
+    for (int64_t b = 0; b < p->batch; b++) {
+        const float *xb = p->x + b * T * p->x_stride;
+        float *yb = p->y + b * T * C, *sb = p->state + b * C * S;
+        for (int64_t t = 0; t < T; t++) {
+            float *yr = yb + t * C;
+            for (int64_t c = c0; c < c1; c++) yr[c] = p->bias ? p->bias[c] : 0.0f;
+            for (int64_t j = 0; j < W; j++) {
+                const int64_t at = t - S + j; /* the input position tap j reads: before 0, the state */
+                const float *wj = p->weight_t + j * C;
+                if (at >= 0) {
+                    const float *xr = xb + at * p->x_stride;
+                    for (int64_t c = c0; c < c1; c++) yr[c] += wj[c] * xr[c];
+                } else {
+                    for (int64_t c = c0; c < c1; c++) yr[c] += wj[c] * sb[c * S + S + at];
+                }
+            }
+            if (p->apply_silu) times_sigmoid(yr + c0, yr + c0, c1 - c0);
+        }
+        for (int64_t c = c0; c < c1; c++) { /* the state becomes the last S inputs */
+            float window[64];
+            for (int64_t j = 0; j < S; j++) {
+                const int64_t at = T - S + j;
+                window[j] = at >= 0 ? xb[at * p->x_stride + c] : sb[c * S + S + at];
+            }
+            memcpy(sb + c * S, window, sizeof(float) * S);
+        }
     }
 }
 
-/* Short causal convolution, one step, in place (twin: hybridlm.ops.conv.causal_conv1d_step):
- *   y[c] = act(bias[c] + sum_j weight[c, j] * window[c, j]),  window = [state[c, :], x[c]]
- * and state[c, :] becomes the last W-1 entries of the window. x [Bt, C] (rows x_stride apart),
- * state [Bt, C, W-1], weight [C, W], bias [C] or NULL, y [Bt, C]; silu when apply_silu. */
-void hybridlm_conv_step(const float *x, int64_t x_stride, float *state, const float *weight, const float *bias,
-                        float *y, int64_t batch, int64_t C, int64_t W, int apply_silu, int threads) {
-    conv_step p = {x, weight, bias, state, y, x_stride, batch, C, W, apply_silu};
-    run(conv_step_task, &p, threads);
+/* Short causal depthwise convolution over T tokens per sequence, the state rolled in place (twins:
+ * hybridlm.ops.conv.causal_conv1d, and causal_conv1d_step for T = 1):
+ *   y[t, c] = act(bias[c] + sum_j weight[c, j] * input[t - (W-1) + j, c]),
+ * inputs before t = 0 coming from state[c, :] (the previous W-1 inputs, oldest first), which then
+ * becomes the last W-1 inputs. x [batch * T, C] (rows x_stride apart), state [batch, C, W-1],
+ * weight [C, W], bias [C] or NULL, y [batch * T, C]; silu when apply_silu. W <= 65. Returns 0, or 1 when
+ * the transposed weight could not be allocated (then nothing is written). */
+int hybridlm_causal_conv(const float *x, int64_t x_stride, float *state, const float *weight, const float *bias,
+                         float *y, int64_t batch, int64_t T, int64_t C, int64_t W, int apply_silu, int threads) {
+    float *weight_t = malloc(sizeof(float) * C * W);
+    if (!weight_t) return 1;
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t j = 0; j < W; j++) weight_t[j * C + c] = weight[c * W + j];
+    causal_conv p = {x, weight_t, bias, state, y, x_stride, batch, T, C, W, apply_silu};
+    run(causal_conv_task, &p, threads);
+    free(weight_t);
+    return 0;
 }
 
 typedef struct {
@@ -565,11 +670,8 @@ static void rms_norm_task(void *ctx, int thread, int threads) {
     for (int64_t r = begin; r < end; r++) {
         const float *xr = p->x + r * dim, *zr = p->z ? p->z + r * dim : NULL;
         float *yr = p->y + r * dim;
-        for (int64_t c = 0; c < dim; c++) {
-            float value = xr[c];
-            if (zr && p->gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
-            yr[c] = value;
-        }
+        memcpy(yr, xr, sizeof(float) * dim);
+        if (zr && p->gate_first) times_silu(yr, zr, dim);
         for (int64_t g0 = 0; g0 < dim; g0 += group) {
             float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
@@ -577,11 +679,10 @@ static void rms_norm_task(void *ctx, int thread, int threads) {
             const float inverse = 1.0f / __builtin_sqrtf((p->use_sum ? squares : squares / (float)group) + p->eps);
             for (int64_t c = g0; c < g0 + group; c++) {
                 const float scale = p->weight ? (p->add_one ? 1.0f + p->weight[c] : p->weight[c]) : 1.0f;
-                float value = yr[c] * inverse * scale;
-                if (zr && !p->gate_first) value *= zr[c] / (1.0f + __builtin_expf(-zr[c]));
-                yr[c] = value;
+                yr[c] = yr[c] * inverse * scale;
             }
         }
+        if (zr && !p->gate_first) times_silu(yr, zr, dim);
     }
 }
 
@@ -634,7 +735,8 @@ static void swiglu_task(void *ctx, int thread, int threads) {
     for (int64_t r = begin; r < end; r++) {
         const float *g = s->gate + r * s->gate_stride, *u = s->up + r * s->up_stride;
         float *o = s->out + r * s->I;
-        for (int64_t i = 0; i < s->I; i++) o[i] = g[i] / (1.0f + __builtin_expf(-g[i])) * u[i];
+        memcpy(o, u, sizeof(float) * s->I);
+        times_silu(o, g, s->I);
     }
 }
 

@@ -16,8 +16,8 @@ recurrent step written as torch ops reads and writes the whole state several tim
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``swiglu``, ``combine``: prefill's elementwise passes of the MLP and MoE blocks (twins:
   ``F.silu(gate) * up``, the weighted sum of each token's expert rows);
-- ``conv_step_``: the short causal convolution's step, state rolled in place (twin:
-  ``causal_conv1d_step``);
+- ``causal_conv_``: the short causal convolution over a step or a prompt, state rolled in place
+  (twins: ``causal_conv1d_step``, ``causal_conv1d``);
 - ``mamba2_scan_``, ``gated_delta_scan_``: the Mamba-2 (from the mixer's projections) and Gated
   DeltaNet recurrences token by token, the state updated in place and kept in cache: the decode
   step (one token) and prefill (twins: ``ssd_reference`` / ``ssd_step``, ``gated_deltanet_reference`` /
@@ -165,12 +165,13 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_mamba2_scan.argtypes = [p, i64, p, i64, p, p, p, ctypes.c_float, ctypes.c_float, p, p]
     library.hybridlm_mamba2_scan.argtypes += [i64, i64, i64, i64, i64, i64, i32]
     library.hybridlm_mamba2_scan.restype = None
-    library.hybridlm_gated_delta_scan.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    library.hybridlm_gated_delta_scan.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64]
+    library.hybridlm_gated_delta_scan.argtypes += [ctypes.c_float, ctypes.c_float, i32]
     library.hybridlm_gated_delta_scan.restype = None
     library.hybridlm_linear_many.argtypes = [p, i64, p, p, p, i64, i64, p, i32]
     library.hybridlm_linear_many.restype = None
-    library.hybridlm_conv_step.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i32, i32]
-    library.hybridlm_conv_step.restype = None
+    library.hybridlm_causal_conv.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i64, i32, i32]
+    library.hybridlm_causal_conv.restype = i32
     library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p, i32]
     library.hybridlm_rms_norm.restype = None
     f32 = ctypes.c_float
@@ -316,30 +317,38 @@ def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -
     return y_MN.view(*x.shape[:-1], -1)
 
 
-def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
-    """``causal_conv1d_step`` that rolls ``state`` [B, C, W-1] in place and returns y [B, C].
-
-    x [B, C] may be a column slice of a wider projection (rows any distance apart)."""
+def causal_conv_applies(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
+    """Whether ``causal_conv_`` runs the kernel: fp32 CPU without autograd, rows with unit column stride,
+    whole sequences of rows, a contiguous state, kernel width <= 65, silu or no activation."""
     tensors = (x, state, weight) if bias is None else (x, state, weight, bias)
     fits = x.dim() == 2 and x.stride(1) == 1 and state.is_contiguous() and weight.is_contiguous()
-    if not fits or activation not in ("silu", None) or not _applies(*tensors):
-        from hybridlm.ops.conv import causal_conv1d_step
+    fits = fits and x.shape[0] % max(state.shape[0], 1) == 0 and weight.shape[1] <= 65
+    return fits and activation in ("silu", None) and _applies(*tensors)
 
-        y, new_state = causal_conv1d_step(x, state, weight, bias, activation)
+
+def causal_conv_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    """The short causal convolution over T tokens per sequence with ``state`` [B, C, W-1] (the previous W-1
+    inputs) rolled in place; returns y [B * T, C]. x [B * T, C] (row b * T + t is token t of sequence b)
+    may be a column slice of a wider projection. T = 1 is the decode step. Where the kernel does not apply,
+    its twins run: ``causal_conv1d`` (``causal_conv1d_step`` for T = 1)."""
+    from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+
+    batch, channels = state.shape[0], x.shape[1]
+    T = x.shape[0] // max(batch, 1)
+    if not causal_conv_applies(x, state, weight, bias, activation):
+        if T == 1:
+            y, new_state = causal_conv1d_step(x, state, weight, bias, activation)
+        else:
+            y, new_state = causal_conv1d(x.reshape(batch, T, channels), weight, bias, state, activation)
         state.copy_(new_state)
-        return y
-    batch, channels = x.shape
-    y = torch.empty(batch, channels, dtype=torch.float32)
-    _library().hybridlm_conv_step(
-        *_pointers(x),
-        x.stride(0),
-        *_pointers(state, weight, bias, y),
-        batch,
-        channels,
-        weight.shape[1],
-        int(activation == "silu"),
-        _threads(batch * channels * weight.shape[1]),
-    )
+        return y.reshape(batch * T, channels)
+    y = torch.empty(batch * T, channels, dtype=torch.float32)
+    failed = _library().hybridlm_causal_conv(
+        *_pointers(x), x.stride(0), *_pointers(state, weight, bias, y), batch, T, channels, weight.shape[1],
+        int(activation == "silu"), _threads(batch * T * channels * weight.shape[1]),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError(f"causal_conv_: no memory for a [{weight.shape[1]}, {channels}] copy of the conv weight")
     return y
 
 
@@ -479,39 +488,40 @@ def mamba2_scan_(
     return y
 
 
-def gated_delta_scan_applies(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> bool:
-    """Whether ``gated_delta_scan_`` runs the kernel: fp32 CPU without autograd, V <= 1024, a contiguous state."""
-    return v.shape[-1] <= 1024 and state.is_contiguous() and _applies(q, k, v, g, beta, state)
+def gated_delta_scan_applies(qkv: Tensor, b: Tensor, a: Tensor, state: Tensor, *parameters: Tensor) -> bool:
+    """Whether ``gated_delta_scan_`` runs the kernel: fp32 CPU without autograd, 2-D projections with unit
+    column strides and whole sequences of rows, a contiguous state, head dims <= 1024."""
+    strided = qkv.dim() == b.dim() == a.dim() == 2 and qkv.stride(1) == b.stride(1) == a.stride(1) == 1
+    whole = qkv.shape[0] == b.shape[0] == a.shape[0] and qkv.shape[0] % max(state.shape[0], 1) == 0
+    fits = state.dim() == 4 and max(state.shape[2:]) <= 1024 and state.is_contiguous()
+    return strided and whole and fits and _applies(qkv, b, a, state, *parameters)
 
 
 def gated_delta_scan_(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, scale: float | None = None
+    qkv: Tensor,
+    b: Tensor,
+    a: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    num_key_heads: int,
+    state: Tensor,
+    eps: float = 1e-6,
 ) -> Tensor:
-    """The gated delta rule over a sequence, token by token, writing the final state into ``state``;
-    returns o [batch, T, H, V].
-
-    Shapes as ``hybridlm.ops.gated_deltanet.gated_deltanet_reference`` (q/k [batch, T, H, K], v [batch, T, H, V],
-    g/beta [batch, T, H]), state [batch, H, K, V]. Where the kernel does not apply, the chunked form runs
-    (``gated_deltanet_step`` for T = 1).
-    """
-    from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
-
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not gated_delta_scan_applies(q, k, v, g, beta, state):
-        if q.shape[1] == 1:
-            o, new_state = gated_deltanet_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale)
-            o = o[:, None]
-        else:
-            o, new_state = gated_deltanet_chunked(q, k, v, g, beta, state, scale)
-        state.copy_(new_state)
-        return o
-    batch, T, H, K = q.shape
-    V = v.shape[-1]
-    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
-    o = torch.empty_like(v)
+    """The Gated DeltaNet recurrence over T tokens per sequence from the mixer's projections, token by token,
+    where ``gated_delta_scan_applies``: qkv [batch * T, 2 * Hk * K + H * V] after the conv (row b * T + t is
+    token t of sequence b), b and a [batch * T, H] (the write-strength and decay projections, raw);
+    ``state`` [batch, H, K, V] is updated in place; returns o [batch * T, H * V] (before the gated norm).
+    Per token: q and k L2-normalised (``eps``), beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias),
+    value head h reading key head h // (H / Hk), output scale K ** -0.5. T = 1 is the decode step. Twins:
+    the mixer's torch lines, then ``gated_deltanet_reference`` (any T) or ``gated_deltanet_step`` (T = 1)."""
+    batch, H, K, V = state.shape
+    T = qkv.shape[0] // batch
+    o = torch.empty(batch * T, H * V, dtype=torch.float32)
     _library().hybridlm_gated_delta_scan(
-        *_pointers(q, k, v, g, beta, state, o), batch, T, H, K, V, scale, _threads(state.numel() * T)
-    )
+        qkv.data_ptr(), qkv.stride(0), b.data_ptr(), b.stride(0), a.data_ptr(), a.stride(0),
+        *_pointers(A_log.contiguous(), dt_bias.contiguous(), state, o), batch, T, H, num_key_heads, K, V, eps,
+        K**-0.5, _threads(state.numel() * T),
+    )  # fmt: skip
     return o
 
 
