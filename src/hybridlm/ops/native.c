@@ -571,7 +571,7 @@ static void stacked_product_task(void *ctx, int thread, int threads) {
         const int64_t hi = end < p->offset[i + 1] ? end : p->offset[i + 1];
         if (lo >= hi) continue;
         /* rows lo..hi of the stacked weight are rows lo - offset[i].. of W_i, written at column lo.. of y */
-        const float *bias = p->biases[i] ? p->biases[i] - p->offset[i] : NULL;
+        const float *bias = p->biases && p->biases[i] ? p->biases[i] - p->offset[i] : NULL;
         rows_times_tokens(p->x, p->K, p->rows, p->rows, p->M, p->Ws[i] - p->offset[i] * p->K, lo, hi, p->K, bias, p->y,
                           p->total);
     }
@@ -579,7 +579,7 @@ static void stacked_product_task(void *ctx, int thread, int threads) {
 
 /* Several weights sharing one input as one product (q/k/v, router + shared expert): y [M, sum N_i]
  * = x @ [W_0; W_1; ...]^T + [b_0; b_1; ...], the weights left where they are. Bias pointers may be
- * NULL. count <= 8. */
+ * NULL, and so may `biases` (no bias at all). count <= 8. */
 void hybridlm_linear_many(const float *x, int64_t M, const float *const *Ws, const int64_t *Ns,
                           const float *const *biases, int64_t count, int64_t K, float *y, int threads) {
     int64_t rows[64], total = 0, offset[9];
