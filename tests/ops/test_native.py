@@ -275,9 +275,12 @@ def test_mamba2_scan_of_one_token_matches_ssd_step(time_step_limit, batch, H, P,
 
 
 @requires_kernels
-@pytest.mark.parametrize(("batch", "T", "H", "P", "G", "N"), [(1, 300, 16, 64, 2, 128), (3, 17, 8, 12, 2, 7)])
+@pytest.mark.parametrize(
+    ("batch", "T", "H", "P", "G", "N"), [(1, 300, 16, 64, 2, 128), (3, 17, 8, 12, 2, 7), (2, 19, 4, 8, 1, 32)]
+)
 def test_mamba2_scan_matches_the_reference_loop(batch, T, H, P, G, N):
-    """Prefill token by token (strided projection rows, a carried state) against ssd_reference in float64."""
+    """Prefill token by token (strided projection rows, a carried state) against ssd_reference in float64;
+    N = 7 takes the one-token-a-pass path, T = 17 and 19 end on partial groups of tokens."""
     g = torch.Generator().manual_seed(T)
     width = H * P + 2 * G * N
     xBC = torch.randn(batch * T, width + 3, generator=g)[:, 3:]  # strided rows

@@ -434,6 +434,35 @@ typedef struct {
 } mamba2_scan;
 
 /* Each (batch, head) of the thread's share runs through its T tokens in order, its state in L1/L2. */
+/* Up to SCAN_TOKENS consecutive tokens of one head in one pass over its state [P, N], N a multiple of 16
+ * (twin: ssd_head_step once per token): each state row is loaded and stored once for all of them, where
+ * one token per pass spent most of its time moving the 32 KB state through L1 (3.6 -> 2.1 ms for 512 tokens
+ * x 16 heads of 64 x 128; 8 tokens a pass measured the same as 4). */
+#define SCAN_TOKENS 4
+static inline __attribute__((always_inline)) void ssd_head_steps(int64_t count, const float *const *xv,
+                                                                 const float *step, float A, const float *const *Bv,
+                                                                 const float *const *Cv, float skip, float *state,
+                                                                 float *const *y, int64_t P, int64_t N) {
+    float decay[SCAN_TOKENS];
+    for (int64_t t = 0; t < count; t++) decay[t] = __builtin_expf(step[t] * A);
+    for (int64_t p = 0; p < P; p++) {
+        float *s = state + p * N;
+        float dtx[SCAN_TOKENS];
+        for (int64_t t = 0; t < count; t++) dtx[t] = step[t] * xv[t][p];
+        v16 acc[SCAN_TOKENS];
+        memset(acc, 0, sizeof acc);
+        for (int64_t n = 0; n < N; n += 16) {
+            v16 value = load16(s + n);
+            for (int64_t t = 0; t < count; t++) {
+                value = decay[t] * value + dtx[t] * load16(Bv[t] + n);
+                acc[t] += value * load16(Cv[t] + n);
+            }
+            store16(s + n, value);
+        }
+        for (int64_t t = 0; t < count; t++) y[t][p] = sum16(acc[t]) + skip * xv[t][p];
+    }
+}
+
 static void mamba2_scan_task(void *ctx, int thread, int threads) {
     const mamba2_scan *m = ctx;
     const int64_t H = m->H, P = m->P, N = m->N, G = m->G, heads_per_group = H / G, inner = H * P;
@@ -442,14 +471,32 @@ static void mamba2_scan_task(void *ctx, int thread, int threads) {
     for (int64_t bh = begin; bh < end; bh++) {
         const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
         const float A = -__builtin_expf(m->A_log[h]), skip = m->D ? m->D[h] : 0.0f;
-        for (int64_t t = 0; t < m->T; t++) {
-            const int64_t token = b * m->T + t;
-            const float raw = m->dt_raw[token * m->dt_stride + h] + m->dt_bias[h];
-            float step = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
-            step = step < m->dt_min ? m->dt_min : (step > m->dt_max ? m->dt_max : step);
-            const float *row = m->xBC + token * m->xBC_stride;
-            ssd_head_step(row + h * P, step, A, row + inner + g * N, row + inner + G * N + g * N, skip,
-                          m->state + bh * P * N, m->y + token * inner + h * P, P, N);
+        float *state = m->state + bh * P * N;
+        for (int64_t t0 = 0; t0 < m->T; t0 += SCAN_TOKENS) {
+            const int64_t count = m->T - t0 < SCAN_TOKENS ? m->T - t0 : SCAN_TOKENS;
+            const float *xv[SCAN_TOKENS], *Bv[SCAN_TOKENS], *Cv[SCAN_TOKENS];
+            float step[SCAN_TOKENS], *y[SCAN_TOKENS];
+            for (int64_t t = 0; t < count; t++) {
+                const int64_t token = b * m->T + t0 + t;
+                const float raw = m->dt_raw[token * m->dt_stride + h] + m->dt_bias[h];
+                float dt = raw > 20.0f ? raw : __builtin_log1pf(__builtin_expf(raw)); /* softplus, as torch's */
+                step[t] = dt < m->dt_min ? m->dt_min : (dt > m->dt_max ? m->dt_max : dt);
+                const float *row = m->xBC + token * m->xBC_stride;
+                xv[t] = row + h * P;
+                Bv[t] = row + inner + g * N;
+                Cv[t] = row + inner + G * N + g * N;
+                y[t] = m->y + token * inner + h * P;
+            }
+            if (N % 16) {
+                for (int64_t t = 0; t < count; t++) ssd_head_step(xv[t], step[t], A, Bv[t], Cv[t], skip, state, y[t], P, N);
+                continue;
+            }
+            switch (count) { /* a constant count per call: the token loop unrolls, the sums stay in registers */
+                case 1: ssd_head_steps(1, xv, step, A, Bv, Cv, skip, state, y, P, N); break;
+                case 2: ssd_head_steps(2, xv, step, A, Bv, Cv, skip, state, y, P, N); break;
+                case 3: ssd_head_steps(3, xv, step, A, Bv, Cv, skip, state, y, P, N); break;
+                default: ssd_head_steps(4, xv, step, A, Bv, Cv, skip, state, y, P, N); break;
+            }
         }
     }
 }
