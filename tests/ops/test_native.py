@@ -441,3 +441,14 @@ def test_combine_matches_a_float64_weighted_sum_of_gathered_rows(tokens, top_k):
     weights = torch.rand(tokens, top_k, generator=g)
     expected = (y.double()[rows] * weights.double()[..., None]).sum(1)
     assert_close(native.combine(y, rows, weights), expected.float())
+
+
+def test_a_spin_setting_that_is_not_a_number_is_refused_with_a_warning(monkeypatch):
+    """The C side would read "fast" as 0 without a word; the loader says so and drops it."""
+    monkeypatch.setenv("HYBRIDLM_SPIN_US", "fast")
+    with pytest.warns(RuntimeWarning, match="HYBRIDLM_SPIN_US='fast' is not a whole number"):
+        native._check_spin_setting()
+    assert "HYBRIDLM_SPIN_US" not in os.environ
+    monkeypatch.setenv("HYBRIDLM_SPIN_US", "250")
+    native._check_spin_setting()  # a number passes untouched
+    assert os.environ["HYBRIDLM_SPIN_US"] == "250"

@@ -28,7 +28,8 @@ The kernels share their work out on native.c's own worker pool, not OpenMP's: un
 ``OMP_WAIT_POLICY=PASSIVE`` OpenMP puts its threads to sleep after every parallel region, and waking
 one cost ~100 us on a 2-core KVM guest, more than most decode kernels take (a qwen3_next-shaped batch-1
 step: 15.5 -> 10.7 ms). The pool's workers spin between tasks for ``HYBRIDLM_SPIN_US`` (default 1000)
-microseconds, yielding their core to any other runnable thread, then sleep.
+microseconds, yielding their core to any other runnable thread, then sleep (``HYBRIDLM_SPIN_US=0``: sleep
+at once).
 
 Each runs the kernel when it applies (CPU, fp32, contiguous, no autograd, within the size limits)
 and its twin otherwise; tests/ops/test_native.py holds every pair to each other.
@@ -132,10 +133,25 @@ def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
             os.unlink(staging)
 
 
+def _check_spin_setting() -> None:
+    """``HYBRIDLM_SPIN_US`` (read by native.c's pool) must be a whole number of microseconds, 0 or more; any
+    other value is dropped with a warning (the C side would read it as 0, silently) and the default runs."""
+    spin = os.environ.get("HYBRIDLM_SPIN_US")
+    if spin is not None and not spin.strip().isdigit():
+        warnings.warn(
+            f"hybridlm: HYBRIDLM_SPIN_US={spin!r} is not a whole number of microseconds (0 or more); "
+            "the kernels' workers spin for the default 1000 us",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        del os.environ["HYBRIDLM_SPIN_US"]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("HYBRIDLM_NATIVE", "1") == "0":
         return None
+    _check_spin_setting()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
