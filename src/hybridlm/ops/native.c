@@ -880,3 +880,55 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     for (int64_t i = 0; i < R; i++) order[i] = i; /* y's rows are in (token, slot) order */
     hybridlm_combine(y, order, weights, N, top_k, D, out, threads);
 }
+
+/* ---- Expert matmuls of prefill, one BLAS call per expert, experts shared out over the pool ----------
+ * torch's grouped_mm runs each expert's [~128, D] x [D, F] product on both threads in turn, and each wakes
+ * OpenMP's sleeping thread; here each thread runs whole experts with a single-threaded sgemm (torch's own
+ * MKL, handed over by native.py). Plain twin: torch's F.grouped_mm / per-expert F.linear. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_fn blas_sgemm;
+
+/* Hand over Fortran sgemm_ (torch's MKL). MKL's OpenMP layer sizes its team by the calling thread's
+ * omp_get_max_threads, which the task sets to 1 around each call (mkl_set_num_threads_local crashed). */
+void hybridlm_use_blas(void *sgemm) { blas_sgemm = (sgemm_fn)sgemm; }
+
+typedef struct {
+    const float *x, *W;
+    const int64_t *start;
+    int64_t E, N, K, rows;
+    float *y;
+} expert_matmuls;
+
+static void expert_matmuls_task(void *ctx, int thread, int threads) {
+    const expert_matmuls *p = ctx;
+    int64_t begin, end; /* a contiguous run of experts holding about rows / threads rows */
+    share(p->rows, thread, threads, &begin, &end);
+#ifdef _OPENMP
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    for (int64_t e = 0; e < p->E; e++) {
+        const int64_t first = p->start[e], count = p->start[e + 1] - first;
+        const int64_t middle = first + count / 2; /* an expert goes to the thread whose share holds its middle row */
+        if (count == 0 || middle < begin || middle >= end) continue;
+        const int m = (int)count, n = (int)p->N, k = (int)p->K;
+        const float one = 1.0f, zero = 0.0f;
+        /* row-major y_e [m, N] = x_e [m, K] @ W_e^T: column-major y_e^T = W_e^T' ... i.e. sgemm("T", "N") */
+        blas_sgemm("T", "N", &n, &m, &k, &one, p->W + e * p->N * p->K, &k, p->x + first * p->K, &k, &zero,
+                   p->y + first * p->N, &n);
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(before);
+#endif
+}
+
+/* y [M, N]: rows start[e] .. start[e + 1] of x [M, K] times W[e] [N, K]^T, for every expert e < E. Returns
+ * 1 (nothing done) when no BLAS was handed over. */
+int hybridlm_expert_matmuls(const float *x, const int64_t *start, int64_t E, const float *W, int64_t N, int64_t K,
+                            float *y, int threads) {
+    if (!blas_sgemm) return 1;
+    expert_matmuls p = {x, W, start, E, N, K, start[E], y};
+    run(expert_matmuls_task, &p, threads);
+    return 0;
+}
