@@ -161,9 +161,6 @@ def grouped_mm_supported(
 
 def _grouped_linear(x_MIn: Tensor, weight_EOutIn: Tensor, counts_E: Tensor, use_grouped_mm: bool) -> Tensor:
     """Row block e of x_MIn (counts_E[e] rows, sorted by expert) times weight_EOutIn[e].T: [M, Out]."""
-    y_MOut = native.expert_matmuls(x_MIn, counts_E, weight_EOutIn)  # inference on CPU: experts over the pool
-    if y_MOut is not None:
-        return y_MOut
     if use_grouped_mm:
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return F.grouped_mm(x_MIn, weight_EOutIn.transpose(-2, -1), offs=offsets_E)
