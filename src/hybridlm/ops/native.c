@@ -645,7 +645,28 @@ typedef struct {
     float *state, *y;
     int64_t x_stride, batch, T, C, W;
     int apply_silu;
+    const float *weight; /* [C, W], for the one-token step */
 } causal_conv;
+
+/* One token (T = 1), shared out by (batch, channel): window = [state, x], state rolled by one. */
+static void causal_conv_step_task(void *ctx, int thread, int threads) {
+    const causal_conv *p = ctx;
+    const int64_t C = p->C, W = p->W;
+    int64_t begin, end;
+    share(p->batch * C, thread, threads, &begin, &end);
+    for (int64_t bc = begin; bc < end; bc++) {
+        const int64_t b = bc / C, c = bc % C;
+        float *s = p->state + bc * (W - 1);
+        const float *w = p->weight + c * W;
+        const float input = p->x[b * p->x_stride + c];
+        float acc = p->bias ? p->bias[c] : 0.0f;
+        for (int64_t j = 0; j < W - 1; j++) acc += w[j] * s[j];
+        acc += w[W - 1] * input;
+        for (int64_t j = 0; j + 1 < W - 1; j++) s[j] = s[j + 1];
+        if (W > 1) s[W - 2] = input;
+        p->y[bc] = p->apply_silu ? acc / (1.0f + __builtin_expf(-acc)) : acc;
+    }
+}
 
 /* Each thread takes a range of channels through every token (so the state of its channels is its own). */
 static void causal_conv_task(void *ctx, int thread, int threads) {
@@ -691,6 +712,12 @@ static void causal_conv_task(void *ctx, int thread, int threads) {
  * the transposed weight could not be allocated (then nothing is written). */
 int hybridlm_causal_conv(const float *x, int64_t x_stride, float *state, const float *weight, const float *bias,
                          float *y, int64_t batch, int64_t T, int64_t C, int64_t W, int apply_silu, int threads) {
+    if (T == 1) { /* a decode step: the weight as it is (one read per channel), no transposed copy to make */
+        causal_conv p = {x, NULL, bias, state, y, x_stride, batch, T, C, W, apply_silu};
+        p.weight = weight;
+        run(causal_conv_step_task, &p, threads);
+        return 0;
+    }
     float *weight_t = malloc(sizeof(float) * C * W);
     if (!weight_t) return 1;
     for (int64_t c = 0; c < C; c++)

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
+
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-shared", "-fPIC")
 MAX_ROWS = 64  # token rows per call (the kernel's limit; decode batches are far smaller)
@@ -351,8 +353,6 @@ def causal_conv_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, 
     inputs) rolled in place; returns y [B * T, C]. x [B * T, C] (row b * T + t is token t of sequence b)
     may be a column slice of a wider projection. T = 1 is the decode step. Where the kernel does not apply,
     its twins run: ``causal_conv1d`` (``causal_conv1d_step`` for T = 1)."""
-    from hybridlm.ops.conv import causal_conv1d, causal_conv1d_step
-
     batch, channels = state.shape[0], x.shape[1]
     T = x.shape[0] // max(batch, 1)
     if not causal_conv_applies(x, state, weight, bias, activation):
