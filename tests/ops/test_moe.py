@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops import native
 from hybridlm.ops.moe import (
     grouped_mm_supported,
     moe_experts_grouped,
@@ -53,7 +54,8 @@ SHAPE_IDS = [f"N{n}-D{d}-I{i}-K{k}-{a}" for n, d, i, k, a in SHAPES]
 
 
 @pytest.mark.parametrize(("N", "D", "I", "K", "activation"), SHAPES, ids=SHAPE_IDS)
-def test_grouped_forward_matches_reference_on_grouped_mm_path(N, D, I, K, activation, grouped_mm_calls):
+def test_grouped_forward_matches_reference_on_grouped_mm_path(N, D, I, K, activation, grouped_mm_calls, monkeypatch):
+    monkeypatch.setattr(native, "expert_matmuls", lambda *args: None)  # as where torch has no MKL
     inputs = make_experts(N, D, I, K, activation)
     with torch.no_grad():
         expected = moe_experts_reference(*inputs, activation)
@@ -62,6 +64,36 @@ def test_grouped_forward_matches_reference_on_grouped_mm_path(N, D, I, K, activa
         actual = moe_experts_grouped(*inputs, activation)
     assert len(grouped_mm_calls) == (2 if HAS_GROUPED_MM else 0)
     assert_close(actual, expected)
+
+
+@pytest.mark.skipif(not native.blas_available(), reason="needs the kernels and torch's MKL")
+@pytest.mark.parametrize(("N", "D", "I", "K", "activation"), SHAPES, ids=SHAPE_IDS)
+def test_grouped_forward_on_the_kernel_pool_matches_reference(N, D, I, K, activation, grouped_mm_calls):
+    """Inference in fp32 on CPU: tiles of single-threaded sgemm on the kernels' pool, no grouped_mm."""
+    inputs = make_experts(N, D, I, K, activation, seed=3)
+    with torch.no_grad():
+        expected = moe_experts_reference(*inputs, activation)
+        actual = moe_experts_grouped(*inputs, activation)
+    assert grouped_mm_calls == []
+    assert_close(actual, expected)
+
+
+@pytest.mark.skipif(not native.blas_available(), reason="needs the kernels and torch's MKL")
+@pytest.mark.parametrize(("I", "activation"), [(300, "swiglu"), (600, "relu2"), (256, "relu2")])
+def test_pool_tiles_cover_every_column_under_skewed_routing(I, activation, grouped_mm_calls):
+    """Prefill-sized: several 256-column tiles an expert (the last one partial), experts of very different
+    sizes handed out most rows first, two experts empty; a NaN in a token stays in that token's output."""
+    hidden, ids, weights, up, down = make_experts(257, 96, I, 2, activation, seed=4)
+    ids[:200, 0] = 3  # expert 3 takes most first slots; the second slot keeps its draw unless that is 3
+    ids[:200, 1] = torch.where(ids[:200, 1] == 3, torch.tensor(0), ids[:200, 1])
+    hidden[5, 7] = float("nan")
+    with torch.no_grad():
+        expected = moe_experts_reference(hidden, ids, weights, up, down, activation)
+        actual = moe_experts_grouped(hidden, ids, weights, up, down, activation)
+    assert grouped_mm_calls == []
+    assert torch.isnan(actual[5]).all() and not torch.isnan(torch.cat([actual[:5], actual[6:]])).any()
+    keep = torch.arange(257) != 5
+    assert_close(actual[keep], expected[keep])
 
 
 @pytest.mark.parametrize(("N", "D", "I", "K", "activation"), SHAPES, ids=SHAPE_IDS)
@@ -85,7 +117,8 @@ def test_grouped_gradients_match_reference_on_fallback_path(N, D, I, K, activati
 
 
 @pytest.mark.parametrize(("D", "I"), [(62, 24), (64, 21), (61, 19)])
-def test_unaligned_shapes_take_the_fallback(D, I, grouped_mm_calls):
+def test_unaligned_shapes_take_the_fallback(D, I, grouped_mm_calls, monkeypatch):
+    monkeypatch.setattr(native, "expert_matmuls", lambda *args: None)
     inputs = make_experts(37, D, I, 2, "swiglu")
     with torch.no_grad():
         assert not grouped_mm_supported(inputs[0], inputs[3], inputs[4])

@@ -173,6 +173,15 @@ def _grouped_linear(x_MIn: Tensor, weight_EOutIn: Tensor, counts_E: Tensor, use_
     return torch.cat(outputs)
 
 
+def _experts_on_pool(
+    x_MD: Tensor, counts_E: Tensor, up_proj_EFD: Tensor, down_proj_EDI: Tensor, activation: str
+) -> Tensor | None:
+    """fp32 inference on CPU: both projections and the activation as tiles on the kernels' pool; None
+    where ``native.expert_matmuls`` does not apply."""
+    a_MI = native.expert_matmuls(x_MD, counts_E, up_proj_EFD, activation)
+    return None if a_MI is None else native.expert_matmuls(a_MI, counts_E, down_proj_EDI)
+
+
 def moe_experts_grouped(
     hidden_ND: Tensor,
     topk_ids_NK: Tensor,
@@ -187,8 +196,9 @@ def moe_experts_grouped(
     2. up-project each contiguous per-expert segment, activate, down-project;
     3. sum each token's K rows weighted by its routing weights (`native.combine`, in slot order; the
        reference adds them in expert order, so the sums agree to fp32 round-off).
-    Step 2 runs `F.grouped_mm` when `grouped_mm_supported(...)` is true, else one matmul per non-empty
-    expert segment.
+    Step 2 runs on the kernels' pool (`native.expert_matmuls`: tiles of one expert's rows, each a
+    single-threaded MKL sgemm, the activation fused) for fp32 inference on CPU; else `F.grouped_mm` when
+    `grouped_mm_supported(...)` is true, else one matmul per non-empty expert segment.
     """
     _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
     num_experts, K = up_proj_EFD.shape[0], topk_ids_NK.shape[1]
@@ -200,8 +210,10 @@ def moe_experts_grouped(
     counts_E = tokens_per_expert(topk_ids_NK, num_experts)
     x_MD = hidden_ND[token_M]
 
-    h_MF = _grouped_linear(x_MD, up_proj_EFD, counts_E, use_grouped_mm)
-    y_MD = _grouped_linear(_activate(h_MF, activation), down_proj_EDI, counts_E, use_grouped_mm)
+    y_MD = _experts_on_pool(x_MD, counts_E, up_proj_EFD, down_proj_EDI, activation)
+    if y_MD is None:
+        h_MF = _grouped_linear(x_MD, up_proj_EFD, counts_E, use_grouped_mm)
+        y_MD = _grouped_linear(_activate(h_MF, activation), down_proj_EDI, counts_E, use_grouped_mm)
 
     row_M = torch.empty_like(order_M)
     row_M[order_M] = torch.arange(order_M.shape[0], device=order_M.device)  # where each (token, slot) went

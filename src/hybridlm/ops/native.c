@@ -907,3 +907,90 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     for (int64_t i = 0; i < R; i++) order[i] = i; /* y's rows are in (token, slot) order */
     hybridlm_combine(y, order, weights, N, top_k, D, out, threads);
 }
+
+/* ---- Expert matmuls of prefill on the pool, tile by tile --------------------------------------------
+ * torch's grouped_mm runs each expert's [~128, D] x [D, F] product on both threads in turn (2 threads are
+ * only 1.6x one on that shape) and each product wakes OpenMP's sleeping thread (~100 us here). Here the
+ * products are cut into tiles (one expert's rows x a block of output columns), handed out most rows first
+ * to whichever thread is free (a thread that wakes late takes fewer), each a single-threaded sgemm of
+ * torch's own MKL (handed over by native.py); the activation is applied to a tile while it is in cache.
+ * Plain twin: per-expert F.linear, then the activation (moe_experts_reference). */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_fn blas_sgemm;
+
+/* Hand over Fortran sgemm_ (torch's MKL). MKL's OpenMP layer sizes its team by the calling thread's
+ * omp_get_max_threads, which the task sets to 1 around its calls (mkl_set_num_threads_local crashed). */
+void hybridlm_use_blas(void *sgemm) { blas_sgemm = (sgemm_fn)sgemm; }
+
+enum { EXPERT_LINEAR = 0, EXPERT_RELU2 = 1, EXPERT_SWIGLU = 2 };
+#define EXPERT_TILE_COLUMNS 256
+
+typedef struct {
+    const float *x, *W;
+    const int64_t *start, *by_rows; /* expert e's rows: start[e] .. start[e + 1]; experts, most rows first */
+    int64_t E, N, K, columns, blocks, max_rows;
+    int activation;
+    float *y;
+    atomic_int_fast64_t next; /* the next tile to hand out */
+} expert_matmuls;
+
+/* y [m, n] (row stride ldy) = x [m, K] @ W [n, K]^T: column-major y^T = W^T' x^T', i.e. sgemm("T", "N"). */
+static void sgemm_rows(const float *x, const float *W, int64_t m, int64_t n, int64_t K, float *y, int64_t ldy) {
+    const int M = (int)m, N = (int)n, k = (int)K, ld = (int)ldy;
+    const float one = 1.0f, zero = 0.0f;
+    blas_sgemm("T", "N", &N, &M, &k, &one, W, &k, x, &k, &zero, y, &ld);
+}
+
+static void expert_matmuls_task(void *ctx, int thread, int threads) {
+    (void)thread, (void)threads;
+    expert_matmuls *p = ctx;
+    float *gate = NULL; /* swiglu: the tile's gate half (its up half goes into y) */
+    if (p->activation == EXPERT_SWIGLU && !(gate = malloc(sizeof(float) * p->max_rows * EXPERT_TILE_COLUMNS)))
+        return; /* the other threads take every tile */
+#ifdef _OPENMP
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    for (int64_t t; (t = atomic_fetch_add(&p->next, 1)) < p->E * p->blocks;) {
+        const int64_t e = p->by_rows[t / p->blocks], first = p->start[e], rows = p->start[e + 1] - first;
+        const int64_t c0 = t % p->blocks * EXPERT_TILE_COLUMNS;
+        const int64_t width = p->columns - c0 < EXPERT_TILE_COLUMNS ? p->columns - c0 : EXPERT_TILE_COLUMNS;
+        if (rows == 0) continue;
+        const float *x = p->x + first * p->K, *W = p->W + e * p->N * p->K;
+        float *y = p->y + first * p->columns + c0;
+        if (p->activation == EXPERT_SWIGLU) { /* gate rows [0, I) of W, then up rows [I, 2I) */
+            sgemm_rows(x, W + (p->columns + c0) * p->K, rows, width, p->K, y, p->columns);
+            sgemm_rows(x, W + c0 * p->K, rows, width, p->K, gate, width);
+            for (int64_t r = 0; r < rows; r++) times_silu(y + r * p->columns, gate + r * width, width);
+            continue;
+        }
+        sgemm_rows(x, W + c0 * p->K, rows, width, p->K, y, p->columns);
+        if (p->activation == EXPERT_RELU2)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < width; c++) {
+                    const float v = y[r * p->columns + c];
+                    y[r * p->columns + c] = v < 0.0f ? 0.0f : v * v; /* NaN stays NaN, as torch.relu */
+                }
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(before);
+#endif
+    free(gate);
+}
+
+/* y: rows start[e] .. start[e + 1] of x [M, K] times W[e] [N, K]^T for every expert e < E, then the
+ * activation: none or relu2 (y [M, N]), or swiglu (W[e]'s first N / 2 rows the gate, then the up rows;
+ * y [M, N / 2] = silu(gate) * up). by_rows lists the experts, most rows first. Returns 1 (nothing done)
+ * when no BLAS was handed over, or a scratch tile could not be allocated. */
+int hybridlm_expert_matmuls(const float *x, const int64_t *start, const int64_t *by_rows, int64_t E, const float *W,
+                            int64_t N, int64_t K, int activation, float *y, int threads) {
+    if (!blas_sgemm) return 1;
+    const int64_t columns = activation == EXPERT_SWIGLU ? N / 2 : N;
+    int64_t max_rows = 0;
+    for (int64_t e = 0; e < E; e++) max_rows = start[e + 1] - start[e] > max_rows ? start[e + 1] - start[e] : max_rows;
+    expert_matmuls p = {x, W, start, by_rows, E, N, K, columns, (columns + EXPERT_TILE_COLUMNS - 1) / EXPERT_TILE_COLUMNS,
+                        max_rows, activation, y, 0};
+    run(expert_matmuls_task, &p, threads);
+    return atomic_load(&p.next) < E * p.blocks; /* no thread had scratch: no tile was taken */
+}

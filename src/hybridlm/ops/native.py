@@ -16,6 +16,9 @@ recurrent step written as torch ops reads and writes the whole state several tim
   (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``swiglu``, ``combine``: prefill's elementwise passes of the MLP and MoE blocks (twins:
   ``F.silu(gate) * up``, the weighted sum of each token's expert rows);
+- ``expert_matmuls``: prefill's routed-expert products with their activation, tiles of one expert's
+  rows shared out over the pool, each a single-threaded call of torch's own MKL ``sgemm_`` (twins:
+  per-expert ``F.linear`` and the activation, as ``moe_experts_reference``);
 - ``causal_conv_``: the short causal convolution over a step or a prompt, state rolled in place
   (twins: ``causal_conv1d_step``, ``causal_conv1d``);
 - ``mamba2_scan_``, ``gated_delta_scan_``: the Mamba-2 (from the mixer's projections) and Gated
@@ -223,7 +226,33 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_combine.restype = None
     library.hybridlm_flush_subnormals.argtypes = [i32]
     library.hybridlm_flush_subnormals.restype = i32
+    library.hybridlm_use_blas.argtypes = [p]
+    library.hybridlm_use_blas.restype = None
+    library.hybridlm_expert_matmuls.argtypes = [p, p, p, i64, p, i64, i64, i32, p, i32]
+    library.hybridlm_expert_matmuls.restype = i32
+    _hand_over_blas(library)
     return library
+
+
+def _hand_over_blas(library: ctypes.CDLL) -> bool:
+    """Give the kernels torch's own single-precision GEMM (MKL's Fortran ``sgemm_``), where this torch exports
+    it (the x86 Linux wheels do); ``expert_matmuls`` needs it."""
+    if "mkl" not in torch.__config__.show().lower():
+        return False
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    library.hybridlm_use_blas(sgemm)
+    return True
+
+
+@functools.cache
+def blas_available() -> bool:
+    """Whether ``expert_matmuls`` can run its kernel (the kernels built, and torch's MKL found)."""
+    library = _library()
+    return library is not None and _hand_over_blas(library)
 
 
 @contextlib.contextmanager
@@ -576,6 +605,35 @@ def combine(y_MD: Tensor, row_NK: Tensor, weights_NK: Tensor) -> Tensor:
     out_ND = torch.empty(N, D, dtype=torch.float32)
     _library().hybridlm_combine(*_pointers(y_MD, row_NK, weights_NK), N, K, D, out_ND.data_ptr(), _threads(N * K * D))
     return out_ND
+
+
+EXPERT_ACTIVATIONS = {"none": 0, "relu2": 1, "swiglu": 2}  # the kernel's codes
+
+
+def expert_matmuls(x_MK: Tensor, counts_E: Tensor, weight_ENK: Tensor, activation: str = "none") -> Tensor | None:
+    """The rows of x_MK grouped by expert (counts_E[e] rows for expert e, in expert order) times their
+    expert's weight_ENK[e]^T, then ``activation``: "none" or "relu2" give [M, N]; "swiglu" (weight rows:
+    the gate's N / 2, then the up's) gives [M, N / 2] = silu(gate) * up. Tiles of one expert's rows x 256
+    output columns go to whichever pool thread is free, each a single-threaded call of torch's MKL sgemm.
+    None where this does not apply (autograd, not fp32 on CPU, no MKL in this torch): the caller then runs
+    torch's grouped matmuls and activation (the twins)."""
+    if not (_applies(x_MK, weight_ENK) and weight_ENK.is_contiguous() and blas_available()):
+        return None
+    E, N, K = weight_ENK.shape
+    if x_MK.shape[1] != K or max(x_MK.shape[0], N, K) >= 2**31 or (activation == "swiglu" and N % 2):
+        return None  # the BLAS takes 32-bit sizes
+    x_MK = x_MK.contiguous()
+    counts_E = counts_E.to(torch.int64)
+    start = torch.zeros(E + 1, dtype=torch.int64)
+    torch.cumsum(counts_E, 0, out=start[1:])
+    by_rows = torch.argsort(counts_E, descending=True, stable=True)
+    columns = N // 2 if activation == "swiglu" else N
+    y_MN = torch.empty(x_MK.shape[0], columns, dtype=torch.float32)
+    failed = _library().hybridlm_expert_matmuls(
+        *_pointers(x_MK, start, by_rows), E, weight_ENK.data_ptr(), N, K, EXPERT_ACTIVATIONS[activation],
+        y_MN.data_ptr(), _threads(x_MK.shape[0] * N * K),
+    )  # fmt: skip
+    return None if failed else y_MN
 
 
 def moe_decode_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
