@@ -1,7 +1,10 @@
 """moe_experts_grouped against the reference loop; route against a re-derivation and transformers."""
 
+import ctypes
 import itertools
+import os
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -94,6 +97,28 @@ def test_pool_tiles_cover_every_column_under_skewed_routing(I, activation, group
     assert torch.isnan(actual[5]).all() and not torch.isnan(torch.cat([actual[:5], actual[6:]])).any()
     keep = torch.arange(257) != 5
     assert_close(actual[keep], expected[keep])
+
+
+@pytest.mark.skipif(not native.blas_available(), reason="needs the kernels and torch's MKL")
+def test_pool_runs_each_tile_on_one_thread_whatever_torch_set():
+    """torch.set_num_threads sets MKL's own count, which overrides OpenMP's: a tile's sgemm that followed
+    it would start an OpenMP team of its own on each pool worker (new threads, two cores oversubscribed).
+    The caller's MKL count is left as it was."""
+    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gate = torch.randn(512, 512)
+        native.swiglu(gate @ gate, gate)  # torch's OpenMP threads and the pool's workers exist from here on
+        before = (len(os.listdir("/proc/self/task")), torch_cpu.MKL_Get_Max_Threads())
+        inputs = make_experts(512, 256, 512, 2, "relu2", seed=5)
+        with torch.no_grad():
+            for _ in range(3):
+                moe_experts_grouped(*inputs, "relu2")
+            after = (len(os.listdir("/proc/self/task")), torch_cpu.MKL_Get_Max_Threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert after == before, (before, after)
 
 
 @pytest.mark.parametrize(("N", "D", "I", "K", "activation"), SHAPES, ids=SHAPE_IDS)

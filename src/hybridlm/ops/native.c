@@ -919,9 +919,17 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
 static sgemm_fn blas_sgemm;
 
-/* Hand over Fortran sgemm_ (torch's MKL). MKL's OpenMP layer sizes its team by the calling thread's
- * omp_get_max_threads, which the task sets to 1 around its calls (mkl_set_num_threads_local crashed). */
-void hybridlm_use_blas(void *sgemm) { blas_sgemm = (sgemm_fn)sgemm; }
+typedef int (*set_local_threads_fn)(int);
+static set_local_threads_fn blas_set_local_threads;
+
+/* Hand over torch's MKL: Fortran sgemm_ and MKL_Set_Num_Threads_Local (the C one, taking an int). MKL's
+ * own thread count (torch.set_num_threads sets it) overrides the caller's OpenMP count, so each task sets
+ * its thread's MKL count to 1 for its calls: two threads each running a 2-thread sgemm took prefill from
+ * 159 to 189-198 ms. */
+void hybridlm_use_blas(void *sgemm, void *set_local_threads) {
+    blas_sgemm = (sgemm_fn)sgemm;
+    blas_set_local_threads = (set_local_threads_fn)set_local_threads;
+}
 
 enum { EXPERT_LINEAR = 0, EXPERT_RELU2 = 1, EXPERT_SWIGLU = 2 };
 #define EXPERT_TILE_COLUMNS 256
@@ -948,10 +956,7 @@ static void expert_matmuls_task(void *ctx, int thread, int threads) {
     float *gate = NULL; /* swiglu: the tile's gate half (its up half goes into y) */
     if (p->activation == EXPERT_SWIGLU && !(gate = malloc(sizeof(float) * p->max_rows * EXPERT_TILE_COLUMNS)))
         return; /* the other threads take every tile */
-#ifdef _OPENMP
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(1);
-#endif
+    const int before = blas_set_local_threads(1); /* this thread's own setting, restored below */
     for (int64_t t; (t = atomic_fetch_add(&p->next, 1)) < p->E * p->blocks;) {
         const int64_t e = p->by_rows[t / p->blocks], first = p->start[e], rows = p->start[e + 1] - first;
         const int64_t c0 = t % p->blocks * EXPERT_TILE_COLUMNS;
@@ -973,9 +978,7 @@ static void expert_matmuls_task(void *ctx, int thread, int threads) {
                     y[r * p->columns + c] = v < 0.0f ? 0.0f : v * v; /* NaN stays NaN, as torch.relu */
                 }
     }
-#ifdef _OPENMP
-    omp_set_num_threads(before);
-#endif
+    blas_set_local_threads(before);
     free(gate);
 }
 
@@ -985,7 +988,7 @@ static void expert_matmuls_task(void *ctx, int thread, int threads) {
  * when no BLAS was handed over, or a scratch tile could not be allocated. */
 int hybridlm_expert_matmuls(const float *x, const int64_t *start, const int64_t *by_rows, int64_t E, const float *W,
                             int64_t N, int64_t K, int activation, float *y, int threads) {
-    if (!blas_sgemm) return 1;
+    if (!blas_sgemm || !blas_set_local_threads) return 1;
     const int64_t columns = activation == EXPERT_SWIGLU ? N / 2 : N;
     int64_t max_rows = 0;
     for (int64_t e = 0; e < E; e++) max_rows = start[e + 1] - start[e] > max_rows ? start[e + 1] - start[e] : max_rows;

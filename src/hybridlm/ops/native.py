@@ -226,7 +226,7 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_combine.restype = None
     library.hybridlm_flush_subnormals.argtypes = [i32]
     library.hybridlm_flush_subnormals.restype = i32
-    library.hybridlm_use_blas.argtypes = [p]
+    library.hybridlm_use_blas.argtypes = [p, p]
     library.hybridlm_use_blas.restype = None
     library.hybridlm_expert_matmuls.argtypes = [p, p, p, i64, p, i64, i64, i32, p, i32]
     library.hybridlm_expert_matmuls.restype = i32
@@ -235,16 +235,17 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _hand_over_blas(library: ctypes.CDLL) -> bool:
-    """Give the kernels torch's own single-precision GEMM (MKL's Fortran ``sgemm_``), where this torch exports
-    it (the x86 Linux wheels do); ``expert_matmuls`` needs it."""
+    """Give the kernels torch's own single-precision GEMM (MKL's Fortran ``sgemm_``) and MKL's per-thread
+    thread count (``MKL_Set_Num_Threads_Local``), where this torch exports both (the x86 Linux wheels do);
+    ``expert_matmuls`` needs them."""
     if "mkl" not in torch.__config__.show().lower():
         return False
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+        sgemm, set_local_threads = torch_cpu.sgemm_, torch_cpu.MKL_Set_Num_Threads_Local
     except (OSError, AttributeError):
         return False
-    library.hybridlm_use_blas(sgemm)
+    library.hybridlm_use_blas(*(ctypes.cast(f, ctypes.c_void_p).value for f in (sgemm, set_local_threads)))
     return True
 
 
