@@ -1,8 +1,10 @@
 """Shared test helpers."""
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -113,3 +115,15 @@ def fixtures_dir() -> Path:
 
 
 FIXTURES = fixtures_dir()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch (and the kernels' pool, which follows it) on ``count`` threads inside the block; the suite
+    runs on one (conftest.py), so code shared out over threads is tested inside this."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,7 @@ from hybridlm.ops.moe import (
     route,
     tokens_per_expert,
 )
-from tests.helpers import assert_close
+from tests.helpers import assert_close, torch_threads
 
 NUM_EXPERTS = 8
 USED_EXPERTS = 6  # experts 6 and 7 never receive a token
@@ -74,7 +74,7 @@ def test_grouped_forward_matches_reference_on_grouped_mm_path(N, D, I, K, activa
 def test_grouped_forward_on_the_kernel_pool_matches_reference(N, D, I, K, activation, grouped_mm_calls):
     """Inference in fp32 on CPU: tiles of single-threaded sgemm on the kernels' pool, no grouped_mm."""
     inputs = make_experts(N, D, I, K, activation, seed=3)
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(2):
         expected = moe_experts_reference(*inputs, activation)
         actual = moe_experts_grouped(*inputs, activation)
     assert grouped_mm_calls == []
@@ -90,7 +90,7 @@ def test_pool_tiles_cover_every_column_under_skewed_routing(I, activation, group
     ids[:200, 0] = 3  # expert 3 takes most first slots; the second slot keeps its draw unless that is 3
     ids[:200, 1] = torch.where(ids[:200, 1] == 3, torch.tensor(0), ids[:200, 1])
     hidden[5, 7] = float("nan")
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(2):
         expected = moe_experts_reference(hidden, ids, weights, up, down, activation)
         actual = moe_experts_grouped(hidden, ids, weights, up, down, activation)
     assert grouped_mm_calls == []
@@ -105,19 +105,14 @@ def test_pool_runs_each_tile_on_one_thread_whatever_torch_set():
     it would start an OpenMP team of its own on each pool worker (new threads, two cores oversubscribed).
     The caller's MKL count is left as it was."""
     torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2), torch.no_grad():
         gate = torch.randn(512, 512)
         native.swiglu(gate @ gate, gate)  # torch's OpenMP threads and the pool's workers exist from here on
         before = (len(os.listdir("/proc/self/task")), torch_cpu.MKL_Get_Max_Threads())
         inputs = make_experts(512, 256, 512, 2, "relu2", seed=5)
-        with torch.no_grad():
-            for _ in range(3):
-                moe_experts_grouped(*inputs, "relu2")
-            after = (len(os.listdir("/proc/self/task")), torch_cpu.MKL_Get_Max_Threads())
-    finally:
-        torch.set_num_threads(threads)
+        for _ in range(3):
+            moe_experts_grouped(*inputs, "relu2")
+        after = (len(os.listdir("/proc/self/task")), torch_cpu.MKL_Get_Max_Threads())
     assert after == before, (before, after)
 
 

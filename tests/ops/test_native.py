@@ -13,7 +13,7 @@ from hybridlm.ops import native
 from hybridlm.ops.gated_deltanet import gated_deltanet_reference, gated_deltanet_step
 from hybridlm.ops.moe import moe_experts_few_tokens, moe_experts_reference, route
 from hybridlm.ops.ssd import ssd_reference, ssd_step
-from tests.helpers import assert_close
+from tests.helpers import assert_close, torch_threads
 
 requires_kernels = pytest.mark.skipif(
     not native.available(), reason="kernels unavailable (no C compiler, or HYBRIDLM_NATIVE=0): the twins run instead"
@@ -207,15 +207,33 @@ def test_moe_decode_matches_route_then_reference(activation, scoring, tokens, wi
 
 
 @requires_kernels
-@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("rows", [1, 4, 9, 65, 300, 513])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_many_matches_concatenated_f_linear(rows, with_bias):
+    """Up to 64 rows the decode kernel; above, 256 x 256 tiles of MKL sgemm on the pool (here partial row and
+    column tiles, a one-column weight, a weight wider than a tile)."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 40, generator=g)
-    weights = [torch.randn(n, 40, generator=g) for n in (7, 33, 1, 16)]
+    weights = [torch.randn(n, 40, generator=g) for n in (7, 300, 1, 16)]
     biases = [torch.randn(w.shape[0], generator=g) if with_bias and i != 1 else None for i, w in enumerate(weights)]
     expected = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
-    assert_close(native.linear_many(x, weights, biases), expected)
+    assert native.fuses_projections(x, weights, biases) == (rows <= native.MAX_ROWS or native.blas_available())
+    with torch_threads(2):
+        assert_close(native.linear_many(x, weights, biases), expected)
+
+
+@requires_kernels
+def test_projections_fall_back_to_one_linear_each_under_autograd():
+    from hybridlm.layers.linear import Linear, project
+
+    g = torch.Generator().manual_seed(0)
+    projections = [Linear(40, n) for n in (8, 300)]
+    x = torch.randn(300, 40, generator=g, requires_grad=True)
+    assert not native.fuses_projections(x, [p.weight for p in projections], [p.bias for p in projections])
+    outputs = project(x, projections)
+    sum(o.square().sum() for o in outputs).backward()
+    expected = torch.autograd.grad(sum(F.linear(x, p.weight, p.bias).square().sum() for p in projections), x)[0]
+    assert_close(x.grad, expected)
 
 
 @requires_kernels

@@ -15,10 +15,9 @@ from torch import Tensor
 
 from hybridlm.cache import AttentionState, ForwardContext
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate, linear_params
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
-from hybridlm.ops import native
 
 # From this many cached keys on, a one-token step attends with two matmuls instead of CPU SDPA.
 LONG_CONTEXT_KEYS = 256
@@ -84,12 +83,7 @@ class Attention(BlockModule):
         """x: [B, T, hidden] -> [B, T, hidden]; appends this call's keys and values to ``state``."""
         c = self.config
         B, T, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if x.numel() // x.shape[-1] <= native.MAX_ROWS:  # decoding: q, k and v in one pass over the weights
-            fused = native.linear_many(x, [p.weight for p in projections], [p.bias for p in projections])
-            q, k, v = fused.split([p.out_features for p in projections], dim=-1)
-        else:
-            q, k, v = (p(x) for p in projections)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         gate = None
         if c.has_output_gate:
             q, gate = q.view(B, T, c.num_heads, 2 * c.head_dim).chunk(2, dim=-1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from hybridlm.cache import ForwardContext, RecurrentState
 from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
-from hybridlm.layers.linear import Linear
+from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.layers.short_conv import conv_sequence, conv_step
 from hybridlm.ops import native
@@ -70,9 +70,7 @@ class GatedDeltaNetMixer(BlockModule):
         """One decoding token per slot: x [B, hidden] -> [B, hidden]; ``state`` is updated in place."""
         c = self.config
         B = x.shape[0]
-        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        fused = native.linear_many(x, [p.weight for p in projections], [None] * len(projections))
-        qkv, z, b, a = fused.split([c.conv_dim, c.value_dim, c.num_value_heads, c.num_value_heads], dim=-1)
+        qkv, z, b, a = project(x, (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a))
         qkv = conv_step(qkv, state.conv, self.conv1d)
         o = self._recurrence(qkv, b, a, state.recurrent, B, 1)[:, 0]
         o = self.norm(o.to(x.dtype), z.view(B, c.num_value_heads, c.value_head_dim))
@@ -120,17 +118,16 @@ class GatedDeltaNetMixer(BlockModule):
         B, T, _ = x.shape
         if state is not None and T == 1 and context.token_mask is None:
             return self.step(x[:, 0], context, state)[:, None]
-        qkv = self.in_proj_qkv(x)
+        qkv, z, b, a = project(x, (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a))
         mask = context.token_mask
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
         qkv = conv_sequence(qkv, None if state is None else state.conv, self.conv1d)
         if mask is not None:
             qkv = qkv.masked_fill(~mask[..., None], 0.0)
-        rows = (t.reshape(B * T, -1) for t in (qkv, self.in_proj_b(x), self.in_proj_a(x)))
+        rows = (t.reshape(B * T, -1) for t in (qkv, b, a))
         o = self._recurrence(*rows, None if state is None else state.recurrent, B, T)
-        z = self.in_proj_z(x).view(B, T, c.num_value_heads, c.value_head_dim)
-        o = self.norm(o.to(x.dtype), z)
+        o = self.norm(o.to(x.dtype), z.reshape(B, T, c.num_value_heads, c.value_head_dim))
         return self.out_proj(o.reshape(B, T, c.value_dim))
 
 

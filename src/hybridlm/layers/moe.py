@@ -156,9 +156,10 @@ class MoE(BlockModule):
         return modules
 
     def _fuses_input_projections(self, x_ND: Tensor) -> bool:
-        """Decoding in fp32: the router (always fp32) and the shared expert read x in one kernel call."""
-        weights = [m.weight for m in self._input_projections()]
-        return x_ND.shape[0] <= native.MAX_ROWS and all(w.dtype == x_ND.dtype == torch.float32 for w in weights)
+        """In fp32 inference (decoding, and prefill on CPU): the router (always fp32) and the shared expert
+        read x in one kernel call."""
+        modules = self._input_projections()
+        return native.fuses_projections(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
 
     def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None]:
         """Router logits [N, E] and the (gated) shared-expert output [N, D] from one pass over the weights."""

@@ -679,16 +679,21 @@ static void causal_conv_task(void *ctx, int thread, int threads) {
         float *yb = p->y + b * T * C, *sb = p->state + b * C * S;
         for (int64_t t = 0; t < T; t++) {
             float *yr = yb + t * C;
-            for (int64_t c = c0; c < c1; c++) yr[c] = p->bias ? p->bias[c] : 0.0f;
-            for (int64_t j = 0; j < W; j++) {
-                const int64_t at = t - S + j; /* the input position tap j reads: before 0, the state */
-                const float *wj = p->weight_t + j * C;
-                if (at >= 0) {
-                    const float *xr = xb + at * p->x_stride;
-                    for (int64_t c = c0; c < c1; c++) yr[c] += wj[c] * xr[c];
-                } else {
-                    for (int64_t c = c0; c < c1; c++) yr[c] += wj[c] * sb[c * S + S + at];
+            int64_t c = c0;
+            if (t >= S) /* every tap reads x: 16 channels at a time, the taps summed in a register */
+                for (; c + 16 <= c1; c += 16) {
+                    v16 acc = p->bias ? load16(p->bias + c) : (v16){0};
+                    for (int64_t j = 0; j < W; j++)
+                        acc += load16(p->weight_t + j * C + c) * load16(xb + (t - S + j) * p->x_stride + c);
+                    store16(yr + c, acc);
                 }
+            for (; c < c1; c++) { /* the first S tokens (some taps read the state) and the last channels */
+                float acc = p->bias ? p->bias[c] : 0.0f;
+                for (int64_t j = 0; j < W; j++) {
+                    const int64_t at = t - S + j; /* the input position tap j reads: before 0, the state */
+                    acc += p->weight_t[j * C + c] * (at >= 0 ? xb[at * p->x_stride + c] : sb[c * S + S + at]);
+                }
+                yr[c] = acc;
             }
             if (p->apply_silu) times_sigmoid(yr + c0, yr + c0, c1 - c0);
         }
@@ -908,13 +913,14 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     hybridlm_combine(y, order, weights, N, top_k, D, out, threads);
 }
 
-/* ---- Expert matmuls of prefill on the pool, tile by tile --------------------------------------------
- * torch's grouped_mm runs each expert's [~128, D] x [D, F] product on both threads in turn (2 threads are
- * only 1.6x one on that shape) and each product wakes OpenMP's sleeping thread (~100 us here). Here the
- * products are cut into tiles (one expert's rows x a block of output columns), handed out most rows first
- * to whichever thread is free (a thread that wakes late takes fewer), each a single-threaded sgemm of
- * torch's own MKL (handed over by native.py); the activation is applied to a tile while it is in cache.
- * Plain twin: per-expert F.linear, then the activation (moe_experts_reference). */
+/* ---- Prefill's matmuls on the pool, tile by tile -----------------------------------------------------
+ * torch runs each matmul on both threads in turn, and under a passive wait policy each one wakes OpenMP's
+ * sleeping thread (~100 us here); the routed experts' [~128, D] x [D, F] products get 1.6x from 2 threads.
+ * Here a call's products (the experts of a MoE projection, or the weights reading one input) are cut into
+ * tiles of at most 256 rows x 256 output columns, handed out in order to whichever thread is free (a thread
+ * that wakes late takes fewer), each a single-threaded sgemm of torch's own MKL (handed over by native.py),
+ * the bias or activation applied while the tile is in cache. Plain twin: F.linear per weight or expert,
+ * then the activation (moe_experts_reference; torch.cat of F.linear). */
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
 static sgemm_fn blas_sgemm;
@@ -931,17 +937,25 @@ void hybridlm_use_blas(void *sgemm, void *set_local_threads) {
     blas_set_local_threads = (set_local_threads_fn)set_local_threads;
 }
 
-enum { EXPERT_LINEAR = 0, EXPERT_RELU2 = 1, EXPERT_SWIGLU = 2 };
-#define EXPERT_TILE_COLUMNS 256
+enum { TILE_LINEAR = 0, TILE_RELU2 = 1, TILE_SWIGLU = 2 };
+#define TILE_ROWS 256
+#define TILE_COLUMNS 256
+
+/* y [rows, columns] (row stride ldy) = act(x [rows, K] @ W [columns, K]^T + bias); under swiglu W holds the
+ * gate rows and `up` the up rows: y = silu(x W^T) * (x up^T). */
+typedef struct {
+    const float *x, *W, *up, *bias;
+    float *y;
+    int64_t rows, K, columns, ldy;
+} tile_product;
 
 typedef struct {
-    const float *x, *W;
-    const int64_t *start, *by_rows; /* expert e's rows: start[e] .. start[e + 1]; experts, most rows first */
-    int64_t E, N, K, columns, blocks, max_rows;
+    const tile_product *products;
+    const int64_t *first_tile; /* product i's tiles: first_tile[i] .. first_tile[i + 1] */
+    int64_t count;
     int activation;
-    float *y;
     atomic_int_fast64_t next; /* the next tile to hand out */
-} expert_matmuls;
+} tiled_products;
 
 /* y [m, n] (row stride ldy) = x [m, K] @ W [n, K]^T: column-major y^T = W^T' x^T', i.e. sgemm("T", "N"). */
 static void sgemm_rows(const float *x, const float *W, int64_t m, int64_t n, int64_t K, float *y, int64_t ldy) {
@@ -950,50 +964,95 @@ static void sgemm_rows(const float *x, const float *W, int64_t m, int64_t n, int
     blas_sgemm("T", "N", &N, &M, &k, &one, W, &k, x, &k, &zero, y, &ld);
 }
 
-static void expert_matmuls_task(void *ctx, int thread, int threads) {
+static int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+static void run_tile(const tile_product *p, int64_t tile, int activation, float *gate) {
+    const int64_t row_blocks = blocks_of(p->rows, TILE_ROWS);
+    const int64_t r0 = tile % row_blocks * TILE_ROWS, c0 = tile / row_blocks * TILE_COLUMNS;
+    const int64_t rows = p->rows - r0 < TILE_ROWS ? p->rows - r0 : TILE_ROWS;
+    const int64_t width = p->columns - c0 < TILE_COLUMNS ? p->columns - c0 : TILE_COLUMNS;
+    const float *x = p->x + r0 * p->K;
+    float *y = p->y + r0 * p->ldy + c0;
+    if (activation == TILE_SWIGLU) {
+        sgemm_rows(x, p->up + c0 * p->K, rows, width, p->K, y, p->ldy);
+        sgemm_rows(x, p->W + c0 * p->K, rows, width, p->K, gate, width);
+        for (int64_t r = 0; r < rows; r++) times_silu(y + r * p->ldy, gate + r * width, width);
+        return;
+    }
+    sgemm_rows(x, p->W + c0 * p->K, rows, width, p->K, y, p->ldy);
+    for (int64_t r = 0; r < rows; r++) {
+        float *yr = y + r * p->ldy;
+        if (p->bias)
+            for (int64_t c = 0; c < width; c++) yr[c] += p->bias[c0 + c];
+        if (activation == TILE_RELU2)
+            for (int64_t c = 0; c < width; c++) yr[c] = yr[c] < 0.0f ? 0.0f : yr[c] * yr[c]; /* NaN stays NaN */
+    }
+}
+
+static void tiled_products_task(void *ctx, int thread, int threads) {
     (void)thread, (void)threads;
-    expert_matmuls *p = ctx;
-    float *gate = NULL; /* swiglu: the tile's gate half (its up half goes into y) */
-    if (p->activation == EXPERT_SWIGLU && !(gate = malloc(sizeof(float) * p->max_rows * EXPERT_TILE_COLUMNS)))
+    tiled_products *p = ctx;
+    float *gate = NULL; /* swiglu: a tile's gate half (its up half goes into y) */
+    if (p->activation == TILE_SWIGLU && !(gate = malloc(sizeof(float) * TILE_ROWS * TILE_COLUMNS)))
         return; /* the other threads take every tile */
     const int before = blas_set_local_threads(1); /* this thread's own setting, restored below */
-    for (int64_t t; (t = atomic_fetch_add(&p->next, 1)) < p->E * p->blocks;) {
-        const int64_t e = p->by_rows[t / p->blocks], first = p->start[e], rows = p->start[e + 1] - first;
-        const int64_t c0 = t % p->blocks * EXPERT_TILE_COLUMNS;
-        const int64_t width = p->columns - c0 < EXPERT_TILE_COLUMNS ? p->columns - c0 : EXPERT_TILE_COLUMNS;
-        if (rows == 0) continue;
-        const float *x = p->x + first * p->K, *W = p->W + e * p->N * p->K;
-        float *y = p->y + first * p->columns + c0;
-        if (p->activation == EXPERT_SWIGLU) { /* gate rows [0, I) of W, then up rows [I, 2I) */
-            sgemm_rows(x, W + (p->columns + c0) * p->K, rows, width, p->K, y, p->columns);
-            sgemm_rows(x, W + c0 * p->K, rows, width, p->K, gate, width);
-            for (int64_t r = 0; r < rows; r++) times_silu(y + r * p->columns, gate + r * width, width);
-            continue;
-        }
-        sgemm_rows(x, W + c0 * p->K, rows, width, p->K, y, p->columns);
-        if (p->activation == EXPERT_RELU2)
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t c = 0; c < width; c++) {
-                    const float v = y[r * p->columns + c];
-                    y[r * p->columns + c] = v < 0.0f ? 0.0f : v * v; /* NaN stays NaN, as torch.relu */
-                }
+    int64_t i = 0;
+    for (int64_t t; (t = atomic_fetch_add(&p->next, 1)) < p->first_tile[p->count];) {
+        while (p->first_tile[i + 1] <= t) i++; /* tiles are handed out in increasing order */
+        run_tile(p->products + i, t - p->first_tile[i], p->activation, gate);
     }
     blas_set_local_threads(before);
     free(gate);
 }
 
+/* Every tile of products[0 .. count), in that order. Returns 1 (nothing done) when no BLAS was handed over
+ * or there was no memory for the bookkeeping or the scratch tiles. */
+static int run_products(const tile_product *products, int64_t count, int activation, int threads) {
+    if (!blas_sgemm || !blas_set_local_threads) return 1;
+    int64_t *first_tile = malloc(sizeof(int64_t) * (count + 1));
+    if (!first_tile) return 1;
+    first_tile[0] = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const tile_product *p = products + i;
+        first_tile[i + 1] = first_tile[i] + blocks_of(p->rows, TILE_ROWS) * blocks_of(p->columns, TILE_COLUMNS);
+    }
+    tiled_products work = {products, first_tile, count, activation, 0};
+    run(tiled_products_task, &work, threads);
+    const int failed = atomic_load(&work.next) < first_tile[count]; /* no thread had scratch: no tile taken */
+    free(first_tile);
+    return failed;
+}
+
 /* y: rows start[e] .. start[e + 1] of x [M, K] times W[e] [N, K]^T for every expert e < E, then the
  * activation: none or relu2 (y [M, N]), or swiglu (W[e]'s first N / 2 rows the gate, then the up rows;
- * y [M, N / 2] = silu(gate) * up). by_rows lists the experts, most rows first. Returns 1 (nothing done)
- * when no BLAS was handed over, or a scratch tile could not be allocated. */
+ * y [M, N / 2] = silu(gate) * up). by_rows lists the experts, most rows first (the order tiles go out). */
 int hybridlm_expert_matmuls(const float *x, const int64_t *start, const int64_t *by_rows, int64_t E, const float *W,
                             int64_t N, int64_t K, int activation, float *y, int threads) {
-    if (!blas_sgemm || !blas_set_local_threads) return 1;
-    const int64_t columns = activation == EXPERT_SWIGLU ? N / 2 : N;
-    int64_t max_rows = 0;
-    for (int64_t e = 0; e < E; e++) max_rows = start[e + 1] - start[e] > max_rows ? start[e + 1] - start[e] : max_rows;
-    expert_matmuls p = {x, W, start, by_rows, E, N, K, columns, (columns + EXPERT_TILE_COLUMNS - 1) / EXPERT_TILE_COLUMNS,
-                        max_rows, activation, y, 0};
-    run(expert_matmuls_task, &p, threads);
-    return atomic_load(&p.next) < E * p.blocks; /* no thread had scratch: no tile was taken */
+    const int64_t columns = activation == TILE_SWIGLU ? N / 2 : N;
+    tile_product *products = malloc(sizeof(tile_product) * (E ? E : 1));
+    if (!products) return 1;
+    for (int64_t i = 0; i < E; i++) {
+        const int64_t e = by_rows[i];
+        const float *We = W + e * N * K;
+        products[i] = (tile_product){x + start[e] * K, We, We + columns * K, NULL, y + start[e] * columns,
+                                start[e + 1] - start[e], K, columns, columns};
+    }
+    const int failed = run_products(products, E, activation, threads);
+    free(products);
+    return failed;
+}
+
+/* y [M, sum Ns] = [x W_0^T + b_0, x W_1^T + b_1, ...] side by side, x [M, K], W_i [Ns[i], K], biases[i] NULL
+ * or [Ns[i]] (twin: torch.cat of F.linear). */
+int hybridlm_linear_tiles(const float *x, int64_t M, int64_t K, const float *const *Ws, const float *const *biases,
+                          const int64_t *Ns, int64_t count, float *y, int threads) {
+    tile_product *products = malloc(sizeof(tile_product) * (count ? count : 1));
+    if (!products) return 1;
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) total += Ns[i];
+    for (int64_t i = 0, offset = 0; i < count; offset += Ns[i], i++)
+        products[i] = (tile_product){x, Ws[i], NULL, biases ? biases[i] : NULL, y + offset, M, K, Ns[i], total};
+    const int failed = run_products(products, count, TILE_LINEAR, threads);
+    free(products);
+    return failed;
 }

@@ -230,6 +230,8 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_use_blas.restype = None
     library.hybridlm_expert_matmuls.argtypes = [p, p, p, i64, p, i64, i64, i32, p, i32]
     library.hybridlm_expert_matmuls.restype = i32
+    library.hybridlm_linear_tiles.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
+    library.hybridlm_linear_tiles.restype = i32
     _hand_over_blas(library)
     return library
 
@@ -336,17 +338,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 MAX_WEIGHTS = 8  # weights per linear_many call
 
 
-def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
-    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one kernel call."""
+def fuses_projections(x: Tensor, weights: list[Tensor], biases: list[Tensor | None] | None = None) -> bool:
+    """Whether ``linear_many(x, weights, biases)`` runs a kernel (one pass for all weights: the decode
+    kernel up to ``MAX_ROWS`` rows, prefill tiles on the pool above), not torch's matmul per weight."""
     K = weights[0].shape[1]
     rows = x.numel() // K if K else 0
-    present = [b for b in biases if b is not None]
-    fits = 0 < rows <= MAX_ROWS and len(weights) <= MAX_WEIGHTS and x.shape[-1] == K
+    present = [b for b in biases or [] if b is not None]
+    fits = rows > 0 and len(weights) <= MAX_WEIGHTS and x.shape[-1] == K
     fits = (
         fits and all(w.shape[1] == K and w.is_contiguous() for w in weights) and all(b.is_contiguous() for b in present)
     )
     if not fits or not _applies(x, *weights, *present):
+        return False
+    return rows <= MAX_ROWS or (blas_available() and max(rows, K, *(w.shape[0] for w in weights)) < 2**31)
+
+
+def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one kernel call."""
+    if not fuses_projections(x, weights, biases):
         return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+    K = weights[0].shape[1]
+    rows = x.numel() // K
+    present = [b for b in biases if b is not None]
     flat = x.dim() == 2 and x.is_contiguous()
     x_MK = x if flat else x.reshape(rows, K).contiguous()
     count = len(weights)
@@ -355,17 +368,15 @@ def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -
     y_MN = torch.empty(rows, total, dtype=torch.float32)
     pointer_array = ctypes.c_void_p * count
     bias_pointers = pointer_array(*(None if b is None else b.data_ptr() for b in biases)) if present else None
-    _library().hybridlm_linear_many(
-        x_MK.data_ptr(),
-        rows,
-        pointer_array(*[w.data_ptr() for w in weights]),
-        (ctypes.c_int64 * count)(*out_features),
-        bias_pointers,
-        count,
-        K,
-        y_MN.data_ptr(),
-        _threads(total * K),
-    )
+    weight_pointers, sizes = pointer_array(*[w.data_ptr() for w in weights]), (ctypes.c_int64 * count)(*out_features)
+    if rows <= MAX_ROWS:
+        _library().hybridlm_linear_many(
+            x_MK.data_ptr(), rows, weight_pointers, sizes, bias_pointers, count, K, y_MN.data_ptr(), _threads(total * K)
+        )
+    elif _library().hybridlm_linear_tiles(
+        x_MK.data_ptr(), rows, K, weight_pointers, bias_pointers, sizes, count, y_MN.data_ptr(), torch.get_num_threads()
+    ):
+        raise MemoryError(f"linear_many: no memory for the tiles of a [{rows}, {K}] x [{K}, {total}] product")
     return y_MN if flat else y_MN.view(*x.shape[:-1], -1)
 
 
