@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.config import HybridConfig
+from hybridlm.memory import move_to_huge_pages
 from hybridlm.model import HybridLM
 from hybridlm.presets import PRESETS, get_preset, list_presets
 
@@ -116,6 +117,7 @@ def load_model(
             model = HybridLM(config)
         if dtype is not None:
             model = model.to(dtype)
+        move_to_huge_pages(model)  # as a checkpoint's weights are loaded (checkpoints.plan)
         return model.eval()
     resolve_config(name_or_path)  # the clear error for a bad name
     from hybridlm.checkpoints import from_pretrained

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from hybridlm.checkpoints.safetensors_io import DTYPE_NAMES, CheckpointReader, TensorInfo, TensorSpec
 from hybridlm.config import HybridConfig
+from hybridlm.memory import empty_in_huge_pages, wants_huge_pages
 from hybridlm.model import HybridLM
 from hybridlm.progress import progress
 
@@ -323,20 +324,27 @@ def _is_view_into(tensor: Tensor, targets: list[Tensor]) -> bool:
 
 
 def _allocate(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Give every meta parameter real (uninitialised) storage; tied parameters stay tied."""
-    made: dict[int, nn.Parameter] = {}
+    """Give every meta parameter real (uninitialised) storage, those of 2 MiB or more on the CPU in huge
+    pages (``memory.empty_in_huge_pages``); tied parameters stay tied."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    wanted: dict[int, tuple[nn.Parameter, torch.dtype]] = {}
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
+        for name, param in module._parameters.items():
             if param is None:
                 continue
-            if id(param) not in made:
-                # the selection-only router bias stays fp32, as transformers keeps it (_keep_in_fp32_modules)
-                want = torch.float32 if name == "e_score_correction_bias" else dtype
-                want = want if param.is_floating_point() else param.dtype
-                made[id(param)] = nn.Parameter(
-                    torch.empty(param.shape, dtype=want, device=device), requires_grad=param.requires_grad
-                )
-            module._parameters[name] = made[id(param)]
+            # the selection-only router bias stays fp32, as transformers keeps it (_keep_in_fp32_modules)
+            want = torch.float32 if name == "e_score_correction_bias" else dtype
+            wanted.setdefault(id(param), (param, want if param.is_floating_point() else param.dtype))
+            slots.setdefault(id(param), []).append((module, name))
+    on_cpu = torch.device(device).type == "cpu"
+    large = [key for key, (p, d) in wanted.items() if on_cpu and wants_huge_pages(p.numel(), d)]
+    in_huge_pages = empty_in_huge_pages([wanted[k][0].shape for k in large], [wanted[k][1] for k in large])
+    storage = dict(zip(large, in_huge_pages, strict=True)) if in_huge_pages else {}
+    for key, (param, want) in wanted.items():
+        data = storage[key] if key in storage else torch.empty(param.shape, dtype=want, device=device)
+        made = nn.Parameter(data, requires_grad=param.requires_grad)
+        for module, name in slots[key]:
+            module._parameters[name] = made
 
 
 def _materialise_buffers(model: HybridLM, device: str | torch.device) -> None:
