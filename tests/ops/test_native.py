@@ -98,7 +98,7 @@ def _gated_deltanet_inputs_float64(qkv, b, a, A_log, dt_bias, batch, T, H, Hk, K
 
 
 @requires_kernels
-@pytest.mark.parametrize(("batch", "H", "Hk", "K", "V"), [(1, 8, 8, 64, 64), (3, 4, 2, 16, 12)])
+@pytest.mark.parametrize(("batch", "H", "Hk", "K", "V"), [(1, 8, 8, 64, 64), (3, 4, 2, 16, 12), (2, 4, 2, 32, 128)])
 def test_gated_delta_scan_of_one_token_matches_gated_deltanet_step(batch, H, Hk, K, V):
     qkv, b, a, A_log, dt_bias, state = _gated_deltanet_projections(batch, 1, H, Hk, K, V, seed=K)
     q, k, v, log_decay, beta = _gated_deltanet_inputs_float64(qkv, b, a, A_log, dt_bias, batch, 1, H, Hk, K, V)
@@ -111,7 +111,10 @@ def test_gated_delta_scan_of_one_token_matches_gated_deltanet_step(batch, H, Hk,
 
 
 @requires_kernels
-@pytest.mark.parametrize(("batch", "T", "H", "Hk", "K", "V"), [(1, 300, 8, 8, 64, 64), (3, 17, 4, 2, 16, 12)])
+@pytest.mark.parametrize(
+    ("batch", "T", "H", "Hk", "K", "V"),
+    [(1, 300, 8, 8, 64, 64), (3, 17, 4, 2, 16, 12), (2, 2, 4, 2, 32, 128), (1, 5, 2, 1, 128, 128)],
+)
 def test_gated_delta_scan_matches_the_reference_loop(batch, T, H, Hk, K, V):
     """Prefill token by token against the plain loop in float64, from a carried state; strong decays included."""
     qkv, b, a, A_log, dt_bias, state = _gated_deltanet_projections(batch, T, H, Hk, K, V, seed=T)
