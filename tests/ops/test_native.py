@@ -473,3 +473,30 @@ def test_a_spin_setting_that_is_not_a_number_is_refused_with_a_warning(monkeypat
     monkeypatch.setenv("HYBRIDLM_SPIN_US", "250")
     native._check_spin_setting()  # a number passes untouched
     assert os.environ["HYBRIDLM_SPIN_US"] == "250"
+
+
+WAKE_STRESS = """
+import torch
+from hybridlm.ops import native
+torch.set_num_threads(2)
+x, weight, gate = torch.randn(4, 512), torch.randn(1024, 512), torch.randn(256, 512)
+for _ in range(30000):
+    native.linear(x, weight)  # fixed shares: the caller waits for the worker
+    native.swiglu(gate, gate)  # claimed chunks: the caller may leave without it
+print("done")
+"""
+
+
+@requires_kernels
+def test_no_wakeup_is_lost_while_a_worker_goes_to_sleep():
+    """Workers that spin 10 us and then sleep are going to sleep right as the next kernel is published,
+    60,000 times. With the generation published by a release store (x86 may then read `sleepers` before
+    the store is visible) this hung within 30,000 iterations in 3 runs of 3."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HYBRIDLM_SPIN_US": "10"}
+    result = subprocess.run(
+        [sys.executable, "-c", WAKE_STRESS], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]

@@ -347,7 +347,10 @@ static void run_pool(task_fn task, void *ctx, int threads, int dynamic) {
     atomic_store(&pool.done, 0);
     const uint64_t generation = atomic_load(&pool.generation) + 1;
     atomic_store(&pool.gate, generation << GATE_SHIFT);
-    atomic_store_explicit(&pool.generation, generation, memory_order_release); /* publishes the fields above */
+    /* Publishes the fields above. Sequentially consistent, not just release: the load of `sleepers` below
+     * must not be served before this store is visible, or a worker going to sleep at that moment reads the
+     * old generation, sleeps, and is never woken (a release store let x86 reorder the two: a hang). */
+    atomic_store(&pool.generation, generation);
     if (atomic_load(&pool.sleepers)) {
         pthread_mutex_lock(&pool.sleep_lock);
         pthread_cond_broadcast(&pool.wake);

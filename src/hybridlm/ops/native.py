@@ -1,4 +1,4 @@
-"""CPU kernels for decoding (native.c), compiled at first use, with torch as the fallback.
+"""CPU kernels for decoding and prefill (native.c), compiled at first use, with torch as the fallback.
 
 Decoding multiplies 1-16 token rows by weights that stream from memory. On CPU, torch's BLAS
 reaches a fraction of the memory bandwidth on these shapes (a [32000, 512] GEMV at ~10 GB/s where
@@ -8,7 +8,8 @@ recurrent step written as torch ops reads and writes the whole state several tim
 - ``linear``, ``linear_many``, ``expert_linear``: few-row products that read each weight once
   (twins: ``F.linear``, ``F.linear`` per weight then ``torch.cat``, ``expert_linear_reference``);
   ``linear_many`` fuses the projections of one input (q/k/v; router, shared-expert gate and up)
-  into one call without moving the weights;
+  into one call without moving the weights; above ``MAX_ROWS`` rows (prefill) it runs as tiles of
+  torch's own MKL ``sgemm_`` on the pool, as ``expert_matmuls`` does (``fuses_projections`` says which);
 - ``rms_norm``, ``l2_normalize``: RMSNorm (group-wise, gated or not) and L2 normalisation in one
   call, decoding and prefill (twins: the torch code of ``hybridlm.layers.norm`` and
   ``gated_deltanet.l2_normalize``, which call them for fp32 inputs without autograd);
@@ -17,8 +18,9 @@ recurrent step written as torch ops reads and writes the whole state several tim
 - ``swiglu``, ``combine``: prefill's elementwise passes of the MLP and MoE blocks (twins:
   ``F.silu(gate) * up``, the weighted sum of each token's expert rows);
 - ``expert_matmuls``: prefill's routed-expert products with their activation, tiles of one expert's
-  rows shared out over the pool, each a single-threaded call of torch's own MKL ``sgemm_`` (twins:
-  per-expert ``F.linear`` and the activation, as ``moe_experts_reference``);
+  rows x 256 columns handed to whichever pool thread is free, each a single-threaded call of torch's
+  own MKL ``sgemm_`` with MKL's per-thread count set to 1 (twins: per-expert ``F.linear`` and the
+  activation, as ``moe_experts_reference``);
 - ``causal_conv_``: the short causal convolution over a step or a prompt, state rolled in place
   (twins: ``causal_conv1d_step``, ``causal_conv1d``);
 - ``mamba2_scan_``, ``gated_delta_scan_``: the Mamba-2 (from the mixer's projections) and Gated
@@ -32,7 +34,7 @@ The kernels share their work out on native.c's own worker pool, not OpenMP's: un
 one cost ~100 us on a 2-core KVM guest, more than most decode kernels take (a qwen3_next-shaped batch-1
 step: 15.5 -> 10.7 ms). The pool's workers spin between tasks for ``HYBRIDLM_SPIN_US`` (default 1000)
 microseconds, yielding their core to any other runnable thread, then sleep (``HYBRIDLM_SPIN_US=0``: sleep
-at once).
+at once). Prefill's kernels claim their work in chunks, so a worker still waking up is not waited for.
 
 Each runs the kernel when it applies (CPU, fp32, contiguous, no autograd, within the size limits)
 and its twin otherwise; tests/ops/test_native.py holds every pair to each other.
