@@ -42,7 +42,7 @@ def test_tensors_lie_apart_in_one_mapping_of_huge_pages():
     assert (a == 1).all() and (b == 2).all() and (c == 3).all()  # no overlap
     assert a.data_ptr() % HUGE_PAGE_BYTES == 0 and all(t.data_ptr() % 64 == 0 for t in (a, b, c))
     mapping = mapping_of(a.data_ptr())
-    assert mapping is not None and mapping is not None and mapping_of(c.data_ptr())["start"] == mapping["start"]
+    assert mapping is not None and mapping_of(c.data_ptr())["start"] == mapping["start"]  # one mapping
     assert mapping["AnonHugePages"] >= 2048  # at least a's first 2 MiB, as the kernel counts it
 
 
@@ -81,3 +81,19 @@ def test_presets_and_other_devices_load_as_before():
     model = load_model("debug-tiny", quiet=True)  # small weights: nothing to move, nothing refused
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert move_to_huge_pages(torch.nn.Linear(4, 4)) == 0
+
+
+def test_no_address_space_for_the_mapping_leaves_the_allocator_to_it():
+    """Under an address-space limit the mapping cannot be made: None (the caller allocates as before), not
+    an OSError from the loader."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from hybridlm.memory import empty_in_huge_pages\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "print(empty_in_huge_pages([torch.Size([2**30])], [torch.float32]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr[-2000:]

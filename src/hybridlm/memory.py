@@ -59,13 +59,13 @@ def empty_in_huge_pages(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> 
     if not shapes or not huge_pages_available():
         return None
     counts = [math.prod(shape) for shape in shapes]
-    sizes = [
-        -(-n * torch.empty(0, dtype=d).element_size() // _ALIGN_BYTES) * _ALIGN_BYTES
-        for n, d in zip(counts, dtypes, strict=True)
-    ]
+    sizes = [-(-n * d.itemsize // _ALIGN_BYTES) * _ALIGN_BYTES for n, d in zip(counts, dtypes, strict=True)]
     # private: THP backs private anonymous memory; shared anonymous memory is shmem, which it may not
-    arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # no address space for one mapping (a ulimit), or madvise refused: the allocator's pages
+        return None
     offset = -ctypes.addressof(ctypes.c_char.from_buffer(arena)) % HUGE_PAGE_BYTES  # the first huge page
     tensors = []
     for shape, dtype, count, size in zip(shapes, dtypes, counts, sizes, strict=True):

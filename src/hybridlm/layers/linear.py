@@ -22,5 +22,5 @@ def project(x: Tensor, projections: Sequence[nn.Linear]) -> list[Tensor]:
     other dtypes and devices): the outputs are then views into one [..., sum of widths] tensor."""
     weights, biases = [p.weight for p in projections], [p.bias for p in projections]
     if native.fuses_projections(x, weights, biases):
-        return list(native.linear_many(x, weights, biases).split([p.out_features for p in projections], dim=-1))
+        return list(native.fused_projections(x, weights, biases).split([p.out_features for p in projections], -1))
     return [p(x) for p in projections]

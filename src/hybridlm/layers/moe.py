@@ -164,7 +164,9 @@ class MoE(BlockModule):
     def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None]:
         """Router logits [N, E] and the (gated) shared-expert output [N, D] from one pass over the weights."""
         modules = self._input_projections()
-        fused = native.linear_many(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
+        fused = native.fused_projections(
+            x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules]
+        )  # only after _fuses_input_projections said yes
         E = self.config.num_experts
         logits_NE = fused[:, :E]
         if self.shared_experts is None:

@@ -234,14 +234,13 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_expert_matmuls.restype = i32
     library.hybridlm_linear_tiles.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
     library.hybridlm_linear_tiles.restype = i32
-    _hand_over_blas(library)
     return library
 
 
 def _hand_over_blas(library: ctypes.CDLL) -> bool:
     """Give the kernels torch's own single-precision GEMM (MKL's Fortran ``sgemm_``) and MKL's per-thread
     thread count (``MKL_Set_Num_Threads_Local``), where this torch exports both (the x86 Linux wheels do);
-    ``expert_matmuls`` needs them."""
+    the tiled products need them. Once a process, through ``blas_available``."""
     if "mkl" not in torch.__config__.show().lower():
         return False
     try:
@@ -356,9 +355,16 @@ def fuses_projections(x: Tensor, weights: list[Tensor], biases: list[Tensor | No
 
 
 def linear_many(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
-    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one kernel call."""
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)``, in one kernel call where
+    ``fuses_projections`` says one applies."""
     if not fuses_projections(x, weights, biases):
         return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+    return fused_projections(x, weights, biases)
+
+
+def fused_projections(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    """``linear_many``'s kernel call without its check, for a caller that has just asked
+    ``fuses_projections`` (the check costs ~5 us, a few dozen times a decode step)."""
     K = weights[0].shape[1]
     rows = x.numel() // K
     present = [b for b in biases if b is not None]
