@@ -185,27 +185,42 @@ def test_l2_normalize_matches_float64_formula(rows):
 @requires_kernels
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_moe_decode_matches_route_then_reference(activation, scoring, tokens, with_bias):
+@pytest.mark.parametrize("shared", ["none", "plain", "gated"])
+def test_moe_block_matches_route_then_reference(activation, scoring, tokens, with_bias, shared):
+    """Decode kernel (<= 256 (token, expert) pairs) and prefill kernel (300 tokens: tiles on 2 threads, one expert
+    without tokens) against route + the reference loop, plus the shared expert's output as the MoE layer adds it."""
     g = torch.Generator().manual_seed(tokens * 7 + with_bias)
     E, D, I, K = 8, 32, 24, 2
     hidden = torch.randn(tokens, D, generator=g)
     logits = torch.randn(tokens, E, generator=g) * 3  # clear margins: no near-ties for top-k to break
+    logits[:, 5] = -30.0  # expert 5 gets no token
     bias = torch.randn(E, generator=g) * 0.1 if with_bias else None
     up = torch.randn(E, 2 * I if activation == "swiglu" else I, D, generator=g) * 0.2
     down = torch.randn(E, D, I, generator=g) * 0.2
+    shared_out = None if shared == "none" else torch.randn(tokens, D, generator=g)
+    gate_columns = torch.randn(tokens, 3, generator=g)  # the gate's logit is a column of a wider projection
+    gate = gate_columns[:, 1:2] if shared == "gated" else None
     ids, weights, _ = route(
         logits, K, scoring=scoring, expert_bias_E=bias, norm_topk_prob=True, routed_scaling_factor=2.5
     )
     expected = moe_experts_reference(hidden, ids, weights, up, down, activation)
-    assert native.moe_decode_applies(hidden, K, up, down, num_groups=1)
-    out, got_ids, got_weights, counts = native.moe_decode(
-        hidden, logits, K, scoring, bias, True, 2.5, up, down, activation
-    )
+    if shared_out is not None:
+        expected = expected + (shared_out if gate is None else torch.sigmoid(gate) * shared_out)
+    decodes = native.moe_decode_applies(hidden, K, up, down, num_groups=1)
+    assert decodes == (tokens * K <= native.MAX_EXPERT_ROWS)
+    assert decodes or native.moe_prefill_applies(hidden, K, up, down, num_groups=1) == native.blas_available()
+    if not (decodes or native.blas_available()):
+        return
+    with torch_threads(2):
+        result = native.moe_block(hidden, logits, K, scoring, bias, True, 2.5, up, down, activation, shared_out, gate)
+    assert result is not None
+    out, got_ids, got_weights, counts = result
     assert torch.equal(got_ids.sort(-1).values, ids.sort(-1).values)
     assert_close(got_weights.gather(1, got_ids.argsort(-1)), weights.gather(1, ids.argsort(-1)), name="weights")
     assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=E))
+    assert counts[5] == 0
     assert_close(out, expected, name="out")
 
 

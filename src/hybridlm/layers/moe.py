@@ -104,23 +104,25 @@ class MoE(BlockModule):
         """x: [B, T, D] -> [B, T, D]."""
         c = self.config
         x_ND = x.reshape(-1, x.shape[-1])
-        shared_ND = None
+        shared_ND = shared_gate_N1 = None
         if self._fuses_input_projections(x_ND):
-            logits_NE, shared_ND = self._fused_input_projections(x_ND)
-            if (
-                not self.training
-                and self.experts.holds_all_experts
-                and native.moe_decode_applies(
-                    x_ND, c.num_experts_per_tok, self.experts.input_proj, self.experts.down_proj, c.num_groups
-                )
-            ):  # decoding: routing and routed experts in one kernel call
-                out_ND, _, _, self.last_tokens_per_expert = native.moe_decode(
-                    x_ND, logits_NE, c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias,
-                    c.norm_topk_prob, c.routed_scaling_factor, self.experts.input_proj, self.experts.down_proj,
-                    c.activation,
-                )  # fmt: skip
-                self.last_aux_loss = None
-                return (out_ND if shared_ND is None else out_ND + shared_ND).view_as(x)
+            logits_NE, shared_ND, shared_gate_N1 = self._fused_input_projections(x_ND)
+            if not self.training and self.experts.holds_all_experts:
+                experts = (self.experts.input_proj, self.experts.down_proj)
+                if native.moe_decode_applies(
+                    x_ND, c.num_experts_per_tok, *experts, c.num_groups
+                ) or native.moe_prefill_applies(x_ND, c.num_experts_per_tok, *experts, c.num_groups):
+                    # routing, routed experts and the shared expert's addition in one kernel call
+                    result = native.moe_block(
+                        x_ND, logits_NE, c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias,
+                        c.norm_topk_prob, c.routed_scaling_factor, *experts, c.activation, shared_ND, shared_gate_N1,
+                    )  # fmt: skip
+                    if result is not None:
+                        out_ND, _, _, self.last_tokens_per_expert = result
+                        self.last_aux_loss = None
+                        return out_ND.view_as(x)
+            if shared_gate_N1 is not None:
+                shared_ND = torch.sigmoid(shared_gate_N1) * shared_ND
         else:
             logits_NE = self.gate(x_ND)
         topk_ids_NK, topk_weights_NK, scores_NE = route(
@@ -161,8 +163,9 @@ class MoE(BlockModule):
         modules = self._input_projections()
         return native.fuses_projections(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
 
-    def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Router logits [N, E] and the (gated) shared-expert output [N, D] from one pass over the weights."""
+    def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Router logits [N, E], the shared expert's output [N, D] and its gate's logit [N, 1] (None where
+        absent; the output is to be scaled by sigmoid(gate)), from one pass over the input weights."""
         modules = self._input_projections()
         fused = native.fused_projections(
             x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules]
@@ -170,12 +173,10 @@ class MoE(BlockModule):
         E = self.config.num_experts
         logits_NE = fused[:, :E]
         if self.shared_experts is None:
-            return logits_NE, None
+            return logits_NE, None, None
         has_gate = self.shared_expert_gate is not None
         shared_ND = self.shared_experts.from_projections(fused[:, E + has_gate :])  # gate and up side by side
-        if has_gate:
-            shared_ND = torch.sigmoid(fused[:, E : E + 1]) * shared_ND
-        return logits_NE, shared_ND
+        return logits_NE, shared_ND, fused[:, E : E + 1] if has_gate else None
 
     def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:
         """Load balancing (Switch Transformer eq. 4: E * sum_e f_e * P_e) + router z-loss (ST-MoE eq. 5)."""

@@ -962,6 +962,8 @@ typedef struct {
     const int64_t *row_of;
     float *out;
     int64_t N, D, top_k;
+    const float *shared, *shared_gate; /* optional: added after the experts' sum, times sigmoid(gate) */
+    int64_t shared_gate_stride;
     atomic_int_fast64_t next; /* claim()'s counter: left zero by the initialisers */
 } combine;
 
@@ -976,6 +978,15 @@ static void combine_task(void *ctx, int thread, int threads) {
             const float w = c->weights[n * c->top_k + k], *yr = c->y + c->row_of[n * c->top_k + k] * c->D;
             for (int64_t d = 0; d < c->D; d++) o[d] += w * yr[d];
         }
+        if (c->shared) {
+            const float *sr = c->shared + n * c->D;
+            if (c->shared_gate) {
+                const float g = 1.0f / (1.0f + __builtin_expf(-c->shared_gate[n * c->shared_gate_stride]));
+                for (int64_t d = 0; d < c->D; d++) o[d] += g * sr[d];
+            } else {
+                for (int64_t d = 0; d < c->D; d++) o[d] += sr[d];
+            }
+        }
     }
 }
 
@@ -983,55 +994,67 @@ static void combine_task(void *ctx, int thread, int threads) {
  * weighted sum of each token's expert outputs (twin: index_add_ of the weighted rows). */
 void hybridlm_combine(const float *y, const int64_t *row_of, const float *weights, int64_t N, int64_t top_k,
                       int64_t D, float *out, int threads) {
-    combine c = {y, weights, row_of, out, N, D, top_k};
+    combine c = {y, weights, row_of, out, N, D, top_k, NULL, NULL, 0};
     run_dynamic(combine_task, &c, threads);
 }
 
+/* The MoE block's output: the experts' weighted sum, then (shared not NULL) + sigmoid(shared_gate[n]) *
+ * shared[n], or + shared[n] without a gate (twin: route's weights, moe_experts_reference, then the shared
+ * expert's output added as hybridlm.layers.moe does). */
+static void combine_with_shared(const float *y, const int64_t *row_of, const float *weights, int64_t N,
+                                int64_t top_k, int64_t D, const float *shared, const float *shared_gate,
+                                int64_t shared_gate_stride, float *out, int threads) {
+    combine c = {y, weights, row_of, out, N, D, top_k, shared, shared_gate, shared_gate_stride};
+    run_dynamic(combine_task, &c, threads);
+}
+
+/* Token routing (twin: hybridlm.ops.moe.route, ungrouped): scores = softmax(logits) or sigmoid(logits);
+ * the top_k experts by scores + expert_bias (bias may be NULL), ties to the lower id; weights = their
+ * unbiased scores, divided by their sum when norm_topk, times scaling. E <= 1024. */
+static void route_token(const float *l, int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias,
+                        int norm_topk, float scaling, int64_t *ids, float *weights) {
+    float scores[1024], choice[1024];
+    if (sigmoid_scores) {
+        for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + __builtin_expf(-l[e]));
+    } else {
+        float top = l[0], total = 0.0f;
+        for (int64_t e = 1; e < E; e++) top = l[e] > top ? l[e] : top;
+        for (int64_t e = 0; e < E; e++) total += (scores[e] = __builtin_expf(l[e] - top));
+        for (int64_t e = 0; e < E; e++) scores[e] /= total;
+    }
+    for (int64_t e = 0; e < E; e++) choice[e] = scores[e] + (expert_bias ? expert_bias[e] : 0.0f);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < top_k; k++) { /* the best remaining */
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (choice[e] > -__builtin_inff() && (best < 0 || choice[e] > choice[best])) best = e;
+        choice[best] = -__builtin_inff();
+        ids[k] = best;
+        weights[k] = scores[best];
+        sum += scores[best];
+    }
+    for (int64_t k = 0; k < top_k; k++) weights[k] = (norm_topk ? weights[k] / (sum + 1e-20f) : weights[k]) * scaling;
+}
+
 /* A whole MoE block's routed experts for a few tokens, routing included (twin: hybridlm.ops.moe.route
- * then moe_experts_reference). Per token: scores = softmax(logits) or sigmoid(logits); the top_k
- * experts by scores + expert_bias (bias may be NULL); weights = their unbiased scores, divided by
- * their sum when norm_topk, times scaling. Then out[n] = sum_k weights[n, k] * down_e(act(up_e(x[n])))
- * with act = silu(gate) * up (swiglu: up_e yields 2I rows, gate first) or relu(h)^2. Every chosen
+ * then moe_experts_reference). Per token, route_token's choice; then out[n] = sum_k weights[n, k] *
+ * down_e(act(up_e(x[n]))) with act = silu(gate) * up (swiglu: up_e yields 2I rows, gate first) or
+ * relu(h)^2, plus the shared expert's output (see combine_with_shared; shared may be NULL). Every chosen
  * expert is read once for all its tokens. counts [E] gets the tokens per expert, ids/weights [N, K]
  * the choices. scratch: N*K*(2I + D) floats. N*K <= 256, E <= 1024. */
 void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logits, int64_t logits_stride,
                          int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias, int norm_topk,
-                         float scaling, const float *up, const float *down, int64_t I, int swiglu, float *out,
+                         float scaling, const float *up, const float *down, int64_t I, int swiglu,
+                         const float *shared, const float *shared_gate, int64_t shared_gate_stride, float *out,
                          int64_t *counts, int64_t *ids, float *weights, float *scratch, int threads) {
     const int64_t F = swiglu ? 2 * I : I, R = N * top_k;
     float *h = scratch, *y = scratch + R * F;
-    for (int64_t e = 0; e < E; e++) counts[e] = 0;
-    for (int64_t n = 0; n < N; n++) {
-        const float *l = logits + n * logits_stride;
-        float scores[1024], choice[1024];
-        if (sigmoid_scores) {
-            for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + __builtin_expf(-l[e]));
-        } else {
-            float top = l[0], total = 0.0f;
-            for (int64_t e = 1; e < E; e++) top = l[e] > top ? l[e] : top;
-            for (int64_t e = 0; e < E; e++) total += (scores[e] = __builtin_expf(l[e] - top));
-            for (int64_t e = 0; e < E; e++) scores[e] /= total;
-        }
-        for (int64_t e = 0; e < E; e++) choice[e] = scores[e] + (expert_bias ? expert_bias[e] : 0.0f);
-        float sum = 0.0f;
-        for (int64_t k = 0; k < top_k; k++) { /* the best remaining; ties go to the lower id */
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++)
-                if (choice[e] > -__builtin_inff() && (best < 0 || choice[e] > choice[best])) best = e;
-            choice[best] = -__builtin_inff();
-            ids[n * top_k + k] = best;
-            weights[n * top_k + k] = scores[best];
-            sum += scores[best];
-            counts[best]++;
-        }
-        for (int64_t k = 0; k < top_k; k++) {
-            float w = weights[n * top_k + k];
-            if (norm_topk) w /= sum + 1e-20f;
-            weights[n * top_k + k] = w * scaling;
-        }
-    }
+    for (int64_t n = 0; n < N; n++)
+        route_token(logits + n * logits_stride, E, top_k, sigmoid_scores, expert_bias, norm_topk, scaling,
+                    ids + n * top_k, weights + n * top_k);
     int64_t start[1024 + 1], order[256], tokens[256];
     group_by_expert(ids, R, E, start, order); /* (token, slot) rows */
+    for (int64_t e = 0; e < E; e++) counts[e] = start[e + 1] - start[e];
     for (int64_t i = 0; i < R; i++) tokens[i] = order[i] / top_k;
     expert_product up_pass = {x, up, D, E, F, D, F, start, tokens, order, h};
     run(expert_product_task, &up_pass, threads);
@@ -1041,7 +1064,7 @@ void hybridlm_moe_decode(const float *x, int64_t N, int64_t D, const float *logi
     expert_product down_pass = {h, down, F, E, D, I, D, start, order, order, y};
     run(expert_product_task, &down_pass, threads);
     for (int64_t i = 0; i < R; i++) order[i] = i; /* y's rows are in (token, slot) order */
-    hybridlm_combine(y, order, weights, N, top_k, D, out, threads);
+    combine_with_shared(y, order, weights, N, top_k, D, shared, shared_gate, shared_gate_stride, out, threads);
 }
 
 /* ---- Prefill's matmuls on the pool, tile by tile -----------------------------------------------------
@@ -1186,4 +1209,76 @@ int hybridlm_linear_tiles(const float *x, int64_t M, int64_t K, const float *con
     const int failed = run_products(products, count, TILE_LINEAR, threads);
     free(products);
     return failed;
+}
+
+/* Prefill's routing, a chunk of tokens per claim. */
+typedef struct {
+    const float *logits, *expert_bias;
+    int64_t N, logits_stride, E, top_k;
+    int sigmoid_scores, norm_topk;
+    float scaling;
+    int64_t *ids;
+    float *weights;
+    atomic_int_fast64_t next;
+} routing;
+
+static void routing_task(void *ctx, int thread, int threads) {
+    (void)thread;
+    routing *r = ctx;
+    for (int64_t begin, end; claim(&r->next, r->N, chunk_size(r->N, threads, 16), &begin, &end);)
+        for (int64_t n = begin; n < end; n++)
+            route_token(r->logits + n * r->logits_stride, r->E, r->top_k, r->sigmoid_scores, r->expert_bias,
+                        r->norm_topk, r->scaling, r->ids + n * r->top_k, r->weights + n * r->top_k);
+}
+
+/* rows[i] = x[order[i] / top_k]: each (token, slot) pair's token, in expert order. */
+typedef struct {
+    const float *x;
+    const int64_t *order;
+    int64_t R, D, top_k;
+    float *rows;
+    atomic_int_fast64_t next;
+} gather;
+
+static void gather_task(void *ctx, int thread, int threads) {
+    (void)thread;
+    gather *g = ctx;
+    for (int64_t begin, end; claim(&g->next, g->R, chunk_size(g->R, threads, 16), &begin, &end);)
+        for (int64_t i = begin; i < end; i++)
+            memcpy(g->rows + i * g->D, g->x + g->order[i] / g->top_k * g->D, sizeof(float) * g->D);
+}
+
+/* hybridlm_moe_decode's result for a prompt's tokens: routing (route_token) on the pool, the (token, slot)
+ * pairs grouped by expert and their tokens gathered, both projections as tiles (hybridlm_expert_matmuls,
+ * activation fused), then combine_with_shared. order: 2 N*K int64s; scratch: N*K*(D + I) floats.
+ * E <= 1024. Returns 1 (out not written) when the tiles could not run (no BLAS handed over, no memory). */
+int hybridlm_moe_prefill(const float *x, int64_t N, int64_t D, const float *logits, int64_t logits_stride,
+                         int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias, int norm_topk,
+                         float scaling, const float *up, const float *down, int64_t I, int swiglu,
+                         const float *shared, const float *shared_gate, int64_t shared_gate_stride, float *out,
+                         int64_t *counts, int64_t *ids, float *weights, int64_t *order, float *scratch,
+                         int threads) {
+    const int64_t R = N * top_k;
+    routing route = {logits, expert_bias, N, logits_stride, E, top_k, sigmoid_scores, norm_topk, scaling, ids,
+                     weights};
+    run_dynamic(routing_task, &route, threads);
+    int64_t start[1024 + 1], by_rows[1024];
+    group_by_expert(ids, R, E, start, order);
+    for (int64_t e = 0; e < E; e++) counts[e] = start[e + 1] - start[e];
+    for (int64_t e = 0; e < E; e++) { /* experts by rows, most first (stable): the order tiles go out */
+        int64_t i = e;
+        for (; i > 0 && counts[by_rows[i - 1]] < counts[e]; i--) by_rows[i] = by_rows[i - 1];
+        by_rows[i] = e;
+    }
+    float *rows = scratch, *h = scratch + R * D;
+    gather pick = {x, order, R, D, top_k, rows};
+    run_dynamic(gather_task, &pick, threads);
+    if (hybridlm_expert_matmuls(rows, start, by_rows, E, up, swiglu ? 2 * I : I, D, swiglu ? TILE_SWIGLU : TILE_RELU2,
+                                h, threads) ||
+        hybridlm_expert_matmuls(h, start, by_rows, E, down, D, I, TILE_LINEAR, rows, threads))
+        return 1;
+    int64_t *row_of = order + R; /* where each (token, slot) pair's output row went */
+    for (int64_t i = 0; i < R; i++) row_of[order[i]] = i;
+    combine_with_shared(rows, row_of, weights, N, top_k, D, shared, shared_gate, shared_gate_stride, out, threads);
+    return 0;
 }

@@ -13,8 +13,9 @@ recurrent step written as torch ops reads and writes the whole state several tim
 - ``rms_norm``, ``l2_normalize``: RMSNorm (group-wise, gated or not) and L2 normalisation in one
   call, decoding and prefill (twins: the torch code of ``hybridlm.layers.norm`` and
   ``gated_deltanet.l2_normalize``, which call them for fp32 inputs without autograd);
-- ``moe_decode``: a whole MoE block's routing and routed experts for a few tokens in one call
-  (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
+- ``moe_block``: a whole MoE block's routing, routed experts and the shared expert's addition in one
+  call: a few tokens each chosen expert streamed once, a prompt's rows grouped by expert and both
+  projections as tiles (twin: ``hybridlm.ops.moe.route`` then ``moe_experts_reference``);
 - ``swiglu``, ``combine``: prefill's elementwise passes of the MLP and MoE blocks (twins:
   ``F.silu(gate) * up``, the weighted sum of each token's expert rows);
 - ``expert_matmuls``: prefill's routed-expert products with their activation, tiles of one expert's
@@ -198,30 +199,14 @@ def _library() -> ctypes.CDLL | None:
     library.hybridlm_rms_norm.argtypes = [p, p, i64, i64, i64, p, ctypes.c_float, i32, i32, i32, p, i32]
     library.hybridlm_rms_norm.restype = None
     f32 = ctypes.c_float
-    library.hybridlm_moe_decode.argtypes = [
-        p,
-        i64,
-        i64,
-        p,
-        i64,
-        i64,
-        i64,
-        i32,
-        p,
-        i32,
-        f32,
-        p,
-        p,
-        i64,
-        i32,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i32,
-    ]
+    # x, N, D, logits, logits stride, E, top_k, sigmoid scores, bias, norm_topk, scaling, up, down, I, swiglu,
+    # shared, shared gate, its stride, then moe_decode: out, counts, ids, weights, scratch, threads;
+    # moe_prefill: out, counts, ids, weights, order, scratch, threads
+    routed = [p, i64, i64, p, i64, i64, i64, i32, p, i32, f32, p, p, i64, i32, p, p, i64]
+    library.hybridlm_moe_decode.argtypes = [*routed, p, p, p, p, p, i32]
     library.hybridlm_moe_decode.restype = None
+    library.hybridlm_moe_prefill.argtypes = [*routed, p, p, p, p, p, p, i32]
+    library.hybridlm_moe_prefill.restype = i32
     library.hybridlm_swiglu.argtypes = [p, i64, p, i64, i64, i64, p, i32]
     library.hybridlm_swiglu.restype = None
     library.hybridlm_combine.argtypes = [p, p, p, i64, i64, i64, p, i32]
@@ -657,13 +642,23 @@ def expert_matmuls(x_MK: Tensor, counts_E: Tensor, weight_ENK: Tensor, activatio
 
 
 def moe_decode_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
-    """Whether ``moe_decode`` runs the kernel: a few tokens, ungrouped routing, fp32, contiguous experts."""
+    """Whether ``moe_block`` runs the decode kernel: a few tokens, ungrouped routing, fp32, contiguous experts."""
     fits = 0 < x_ND.shape[0] * top_k <= MAX_EXPERT_ROWS and up_proj_EFD.shape[0] <= MAX_EXPERTS and num_groups == 1
     fits = fits and up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous() and x_ND.dim() == 2
     return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI)
 
 
-def moe_decode(
+def moe_prefill_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
+    """Whether ``moe_block`` runs the prefill kernel: more (token, expert) pairs than the decode kernel takes,
+    ungrouped routing, fp32, contiguous experts, torch's MKL handed over, sizes within the BLAS's 32 bits."""
+    E, F, D = up_proj_EFD.shape
+    fits = x_ND.shape[0] * top_k > MAX_EXPERT_ROWS and E <= MAX_EXPERTS and num_groups == 1 and x_ND.dim() == 2
+    fits = fits and up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous()
+    fits = fits and max(x_ND.shape[0] * top_k, F, D, down_proj_EDI.shape[2]) < 2**31
+    return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI) and blas_available()
+
+
+def moe_block(
     x_ND: Tensor,
     logits_NE: Tensor,
     top_k: int,
@@ -674,10 +669,15 @@ def moe_decode(
     up_proj_EFD: Tensor,
     down_proj_EDI: Tensor,
     activation: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Route and run the routed experts of a few tokens where ``moe_decode_applies``: returns the
-    experts' weighted sum [N, D], the chosen ids [N, K] and weights [N, K], and tokens per expert [E].
-    Same arguments and meaning as ``route`` + ``moe_experts_reference`` (ungrouped routing)."""
+    shared_ND: Tensor | None = None,
+    shared_gate_N1: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """A MoE block's routing, routed experts and combine in one kernel call, where ``moe_decode_applies``
+    (a few tokens: each chosen expert streamed once for all its rows) or ``moe_prefill_applies`` (a prompt:
+    the rows grouped by expert, both projections as tiles on the pool). Returns the output [N, D], the chosen
+    ids [N, K] and weights [N, K], and tokens per expert [E]; None when the prefill tiles could not run.
+    Same arguments and meaning as ``route`` + ``moe_experts_reference`` (ungrouped routing), then
+    ``+ sigmoid(shared_gate_N1) * shared_ND`` (``+ shared_ND`` without a gate; neither when None)."""
     N, D = x_ND.shape
     E, I = up_proj_EFD.shape[0], down_proj_EDI.shape[2]
     x_ND = x_ND.contiguous()
@@ -685,16 +685,29 @@ def moe_decode(
     if logits_NE.stride(1) != 1:
         logits_NE = logits_NE.contiguous()
     bias = None if expert_bias_E is None else expert_bias_E.float().contiguous()
+    shared = None if shared_ND is None else shared_ND.contiguous()
+    gate = None if shared_gate_N1 is None or shared is None else shared_gate_N1.float()
     swiglu = activation == "swiglu"
     out_ND = torch.empty(N, D, dtype=torch.float32)
     counts_E = torch.empty(E, dtype=torch.int64)
     ids_NK = torch.empty(N, top_k, dtype=torch.int64)
     weights_NK = torch.empty(N, top_k, dtype=torch.float32)
-    scratch = torch.empty(N * top_k * ((2 if swiglu else 1) * I + D), dtype=torch.float32)
-    _library().hybridlm_moe_decode(
+    routed = (
         x_ND.data_ptr(), N, D, logits_NE.data_ptr(), logits_NE.stride(0), E, top_k, int(scoring == "sigmoid"),
         None if bias is None else bias.data_ptr(), int(norm_topk_prob), routed_scaling_factor,
         up_proj_EFD.data_ptr(), down_proj_EDI.data_ptr(), I, int(swiglu),
-        *_pointers(out_ND, counts_E, ids_NK, weights_NK, scratch), _threads(up_proj_EFD[0].numel() * 2),
+        *_pointers(shared, gate), 0 if gate is None else gate.stride(0),
     )  # fmt: skip
+    rows = N * top_k
+    if rows <= MAX_EXPERT_ROWS:
+        scratch = torch.empty(rows * ((2 if swiglu else 1) * I + D), dtype=torch.float32)
+        _library().hybridlm_moe_decode(
+            *routed, *_pointers(out_ND, counts_E, ids_NK, weights_NK, scratch), _threads(up_proj_EFD[0].numel() * 2)
+        )
+    else:
+        order = torch.empty(2 * rows, dtype=torch.int64)
+        scratch = torch.empty(rows * (D + I), dtype=torch.float32)
+        pointers = _pointers(out_ND, counts_E, ids_NK, weights_NK, order, scratch)
+        if _library().hybridlm_moe_prefill(*routed, *pointers, torch.get_num_threads()):
+            return None
     return out_ND, ids_NK, weights_NK, counts_E
