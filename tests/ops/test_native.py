@@ -185,12 +185,15 @@ def test_l2_normalize_matches_float64_formula(rows):
 @requires_kernels
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("tokens", [1, 3, 8, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("shared", ["none", "plain", "gated"])
+@pytest.mark.parametrize(
+    ("tokens", "shared"),
+    [(t, s) for t in (1, 3, 8, 300) for s in ("none", "plain", "gated")] + [(300, "weights"), (300, "gated weights")],
+)
 def test_moe_block_matches_route_then_reference(activation, scoring, tokens, with_bias, shared):
     """Decode kernel (<= 256 (token, expert) pairs) and prefill kernel (300 tokens: tiles on 2 threads, one expert
-    without tokens) against route + the reference loop, plus the shared expert's output as the MoE layer adds it."""
+    without tokens) against route + the reference loop, plus the shared expert's output as the MoE layer adds it:
+    given, or ("weights", prefill only) computed by the kernel from the shared expert's weights."""
     g = torch.Generator().manual_seed(tokens * 7 + with_bias)
     E, D, I, K = 8, 32, 24, 2
     hidden = torch.randn(tokens, D, generator=g)
@@ -199,9 +202,20 @@ def test_moe_block_matches_route_then_reference(activation, scoring, tokens, wit
     bias = torch.randn(E, generator=g) * 0.1 if with_bias else None
     up = torch.randn(E, 2 * I if activation == "swiglu" else I, D, generator=g) * 0.2
     down = torch.randn(E, D, I, generator=g) * 0.2
-    shared_out = None if shared == "none" else torch.randn(tokens, D, generator=g)
+    S = 40  # the shared expert's width
+    shared_weights = [torch.randn(S, D, generator=g) * 0.2 for _ in range(2 if activation == "swiglu" else 1)]
+    shared_weights.append(torch.randn(D, S, generator=g) * 0.2)
+    if "weights" in shared:  # the truth: hybridlm.layers.mlp's torch formula
+        hidden_S = F.linear(hidden, shared_weights[0])
+        if activation == "swiglu":
+            hidden_S = F.silu(hidden_S) * F.linear(hidden, shared_weights[1])
+        else:
+            hidden_S = torch.relu(hidden_S).square()
+        shared_out = F.linear(hidden_S, shared_weights[-1])
+    else:
+        shared_out = None if shared == "none" else torch.randn(tokens, D, generator=g)
     gate_columns = torch.randn(tokens, 3, generator=g)  # the gate's logit is a column of a wider projection
-    gate = gate_columns[:, 1:2] if shared == "gated" else None
+    gate = gate_columns[:, 1:2] if shared.startswith("gated") else None
     ids, weights, _ = route(
         logits, K, scoring=scoring, expert_bias_E=bias, norm_topk_prob=True, routed_scaling_factor=2.5
     )
@@ -213,8 +227,12 @@ def test_moe_block_matches_route_then_reference(activation, scoring, tokens, wit
     assert decodes or native.moe_prefill_applies(hidden, K, up, down, num_groups=1) == native.blas_available()
     if not (decodes or native.blas_available()):
         return
+    given, projections = (None, shared_weights) if "weights" in shared else (shared_out, ())
+    assert decodes or native.moe_prefill_applies(hidden, K, up, down, 1, projections)
     with torch_threads(2):
-        result = native.moe_block(hidden, logits, K, scoring, bias, True, 2.5, up, down, activation, shared_out, gate)
+        result = native.moe_block(
+            hidden, logits, K, scoring, bias, True, 2.5, up, down, activation, given, gate, projections
+        )
     assert result is not None
     out, got_ids, got_weights, counts = result
     assert torch.equal(got_ids.sort(-1).values, ids.sort(-1).values)

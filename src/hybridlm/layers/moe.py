@@ -106,21 +106,13 @@ class MoE(BlockModule):
         x_ND = x.reshape(-1, x.shape[-1])
         shared_ND = shared_gate_N1 = None
         if self._fuses_input_projections(x_ND):
-            logits_NE, shared_ND, shared_gate_N1 = self._fused_input_projections(x_ND)
             if not self.training and self.experts.holds_all_experts:
-                experts = (self.experts.input_proj, self.experts.down_proj)
-                if native.moe_decode_applies(
-                    x_ND, c.num_experts_per_tok, *experts, c.num_groups
-                ) or native.moe_prefill_applies(x_ND, c.num_experts_per_tok, *experts, c.num_groups):
-                    # routing, routed experts and the shared expert's addition in one kernel call
-                    result = native.moe_block(
-                        x_ND, logits_NE, c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias,
-                        c.norm_topk_prob, c.routed_scaling_factor, *experts, c.activation, shared_ND, shared_gate_N1,
-                    )  # fmt: skip
-                    if result is not None:
-                        out_ND, _, _, self.last_tokens_per_expert = result
-                        self.last_aux_loss = None
-                        return out_ND.view_as(x)
+                result = self._block_kernel(x_ND)
+                if result is not None:  # routing, routed and shared experts in one kernel call
+                    out_ND, self.last_tokens_per_expert = result
+                    self.last_aux_loss = None
+                    return out_ND.view_as(x)
+            logits_NE, shared_ND, shared_gate_N1 = self._fused_input_projections(x_ND)
             if shared_gate_N1 is not None:
                 shared_ND = torch.sigmoid(shared_gate_N1) * shared_ND
         else:
@@ -163,20 +155,57 @@ class MoE(BlockModule):
         modules = self._input_projections()
         return native.fuses_projections(x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
 
-    def _fused_input_projections(self, x_ND: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _fused_input_projections(
+        self, x_ND: Tensor, with_shared: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Router logits [N, E], the shared expert's output [N, D] and its gate's logit [N, 1] (None where
-        absent; the output is to be scaled by sigmoid(gate)), from one pass over the input weights."""
+        absent or not ``with_shared``; the output is to be scaled by sigmoid(gate)), from one pass over the
+        input weights."""
+        has_gate = self.shared_experts is not None and self.shared_expert_gate is not None
         modules = self._input_projections()
+        if not with_shared:
+            modules = modules[: 1 + has_gate]  # the router and the gate
         fused = native.fused_projections(
             x_ND, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules]
         )  # only after _fuses_input_projections said yes
         E = self.config.num_experts
         logits_NE = fused[:, :E]
-        if self.shared_experts is None:
-            return logits_NE, None, None
-        has_gate = self.shared_expert_gate is not None
+        gate_N1 = fused[:, E : E + 1] if has_gate else None
+        if self.shared_experts is None or not with_shared:
+            return logits_NE, None, gate_N1
         shared_ND = self.shared_experts.from_projections(fused[:, E + has_gate :])  # gate and up side by side
-        return logits_NE, shared_ND, fused[:, E : E + 1] if has_gate else None
+        return logits_NE, shared_ND, gate_N1
+
+    def _block_kernel(self, x_ND: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The block's output [N, D] and tokens per expert [E] from ``native.moe_block`` where it applies, else
+        None. Decoding: the router and the shared expert's input in one pass first, then one call for the rest.
+        A prompt: the router (and gate) first, then one call that runs the shared expert in the routed experts'
+        passes."""
+        c = self.config
+        experts = (self.experts.input_proj, self.experts.down_proj)
+        routing = (c.num_experts_per_tok, c.scoring, self.gate.e_score_correction_bias, c.norm_topk_prob)
+        settings = (*routing, c.routed_scaling_factor, *experts, c.activation)
+        if native.moe_decode_applies(x_ND, c.num_experts_per_tok, *experts, c.num_groups):
+            logits_NE, shared_ND, gate_N1 = self._fused_input_projections(x_ND)
+            result = native.moe_block(x_ND, logits_NE, *settings, shared_ND, gate_N1)
+        else:
+            shared = self._shared_projections()
+            if shared is None or not native.moe_prefill_applies(
+                x_ND, c.num_experts_per_tok, *experts, c.num_groups, shared
+            ):
+                return None
+            logits_NE, _, gate_N1 = self._fused_input_projections(x_ND, with_shared=False)
+            result = native.moe_block(x_ND, logits_NE, *settings, None, gate_N1, shared)
+        return None if result is None else (result[0], result[3])
+
+    def _shared_projections(self) -> tuple[Tensor, ...] | None:
+        """The shared expert's weights for the prefill kernel: (gate, up, down) for swiglu, (up, down) for relu2;
+        () without a shared expert; None where a projection has a bias (the kernel takes none)."""
+        mlp = self.shared_experts
+        if mlp is None:
+            return ()
+        projections = [*mlp.input_projections, mlp.down_proj]
+        return None if any(p.bias is not None for p in projections) else tuple(p.weight for p in projections)
 
     def _aux_loss(self, logits_NE: Tensor, scores_NE: Tensor, counts_E: Tensor) -> Tensor:
         """Load balancing (Switch Transformer eq. 4: E * sum_e f_e * P_e) + router z-loss (ST-MoE eq. 5)."""

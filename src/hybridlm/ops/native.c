@@ -1180,17 +1180,23 @@ static int run_products(const tile_product *products, int64_t count, int activat
 /* y: rows start[e] .. start[e + 1] of x [M, K] times W[e] [N, K]^T for every expert e < E, then the
  * activation: none or relu2 (y [M, N]), or swiglu (W[e]'s first N / 2 rows the gate, then the up rows;
  * y [M, N / 2] = silu(gate) * up). by_rows lists the experts, most rows first (the order tiles go out). */
-int hybridlm_expert_matmuls(const float *x, const int64_t *start, const int64_t *by_rows, int64_t E, const float *W,
-                            int64_t N, int64_t K, int activation, float *y, int threads) {
+/* products[i] for the i-th expert of by_rows (see hybridlm_expert_matmuls). */
+static void expert_products(tile_product *products, const float *x, const int64_t *start, const int64_t *by_rows,
+                            int64_t E, const float *W, int64_t N, int64_t K, int activation, float *y) {
     const int64_t columns = activation == TILE_SWIGLU ? N / 2 : N;
-    tile_product *products = malloc(sizeof(tile_product) * (E ? E : 1));
-    if (!products) return 1;
     for (int64_t i = 0; i < E; i++) {
         const int64_t e = by_rows[i];
         const float *We = W + e * N * K;
         products[i] = (tile_product){x + start[e] * K, We, We + columns * K, NULL, y + start[e] * columns,
                                 start[e + 1] - start[e], K, columns, columns};
     }
+}
+
+int hybridlm_expert_matmuls(const float *x, const int64_t *start, const int64_t *by_rows, int64_t E, const float *W,
+                            int64_t N, int64_t K, int activation, float *y, int threads) {
+    tile_product *products = malloc(sizeof(tile_product) * (E ? E : 1));
+    if (!products) return 1;
+    expert_products(products, x, start, by_rows, E, W, N, K, activation, y);
     const int failed = run_products(products, E, activation, threads);
     free(products);
     return failed;
@@ -1249,16 +1255,21 @@ static void gather_task(void *ctx, int thread, int threads) {
 }
 
 /* hybridlm_moe_decode's result for a prompt's tokens: routing (route_token) on the pool, the (token, slot)
- * pairs grouped by expert and their tokens gathered, both projections as tiles (hybridlm_expert_matmuls,
- * activation fused), then combine_with_shared. order: 2 N*K int64s; scratch: N*K*(D + I) floats.
- * E <= 1024. Returns 1 (out not written) when the tiles could not run (no BLAS handed over, no memory). */
+ * pairs grouped by expert and their tokens gathered, both projections as tiles (activation fused), then
+ * combine_with_shared. With shared_down (not NULL) the shared expert runs in the same two passes, its tiles
+ * first: act(x shared_in^T, x shared_up^T) [N, S] (swiglu: shared_in the gate's [S, D], shared_up the up's;
+ * relu2: shared_in the up's), then times shared_down [D, S]^T; `shared` is then ignored. order: 2 N*K int64s;
+ * scratch: N*K*(D + I) + N*(S + D) floats. E <= 1024. Returns 1 (out not written) when the tiles could not
+ * run (no BLAS handed over, no memory). */
 int hybridlm_moe_prefill(const float *x, int64_t N, int64_t D, const float *logits, int64_t logits_stride,
                          int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias, int norm_topk,
                          float scaling, const float *up, const float *down, int64_t I, int swiglu,
-                         const float *shared, const float *shared_gate, int64_t shared_gate_stride, float *out,
-                         int64_t *counts, int64_t *ids, float *weights, int64_t *order, float *scratch,
+                         const float *shared, const float *shared_gate, int64_t shared_gate_stride,
+                         const float *shared_in, const float *shared_up, const float *shared_down, int64_t S,
+                         float *out, int64_t *counts, int64_t *ids, float *weights, int64_t *order, float *scratch,
                          int threads) {
     const int64_t R = N * top_k;
+    const int activation = swiglu ? TILE_SWIGLU : TILE_RELU2;
     routing route = {logits, expert_bias, N, logits_stride, E, top_k, sigmoid_scores, norm_topk, scaling, ids,
                      weights};
     run_dynamic(routing_task, &route, threads);
@@ -1270,15 +1281,25 @@ int hybridlm_moe_prefill(const float *x, int64_t N, int64_t D, const float *logi
         for (; i > 0 && counts[by_rows[i - 1]] < counts[e]; i--) by_rows[i] = by_rows[i - 1];
         by_rows[i] = e;
     }
-    float *rows = scratch, *h = scratch + R * D;
+    float *rows = scratch, *h = scratch + R * D, *shared_h = h + R * I, *shared_y = shared_h + N * S;
     gather pick = {x, order, R, D, top_k, rows};
     run_dynamic(gather_task, &pick, threads);
-    if (hybridlm_expert_matmuls(rows, start, by_rows, E, up, swiglu ? 2 * I : I, D, swiglu ? TILE_SWIGLU : TILE_RELU2,
-                                h, threads) ||
-        hybridlm_expert_matmuls(h, start, by_rows, E, down, D, I, TILE_LINEAR, rows, threads))
-        return 1;
+    const int has_shared = shared_down != NULL;
+    tile_product *products = malloc(sizeof(tile_product) * (E + 1));
+    if (!products) return 1;
+    if (has_shared) products[0] = (tile_product){x, shared_in, shared_up, NULL, shared_h, N, D, S, S};
+    expert_products(products + has_shared, rows, start, by_rows, E, up, swiglu ? 2 * I : I, D, activation, h);
+    int failed = run_products(products, E + has_shared, activation, threads);
+    if (!failed) {
+        if (has_shared) products[0] = (tile_product){shared_h, shared_down, NULL, NULL, shared_y, N, S, D, D};
+        expert_products(products + has_shared, h, start, by_rows, E, down, D, I, TILE_LINEAR, rows);
+        failed = run_products(products, E + has_shared, TILE_LINEAR, threads);
+    }
+    free(products);
+    if (failed) return 1;
     int64_t *row_of = order + R; /* where each (token, slot) pair's output row went */
     for (int64_t i = 0; i < R; i++) row_of[order[i]] = i;
-    combine_with_shared(rows, row_of, weights, N, top_k, D, shared, shared_gate, shared_gate_stride, out, threads);
+    combine_with_shared(rows, row_of, weights, N, top_k, D, has_shared ? shared_y : shared, shared_gate,
+                        shared_gate_stride, out, threads);
     return 0;
 }

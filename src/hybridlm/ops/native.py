@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -201,11 +201,12 @@ def _library() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     # x, N, D, logits, logits stride, E, top_k, sigmoid scores, bias, norm_topk, scaling, up, down, I, swiglu,
     # shared, shared gate, its stride, then moe_decode: out, counts, ids, weights, scratch, threads;
-    # moe_prefill: out, counts, ids, weights, order, scratch, threads
+    # moe_prefill: the shared expert's input, up and down weights and width, out, counts, ids, weights, order,
+    # scratch, threads
     routed = [p, i64, i64, p, i64, i64, i64, i32, p, i32, f32, p, p, i64, i32, p, p, i64]
     library.hybridlm_moe_decode.argtypes = [*routed, p, p, p, p, p, i32]
     library.hybridlm_moe_decode.restype = None
-    library.hybridlm_moe_prefill.argtypes = [*routed, p, p, p, p, p, p, i32]
+    library.hybridlm_moe_prefill.argtypes = [*routed, p, p, p, i64, p, p, p, p, p, p, i32]
     library.hybridlm_moe_prefill.restype = i32
     library.hybridlm_swiglu.argtypes = [p, i64, p, i64, i64, i64, p, i32]
     library.hybridlm_swiglu.restype = None
@@ -648,14 +649,23 @@ def moe_decode_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_
     return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI)
 
 
-def moe_prefill_applies(x_ND: Tensor, top_k: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor, num_groups: int) -> bool:
+def moe_prefill_applies(
+    x_ND: Tensor,
+    top_k: int,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    num_groups: int,
+    shared_projections: Sequence[Tensor] = (),
+) -> bool:
     """Whether ``moe_block`` runs the prefill kernel: more (token, expert) pairs than the decode kernel takes,
-    ungrouped routing, fp32, contiguous experts, torch's MKL handed over, sizes within the BLAS's 32 bits."""
+    ungrouped routing, fp32, contiguous experts (and shared-expert weights), torch's MKL handed over, sizes
+    within the BLAS's 32 bits."""
     E, F, D = up_proj_EFD.shape
     fits = x_ND.shape[0] * top_k > MAX_EXPERT_ROWS and E <= MAX_EXPERTS and num_groups == 1 and x_ND.dim() == 2
-    fits = fits and up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous()
-    fits = fits and max(x_ND.shape[0] * top_k, F, D, down_proj_EDI.shape[2]) < 2**31
-    return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI) and blas_available()
+    fits = fits and all(w.is_contiguous() for w in (up_proj_EFD, down_proj_EDI, *shared_projections))
+    sizes = [x_ND.shape[0] * top_k, F, D, down_proj_EDI.shape[2], *(max(w.shape) for w in shared_projections)]
+    fits = fits and max(sizes) < 2**31
+    return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI, *shared_projections) and blas_available()
 
 
 def moe_block(
@@ -671,13 +681,16 @@ def moe_block(
     activation: str,
     shared_ND: Tensor | None = None,
     shared_gate_N1: Tensor | None = None,
+    shared_projections: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """A MoE block's routing, routed experts and combine in one kernel call, where ``moe_decode_applies``
     (a few tokens: each chosen expert streamed once for all its rows) or ``moe_prefill_applies`` (a prompt:
     the rows grouped by expert, both projections as tiles on the pool). Returns the output [N, D], the chosen
     ids [N, K] and weights [N, K], and tokens per expert [E]; None when the prefill tiles could not run.
     Same arguments and meaning as ``route`` + ``moe_experts_reference`` (ungrouped routing), then
-    ``+ sigmoid(shared_gate_N1) * shared_ND`` (``+ shared_ND`` without a gate; neither when None)."""
+    ``+ sigmoid(shared_gate_N1) * shared_ND`` (``+ shared_ND`` without a gate; neither when None).
+    ``shared_projections`` (prefill only): the shared expert's weights, (gate, up, down) for swiglu or (up,
+    down) for relu2, computed in the experts' passes instead of a given ``shared_ND``."""
     N, D = x_ND.shape
     E, I = up_proj_EFD.shape[0], down_proj_EDI.shape[2]
     x_ND = x_ND.contiguous()
@@ -686,7 +699,8 @@ def moe_block(
         logits_NE = logits_NE.contiguous()
     bias = None if expert_bias_E is None else expert_bias_E.float().contiguous()
     shared = None if shared_ND is None else shared_ND.contiguous()
-    gate = None if shared_gate_N1 is None or shared is None else shared_gate_N1.float()
+    has_shared = shared is not None or bool(shared_projections)
+    gate = shared_gate_N1.float() if shared_gate_N1 is not None and has_shared else None
     swiglu = activation == "swiglu"
     out_ND = torch.empty(N, D, dtype=torch.float32)
     counts_E = torch.empty(E, dtype=torch.int64)
@@ -705,9 +719,13 @@ def moe_block(
             *routed, *_pointers(out_ND, counts_E, ids_NK, weights_NK, scratch), _threads(up_proj_EFD[0].numel() * 2)
         )
     else:
+        *inputs, shared_down = shared_projections or (None, None)
+        shared_in, shared_up = inputs if swiglu and shared_projections else (inputs[0], None)
+        S = 0 if shared_down is None else shared_down.shape[1]
         order = torch.empty(2 * rows, dtype=torch.int64)
-        scratch = torch.empty(rows * (D + I), dtype=torch.float32)
+        scratch = torch.empty(rows * (D + I) + N * (S + D), dtype=torch.float32)
+        shared_weights = (*_pointers(shared_in, shared_up, shared_down), S)
         pointers = _pointers(out_ND, counts_E, ids_NK, weights_NK, order, scratch)
-        if _library().hybridlm_moe_prefill(*routed, *pointers, torch.get_num_threads()):
+        if _library().hybridlm_moe_prefill(*routed, *shared_weights, *pointers, torch.get_num_threads()):
             return None
     return out_ND, ids_NK, weights_NK, counts_E
