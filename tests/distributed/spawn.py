@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybridlm.distributed.launch import exit_without_teardown
+
 # A rank left waiting in a collective (a bug: some rank skipped it) fails after this, not never.
 COLLECTIVE_TIMEOUT_S = 60
 
@@ -55,3 +57,4 @@ def _rank_main(rank: int, world_size: int, port: int, worker: Callable, args: tu
         torch.save(result, Path(results) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_without_teardown(0)  # as hybridlm's own ranks end (a failure above propagates to torch's handler)
