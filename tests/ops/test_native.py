@@ -243,6 +243,23 @@ def test_moe_block_matches_route_then_reference(activation, scoring, tokens, wit
 
 
 @requires_kernels
+@pytest.mark.parametrize(
+    ("shared", "message"),
+    [
+        ({"shared_ND": torch.zeros(300, 31)}, r"shared_ND must be \[300, 32\]"),
+        ({"shared_ND": torch.zeros(300, 32), "shared_gate_N1": torch.zeros(299, 1)}, "shared_gate_N1 must hold 300"),
+        ({"shared_projections": (torch.zeros(40, 32), torch.zeros(32, 40))}, "for swiglu must be shaped"),
+    ],
+)
+def test_moe_block_refuses_misshaped_shared_tensors(shared, message):
+    """The kernel would read past a shared-expert tensor of the wrong shape: one ValueError naming it."""
+    hidden, logits = torch.randn(300, 32), torch.randn(300, 8)
+    up, down = torch.randn(8, 48, 32), torch.randn(8, 32, 24)
+    with pytest.raises(ValueError, match=message):
+        native.moe_block(hidden, logits, 2, "softmax", None, True, 1.0, up, down, "swiglu", **shared)
+
+
+@requires_kernels
 @pytest.mark.parametrize("rows", [1, 4, 9, 65, 300, 513])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_many_matches_concatenated_f_linear(rows, with_bias):

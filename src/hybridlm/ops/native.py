@@ -668,6 +668,29 @@ def moe_prefill_applies(
     return fits and _applies(x_ND, up_proj_EFD, down_proj_EDI, *shared_projections) and blas_available()
 
 
+def _check_shared(
+    N: int,
+    D: int,
+    activation: str,
+    shared_ND: Tensor | None,
+    shared_gate_N1: Tensor | None,
+    shared_projections: Sequence[Tensor],
+) -> None:
+    """A ValueError naming the shared-expert tensor whose shape the kernel would read past."""
+    if shared_ND is not None and tuple(shared_ND.shape) != (N, D):
+        raise ValueError(f"moe_block: shared_ND must be [{N}, {D}], got {list(shared_ND.shape)}")
+    if shared_gate_N1 is not None and shared_gate_N1.numel() != N:
+        raise ValueError(f"moe_block: shared_gate_N1 must hold {N} values (one a token), got {shared_gate_N1.numel()}")
+    if shared_projections:
+        S = shared_projections[-1].shape[-1]
+        wanted = [[S, D]] * (2 if activation == "swiglu" else 1) + [[D, S]]
+        if [list(w.shape) for w in shared_projections] != wanted:
+            raise ValueError(
+                f"moe_block: shared_projections for {activation} must be shaped {wanted}, "
+                f"got {[list(w.shape) for w in shared_projections]}"
+            )
+
+
 def moe_block(
     x_ND: Tensor,
     logits_NE: Tensor,
@@ -698,6 +721,7 @@ def moe_block(
     if logits_NE.stride(1) != 1:
         logits_NE = logits_NE.contiguous()
     bias = None if expert_bias_E is None else expert_bias_E.float().contiguous()
+    _check_shared(N, D, activation, shared_ND, shared_gate_N1, shared_projections)
     shared = None if shared_ND is None else shared_ND.contiguous()
     has_shared = shared is not None or bool(shared_projections)
     gate = shared_gate_N1.float() if shared_gate_N1 is not None and has_shared else None
