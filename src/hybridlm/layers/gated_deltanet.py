@@ -18,7 +18,7 @@ from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
 from hybridlm.layers.linear import Linear, project
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.layers.short_conv import conv_sequence, conv_step
-from hybridlm.ops import native
+from hybridlm.ops import cuda_kernels, native
 from hybridlm.ops.gated_deltanet import gated_deltanet_chunked, gated_deltanet_step
 from hybridlm.ops.precision import upcast
 
@@ -101,7 +101,8 @@ class GatedDeltaNetMixer(BlockModule):
             o, new_state = gated_deltanet_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
             o = o[:, None]
         else:
-            o, new_state = gated_deltanet_chunked(q, k, v, g, beta, recurrent, chunk_size=c.chunk_size)
+            chunked = cuda_kernels.gated_delta(q.device) or gated_deltanet_chunked  # fla's, where it matched
+            o, new_state = chunked(q, k, v, g, beta, recurrent, chunk_size=c.chunk_size)
         if recurrent is not None:
             recurrent.copy_(new_state)
         return o

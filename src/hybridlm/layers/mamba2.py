@@ -18,7 +18,7 @@ from hybridlm.layers.base import BlockModule, BlockParams, StateTensor, allocate
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.norm import GatedRMSNorm
 from hybridlm.layers.short_conv import conv_sequence, conv_step
-from hybridlm.ops import native
+from hybridlm.ops import cuda_kernels, native
 from hybridlm.ops.precision import upcast
 from hybridlm.ops.ssd import ssd_chunked, ssd_step
 
@@ -132,8 +132,12 @@ class Mamba2Mixer(BlockModule):
             xs = xs.view(B, T, c.num_heads, c.head_dim)
             Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
             A = -torch.exp(upcast(self.A_log))
-            chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
-            y, recurrent = ssd_chunked(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
+            fast = cuda_kernels.ssd(xs.device)  # mamba_ssm's Triton SSD, where it matched the reference here
+            if fast is not None:
+                y, recurrent = fast(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=c.chunk_size)
+            else:
+                chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
+                y, recurrent = ssd_chunked(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
         if state is not None:
             state.recurrent.copy_(recurrent)
         y = y.reshape(B, T, inner)
