@@ -7,9 +7,10 @@ reference on a small input on that device (once per device, at first use), else 
 
 Each returns a function with the contract of the torch function it replaces, or None: off CUDA, while
 autograd records (their gradients are not checked here), where the package is missing (logged), or where
-the kernel did not match the reference (a warning naming the difference). The torch forms stay the twins;
-tests/ops/test_cuda_kernels.py holds the selection and the checks to them on CPU. Not yet run on a GPU:
-no session so far had one; a broken adapter can only make the check fail, never a wrong result.
+the kernel did not match the reference (a warning naming the difference). The check runs in fp32. The
+torch forms stay the twins; tests/ops/test_cuda_kernels.py holds the selection and the checks to them on
+CPU. Not yet run on a GPU: no session so far had one; a broken adapter can only make the check fail,
+never a wrong result.
 """
 
 from __future__ import annotations
