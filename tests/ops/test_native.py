@@ -243,6 +243,30 @@ def test_moe_block_matches_route_then_reference(activation, scoring, tokens, wit
 
 
 @requires_kernels
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_moe_block_keeps_a_nan_logit_in_its_token(tokens):
+    """A NaN router logit (a NaN in that token's hidden state) makes that token's output NaN, as torch's route
+    does (topk ranks NaN first); the kernel's expert ids stay in range (a NaN used to leave none chosen and
+    corrupt memory) and the other tokens' outputs match route + the reference loop."""
+    g = torch.Generator().manual_seed(tokens)
+    E, D, I, K = 8, 32, 24, 2
+    hidden, logits = torch.randn(tokens, D, generator=g), torch.randn(tokens, E, generator=g) * 3
+    logits[1] = float("nan")
+    logits[2, 3] = float("nan")
+    up, down = torch.randn(E, 2 * I, D, generator=g) * 0.2, torch.randn(E, D, I, generator=g) * 0.2
+    ids, weights, _ = route(logits, K)
+    expected = moe_experts_reference(hidden, ids, weights, up, down, "swiglu")
+    with torch_threads(2):
+        out, got_ids, _, counts = native.moe_block(hidden, logits, K, "softmax", None, True, 1.0, up, down, "swiglu")
+    assert int(got_ids.min()) >= 0 and int(got_ids.max()) < E and int(counts.sum()) == tokens * K
+    assert out[1].isnan().all() and out[2].isnan().all() and expected[2].isnan().all()
+    finite = [t for t in range(tokens) if t not in (1, 2)]
+    assert_close(out[finite], expected[finite], name="out")
+    with pytest.raises(ValueError, match="top_k must be in"):
+        native.moe_block(hidden, logits, E + 1, "softmax", None, True, 1.0, up, down, "swiglu")
+
+
+@requires_kernels
 @pytest.mark.parametrize(
     ("shared", "message"),
     [

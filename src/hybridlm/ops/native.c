@@ -1009,8 +1009,9 @@ static void combine_with_shared(const float *y, const int64_t *row_of, const flo
 }
 
 /* Token routing (twin: hybridlm.ops.moe.route, ungrouped): scores = softmax(logits) or sigmoid(logits);
- * the top_k experts by scores + expert_bias (bias may be NULL), ties to the lower id; weights = their
- * unbiased scores, divided by their sum when norm_topk, times scaling. E <= 1024. */
+ * the top_k experts by scores + expert_bias (bias may be NULL), ties to the lower id, NaN above every number
+ * as torch.topk ranks it (a NaN logit makes the token's output NaN, never an expert id out of range);
+ * weights = their unbiased scores, divided by their sum when norm_topk, times scaling. E <= 1024. */
 static void route_token(const float *l, int64_t E, int64_t top_k, int sigmoid_scores, const float *expert_bias,
                         int norm_topk, float scaling, int64_t *ids, float *weights) {
     float scores[1024], choice[1024];
@@ -1022,13 +1023,17 @@ static void route_token(const float *l, int64_t E, int64_t top_k, int sigmoid_sc
         for (int64_t e = 0; e < E; e++) total += (scores[e] = __builtin_expf(l[e] - top));
         for (int64_t e = 0; e < E; e++) scores[e] /= total;
     }
-    for (int64_t e = 0; e < E; e++) choice[e] = scores[e] + (expert_bias ? expert_bias[e] : 0.0f);
+    unsigned char taken[1024];
+    for (int64_t e = 0; e < E; e++) choice[e] = scores[e] + (expert_bias ? expert_bias[e] : 0.0f), taken[e] = 0;
     float sum = 0.0f;
     for (int64_t k = 0; k < top_k; k++) { /* the best remaining */
         int64_t best = -1;
-        for (int64_t e = 0; e < E; e++)
-            if (choice[e] > -__builtin_inff() && (best < 0 || choice[e] > choice[best])) best = e;
-        choice[best] = -__builtin_inff();
+        for (int64_t e = 0; e < E; e++) {
+            if (taken[e]) continue;
+            const int nan = choice[e] != choice[e];
+            if (best < 0 || (nan && choice[best] == choice[best]) || choice[e] > choice[best]) best = e;
+        }
+        taken[best] = 1;
         ids[k] = best;
         weights[k] = scores[best];
         sum += scores[best];

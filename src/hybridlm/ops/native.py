@@ -721,6 +721,8 @@ def moe_block(
     if logits_NE.stride(1) != 1:
         logits_NE = logits_NE.contiguous()
     bias = None if expert_bias_E is None else expert_bias_E.float().contiguous()
+    if not 1 <= top_k <= E:
+        raise ValueError(f"moe_block: top_k must be in [1, num_experts={E}], got {top_k}")
     _check_shared(N, D, activation, shared_ND, shared_gate_N1, shared_projections)
     shared = None if shared_ND is None else shared_ND.contiguous()
     has_shared = shared is not None or bool(shared_projections)
