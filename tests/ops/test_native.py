@@ -271,7 +271,8 @@ def test_moe_block_keeps_a_nan_logit_in_its_token(tokens):
     ("shared", "message"),
     [
         ({"shared_ND": torch.zeros(300, 31)}, r"shared_ND must be \[300, 32\]"),
-        ({"shared_ND": torch.zeros(300, 32), "shared_gate_N1": torch.zeros(299, 1)}, "shared_gate_N1 must hold 300"),
+        ({"shared_ND": torch.zeros(300, 32), "shared_gate_N1": torch.zeros(299, 1)}, r"must be \[300, 1\]"),
+        ({"shared_ND": torch.zeros(300, 32), "shared_gate_N1": torch.zeros(1, 300)}, r"got \[1, 300\]"),
         ({"shared_projections": (torch.zeros(40, 32), torch.zeros(32, 40))}, "for swiglu must be shaped"),
     ],
 )

@@ -679,8 +679,9 @@ def _check_shared(
     """A ValueError naming the shared-expert tensor whose shape the kernel would read past."""
     if shared_ND is not None and tuple(shared_ND.shape) != (N, D):
         raise ValueError(f"moe_block: shared_ND must be [{N}, {D}], got {list(shared_ND.shape)}")
-    if shared_gate_N1 is not None and shared_gate_N1.numel() != N:
-        raise ValueError(f"moe_block: shared_gate_N1 must hold {N} values (one a token), got {shared_gate_N1.numel()}")
+    if shared_gate_N1 is not None and (shared_gate_N1.numel() != N or shared_gate_N1.shape[0] != N):
+        shape = list(shared_gate_N1.shape)
+        raise ValueError(f"moe_block: shared_gate_N1 must be [{N}, 1] or [{N}] (one a token), got {shape}")
     if shared_projections:
         S = shared_projections[-1].shape[-1]
         wanted = [[S, D]] * (2 if activation == "swiglu" else 1) + [[D, S]]
