@@ -26,26 +26,24 @@ def fresh_verdicts():
     cuda_kernels._verdicts.clear()
 
 
-def standing_in(kernel: FastKernel, fn, name: str = "stand-in") -> FastKernel:
-    """``kernel`` with ``fn`` as its loaded function, counting the loads."""
+def standing_in(kernel: FastKernel, fn, name: str = "stand-in") -> tuple[FastKernel, list]:
+    """``kernel`` with ``fn`` as its loaded function, and the list its loads append to."""
     loads = []
 
     def load():
         loads.append(1)
         return fn
 
-    stand_in = dataclasses.replace(kernel, name=name, load=load)
-    object.__setattr__(stand_in, "loads", loads)
-    return stand_in
+    return dataclasses.replace(kernel, name=name, load=load), loads
 
 
 @pytest.mark.parametrize(("kernel", "torch_form"), [(SSD, ssd_chunked), (GATED_DELTA, gated_deltanet_chunked)])
 def test_a_matching_kernel_is_used_and_checked_once_per_device(kernel, torch_form):
-    stand_in = standing_in(kernel, torch_form)
+    stand_in, loads = standing_in(kernel, torch_form)
     with torch.inference_mode():
         assert fast_kernel(stand_in, CPU, device_types=("cpu",)) is torch_form
         assert fast_kernel(stand_in, CPU, device_types=("cpu",)) is torch_form
-    assert len(stand_in.loads) == 1
+    assert len(loads) == 1
 
 
 @pytest.mark.parametrize(("kernel", "torch_form"), [(SSD, ssd_chunked), (GATED_DELTA, gated_deltanet_chunked)])
@@ -71,7 +69,7 @@ def test_the_tolerance_is_well_above_the_torch_forms_error(kernel, torch_form):
 )
 @pytest.mark.parametrize(("kernel", "torch_form"), [(SSD, ssd_chunked), (GATED_DELTA, gated_deltanet_chunked)])
 def test_a_kernel_that_differs_is_refused_with_a_warning(kernel, torch_form, wrong):
-    stand_in = standing_in(kernel, wrong(torch_form), name="wrong kernel")
+    stand_in, _ = standing_in(kernel, wrong(torch_form), name="wrong kernel")
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="wrong kernel not used on cpu .*torch path runs"):
         assert fast_kernel(stand_in, CPU, device_types=("cpu",)) is None
 
@@ -81,7 +79,7 @@ def test_a_kernel_that_raises_is_refused_with_a_warning():
         raise RuntimeError("no kernel image is available for execution on the device")
 
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="RuntimeError: no kernel image"):
-        assert fast_kernel(standing_in(SSD, broken), CPU, device_types=("cpu",)) is None
+        assert fast_kernel(standing_in(SSD, broken)[0], CPU, device_types=("cpu",)) is None
 
 
 def test_a_missing_package_falls_back_without_a_warning(caplog):
@@ -96,11 +94,11 @@ def test_a_missing_package_falls_back_without_a_warning(caplog):
 
 
 def test_nothing_is_loaded_off_cuda_or_under_autograd():
-    stand_in = standing_in(SSD, ssd_chunked)
+    stand_in, loads = standing_in(SSD, ssd_chunked)
     with torch.inference_mode():
         assert cuda_kernels.fast_kernel(stand_in, CPU) is None  # CUDA only by default
     assert fast_kernel(stand_in, CPU, device_types=("cpu",)) is None  # gradients would not be checked
-    assert stand_in.loads == []
+    assert loads == []
     with torch.inference_mode():
         assert cuda_kernels.ssd(CPU) is None and cuda_kernels.gated_delta(CPU) is None
 

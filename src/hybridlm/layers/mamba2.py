@@ -133,11 +133,9 @@ class Mamba2Mixer(BlockModule):
             Bs, Cs = Bs.view(B, T, G, N), Cs.view(B, T, G, N)
             A = -torch.exp(upcast(self.A_log))
             fast = cuda_kernels.ssd(xs.device)  # mamba_ssm's Triton SSD, where it matched the reference here
-            if fast is not None:
-                y, recurrent = fast(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=c.chunk_size)
-            else:
-                chunk_size = min(c.chunk_size, FASTEST_SSD_CHUNK)  # the chunked form is exact for any chunk size
-                y, recurrent = ssd_chunked(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
+            # the torch chunked form is exact for any chunk size and fastest at FASTEST_SSD_CHUNK
+            run, chunk_size = (fast, c.chunk_size) if fast else (ssd_chunked, min(c.chunk_size, FASTEST_SSD_CHUNK))
+            y, recurrent = run(xs, self._time_step(dt), A, Bs, Cs, self.D, recurrent, chunk_size=chunk_size)
         if state is not None:
             state.recurrent.copy_(recurrent)
         y = y.reshape(B, T, inner)

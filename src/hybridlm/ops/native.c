@@ -992,12 +992,6 @@ static void combine_task(void *ctx, int thread, int threads) {
 
 /* out[n] = sum_k weights[n, k] * y[row_of[n, k]] for n < N (rows D wide, k in slot order): the MoE block's
  * weighted sum of each token's expert outputs (twin: index_add_ of the weighted rows). */
-void hybridlm_combine(const float *y, const int64_t *row_of, const float *weights, int64_t N, int64_t top_k,
-                      int64_t D, float *out, int threads) {
-    combine c = {y, weights, row_of, out, N, D, top_k, NULL, NULL, 0};
-    run_dynamic(combine_task, &c, threads);
-}
-
 /* The MoE block's output: the experts' weighted sum, then (shared not NULL) + sigmoid(shared_gate[n]) *
  * shared[n], or + shared[n] without a gate (twin: route's weights, moe_experts_reference, then the shared
  * expert's output added as hybridlm.layers.moe does). */
@@ -1006,6 +1000,11 @@ static void combine_with_shared(const float *y, const int64_t *row_of, const flo
                                 int64_t shared_gate_stride, float *out, int threads) {
     combine c = {y, weights, row_of, out, N, D, top_k, shared, shared_gate, shared_gate_stride};
     run_dynamic(combine_task, &c, threads);
+}
+
+void hybridlm_combine(const float *y, const int64_t *row_of, const float *weights, int64_t N, int64_t top_k,
+                      int64_t D, float *out, int threads) {
+    combine_with_shared(y, row_of, weights, N, top_k, D, NULL, NULL, 0, out, threads);
 }
 
 /* Token routing (twin: hybridlm.ops.moe.route, ungrouped): scores = softmax(logits) or sigmoid(logits);

@@ -746,8 +746,8 @@ def moe_block(
             *routed, *_pointers(out_ND, counts_E, ids_NK, weights_NK, scratch), _threads(up_proj_EFD[0].numel() * 2)
         )
     else:
-        *inputs, shared_down = shared_projections or (None, None)
-        shared_in, shared_up = inputs if swiglu and shared_projections else (inputs[0], None)
+        shared_in, *shared_up, shared_down = shared_projections or (None, None)  # (gate, up, down) or (up, down)
+        shared_up = shared_up[0] if shared_up else None
         S = 0 if shared_down is None else shared_down.shape[1]
         order = torch.empty(2 * rows, dtype=torch.int64)
         scratch = torch.empty(rows * (D + I) + N * (S + D), dtype=torch.float32)
