@@ -18,7 +18,14 @@ from hybridlm.layers.base import BlockModule, BlockParams, mlp_params
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.mlp import MLP
 from hybridlm.ops import native
-from hybridlm.ops.moe import moe_experts_few_tokens, moe_experts_grouped, route, tokens_per_expert
+from hybridlm.ops.moe import (
+    gathered_applies,
+    moe_experts_few_tokens,
+    moe_experts_gathered,
+    moe_experts_grouped,
+    route,
+    tokens_per_expert,
+)
 from hybridlm.ops.precision import upcast
 
 if TYPE_CHECKING:
@@ -60,10 +67,16 @@ class Experts(nn.Module):
         return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
 
     def forward(self, x_ND: Tensor, topk_ids_NK: Tensor, topk_weights_NK: Tensor) -> Tensor:
-        # Decoding (a few tokens): stream each chosen expert once; prefill: grouped matmuls.
-        few_tokens = native.expert_linear_applies(x_ND, topk_ids_NK.numel(), self.input_proj)
-        run = moe_experts_few_tokens if few_tokens else moe_experts_grouped
-        return run(x_ND, topk_ids_NK, topk_weights_NK.to(x_ND.dtype), self.input_proj, self.down_proj, self.activation)
+        # Decoding (a few tokens): the CPU kernel streams each chosen expert once, else torch gathers
+        # the chosen experts' weights (no host synchronisation); prefill: grouped matmuls.
+        pairs, up, down = topk_ids_NK.numel(), self.input_proj, self.down_proj
+        if native.expert_linear_applies(x_ND, pairs, up):
+            run = moe_experts_few_tokens
+        elif gathered_applies(x_ND, pairs, up, down):
+            run = moe_experts_gathered
+        else:
+            run = moe_experts_grouped
+        return run(x_ND, topk_ids_NK, topk_weights_NK.to(x_ND.dtype), up, down, self.activation)
 
 
 class MoE(BlockModule):

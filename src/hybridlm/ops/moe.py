@@ -246,6 +246,43 @@ def moe_experts_few_tokens(
     return (y_MD.view(N, K, -1) * weights_NK[:, :, None]).sum(dim=1)
 
 
+# The gathered form copies each (token, expert) pair's weights: bounded so a large batch or large
+# experts take the grouped form instead (Qwen3-Next's 512 experts are 4 MB each in bf16).
+GATHERED_MAX_BYTES = 64 * 2**20
+
+
+def gathered_applies(hidden_ND: Tensor, pairs: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor) -> bool:
+    """Whether `moe_experts_gathered` suits ``pairs`` (token, expert) pairs: where `grouped_mm` does
+    not run (it reads each expert once and never waits for the device) and the copied weights fit."""
+    per_pair = (up_proj_EFD[0].numel() + down_proj_EDI[0].numel()) * up_proj_EFD.element_size()
+    fits = 0 < pairs * per_pair <= GATHERED_MAX_BYTES
+    return fits and not grouped_mm_supported(hidden_ND, up_proj_EFD, down_proj_EDI)
+
+
+def moe_experts_gathered(
+    hidden_ND: Tensor,
+    topk_ids_NK: Tensor,
+    topk_weights_NK: Tensor,
+    up_proj_EFD: Tensor,
+    down_proj_EDI: Tensor,
+    activation: str,
+) -> Tensor:
+    """Same contract as `moe_experts_reference`, for decoding in torch: each (token, slot) pair takes a
+    copy of its expert's weights and the pairs run as one batched matmul per projection (as gpt-fast's
+    Mixtral decode). No host synchronisation and no data-dependent shape, so ``torch.compile`` traces
+    it whole and a CUDA graph can hold it; the copies cost memory traffic, so it is for a few pairs
+    (`gathered_applies`).
+    """
+    _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
+    N, K = topk_ids_NK.shape
+    ids_M = topk_ids_NK.reshape(-1)
+    x_M1D = hidden_ND.repeat_interleave(K, dim=0)[:, None, :]
+    h_M1F = torch.bmm(x_M1D, up_proj_EFD[ids_M].transpose(1, 2))
+    a_M1I = _activate(h_M1F, activation)
+    y_MD = torch.bmm(a_M1I, down_proj_EDI[ids_M].transpose(1, 2)).view(N, K, -1)
+    return (y_MD * topk_weights_NK.to(hidden_ND.dtype)[:, :, None]).sum(dim=1)
+
+
 def route(
     router_logits_NE: Tensor,
     top_k: int,
