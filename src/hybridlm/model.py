@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from hybridlm.accounting import count_params
 from hybridlm.blocks import block_spec
 from hybridlm.cache import ForwardContext, HybridCache
+from hybridlm.compiled_decode import CompiledDecode
 from hybridlm.config import HybridConfig
 from hybridlm.layers.linear import Linear
 from hybridlm.layers.moe import Experts
@@ -98,6 +99,7 @@ class HybridLM(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.block_observer: BlockObserver | None = None
+        self.compiled_decode: CompiledDecode | None = None
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
@@ -209,7 +211,8 @@ class HybridLM(nn.Module):
         Each slot continues at its own position (``cache.lengths``); nothing here waits for the
         device (no ``.item()``, no data-dependent branch), so an engine can call it every step and a
         CUDA graph can capture it. The ids are trusted to be in range (they come from sampling); an
-        out-of-range id is reported as a ValueError where the device reports it at all.
+        out-of-range id is reported as a ValueError where the device reports it at all. After
+        ``compile_decode`` the blocks run compiled (while no block observer is attached).
         """
         if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size or token_ids.is_floating_point():
             raise ValueError(
@@ -222,6 +225,17 @@ class HybridLM(nn.Module):
         except IndexError:
             self._check_inputs(token_ids[:, None], cache, None)  # names the bad id
             raise
+        logits = None
+        if self.compiled_decode is not None and self.block_observer is None:
+            logits = self.compiled_decode(hidden, context, cache)
+        if logits is None:
+            logits = self.decode_blocks(hidden, context, cache)
+        cache.advance(1, None)
+        return logits
+
+    def decode_blocks(self, hidden: Tensor, context: ForwardContext, cache: HybridCache) -> Tensor:
+        """This step's embedded tokens [B, hidden] through every block's step and the LM head -> [B, vocab]
+        (the part of ``decode_step`` that ``compile_decode`` compiles; the cache is not advanced)."""
         observer = self.block_observer
         for block in self.layers:
             if observer is not None:  # observers see [B, T, hidden], as from forward
@@ -230,8 +244,14 @@ class HybridLM(nn.Module):
             if observer is not None:
                 counts = block.mixer.last_tokens_per_expert if block.routes_experts else None
                 observer.after_block(block.index, block.layer_type, hidden[:, None], counts)
-        cache.advance(1, None)
         return self._logits(hidden)
+
+    def compile_decode(self, mode: str | None = "default") -> None:
+        """Run later decode steps' blocks through ``torch.compile`` with ``mode`` ("default",
+        "reduce-overhead" for CUDA graphs, "max-autotune", "max-autotune-no-cudagraphs"), each graph
+        checked against the eager step first, eager on any failure (``hybridlm.compiled_decode``);
+        None: eager again."""
+        self.compiled_decode = None if mode is None else CompiledDecode(self, mode)
 
     def _check_inputs(self, input_ids: Tensor, cache: HybridCache | None, attention_mask: Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):

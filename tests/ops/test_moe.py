@@ -1,4 +1,4 @@
-"""moe_experts_grouped and moe_experts_gathered against the reference loop; route against a re-derivation
+"""moe_experts_grouped and moe_experts_sync_free against the reference loop; route against a re-derivation
 and transformers."""
 
 import ctypes
@@ -14,13 +14,12 @@ import torch.nn.functional as F
 
 from hybridlm.ops import native
 from hybridlm.ops.moe import (
-    GATHERED_MAX_BYTES,
-    gathered_applies,
     grouped_mm_supported,
-    moe_experts_gathered,
     moe_experts_grouped,
     moe_experts_reference,
+    moe_experts_sync_free,
     route,
+    sync_free_applies,
     tokens_per_expert,
 )
 from tests.helpers import assert_close, torch_threads
@@ -141,13 +140,13 @@ def test_grouped_gradients_match_reference_on_fallback_path(N, D, I, K, activati
 
 
 @pytest.mark.parametrize(("N", "D", "I", "K", "activation"), SHAPES, ids=SHAPE_IDS)
-def test_gathered_forward_and_gradients_match_reference(N, D, I, K, activation):
+def test_sync_free_forward_and_gradients_match_reference(N, D, I, K, activation):
     hidden, ids, weights, up, down = make_experts(N, D, I, K, activation, seed=3)
     leaves = [t.clone().requires_grad_() for t in (hidden, weights, up, down)]
     grad_out = torch.randn(N, D, generator=torch.Generator().manual_seed(4))
     expected = moe_experts_reference(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation)
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)
-    actual = moe_experts_gathered(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation)
+    actual = moe_experts_sync_free(leaves[0], ids, leaves[1], leaves[2], leaves[3], activation)
     actual_grads = torch.autograd.grad(actual, leaves, grad_out)
     assert_close(actual, expected)
     for name, a, e in zip(
@@ -156,16 +155,19 @@ def test_gathered_forward_and_gradients_match_reference(N, D, I, K, activation):
         assert_close(a, e, name=name)
 
 
-def test_gathered_form_is_for_a_few_pairs_where_grouped_mm_does_not_run(monkeypatch):
+def test_sync_free_form_is_for_decode_sized_batches_where_grouped_mm_does_not_run(monkeypatch):
     hidden, _, _, up, down = make_experts(4, 64, 24, 2, "swiglu")
-    per_pair = (up[0].numel() + down[0].numel()) * 4
+    per_expert = (up[0].numel() + down[0].numel()) * 4
     monkeypatch.setattr("hybridlm.ops.moe.grouped_mm_supported", lambda *args: False)
-    assert gathered_applies(hidden, 8, up, down)
-    assert gathered_applies(hidden, GATHERED_MAX_BYTES // per_pair, up, down)
-    assert not gathered_applies(hidden, GATHERED_MAX_BYTES // per_pair + 1, up, down)  # copies too large
-    assert not gathered_applies(hidden, 0, up, down)
+    monkeypatch.setattr("hybridlm.ops.moe.GATHERED_MAX_BYTES", 3 * per_expert)
+    assert sync_free_applies(hidden, 3, up, down)  # 3 copies of an expert fit
+    assert not sync_free_applies(hidden, 4, up, down)  # 4 do not, and 4 < 8 experts: all would read more
+    assert sync_free_applies(hidden, NUM_EXPERTS, up, down)  # every expert once
+    assert sync_free_applies(hidden, native.MAX_EXPERT_ROWS, up, down)
+    assert not sync_free_applies(hidden, native.MAX_EXPERT_ROWS + 1, up, down)  # prefill: grouped
+    assert not sync_free_applies(hidden, 0, up, down)
     monkeypatch.setattr("hybridlm.ops.moe.grouped_mm_supported", lambda *args: True)
-    assert not gathered_applies(hidden, 8, up, down)  # grouped_mm reads each expert once
+    assert not sync_free_applies(hidden, 2, up, down)  # grouped_mm reads each expert once
 
 
 @pytest.mark.parametrize(("D", "I"), [(62, 24), (64, 21), (61, 19)])

@@ -114,7 +114,13 @@ class Attention(BlockModule):
         H_kv, S = k.shape[1], k.shape[2]
         if T > 1 or S < LONG_CONTEXT_KEYS:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=H_kv != H
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=self.scale,
+                enable_gqa=self.config.num_kv_heads != self.config.num_heads,
             )
         # One query per slot over a long cache: two grouped matmuls read each KV head once; CPU SDPA
         # took 1.1-1.5x (head-major KV) to 2.4x (token-major) their time at 4K-16K keys.

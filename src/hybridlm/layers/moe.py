@@ -19,11 +19,11 @@ from hybridlm.layers.linear import Linear
 from hybridlm.layers.mlp import MLP
 from hybridlm.ops import native
 from hybridlm.ops.moe import (
-    gathered_applies,
     moe_experts_few_tokens,
-    moe_experts_gathered,
     moe_experts_grouped,
+    moe_experts_sync_free,
     route,
+    sync_free_applies,
     tokens_per_expert,
 )
 from hybridlm.ops.precision import upcast
@@ -67,13 +67,13 @@ class Experts(nn.Module):
         return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
 
     def forward(self, x_ND: Tensor, topk_ids_NK: Tensor, topk_weights_NK: Tensor) -> Tensor:
-        # Decoding (a few tokens): the CPU kernel streams each chosen expert once, else torch gathers
-        # the chosen experts' weights (no host synchronisation); prefill: grouped matmuls.
+        # Decoding (a few tokens): the CPU kernel streams each chosen expert once, else a torch form
+        # without a host synchronisation; prefill: grouped matmuls.
         pairs, up, down = topk_ids_NK.numel(), self.input_proj, self.down_proj
         if native.expert_linear_applies(x_ND, pairs, up):
             run = moe_experts_few_tokens
-        elif gathered_applies(x_ND, pairs, up, down):
-            run = moe_experts_gathered
+        elif sync_free_applies(x_ND, pairs, up, down):
+            run = moe_experts_sync_free
         else:
             run = moe_experts_grouped
         return run(x_ND, topk_ids_NK, topk_weights_NK.to(x_ND.dtype), up, down, self.activation)

@@ -130,8 +130,9 @@ def grouped_mm_supported(
       strides (`F.grouped_mm(...).sum().backward()` fails with "Invalid strides/sizes"). The gradients
       this function feeds it are dense today and do pass, but nothing guarantees that, and grouped_mm
       measured no faster than the loop on CPU, so CPU training takes the loop;
-    - not under torch.compile with a dtype other than bf16 (inductor lowers grouped_mm for bf16 only;
-      transformers' integrations/moe.py keeps the same rule).
+    - not under torch.compile (inductor lowers grouped_mm for bf16 only, as transformers'
+      integrations/moe.py notes, and the alignment test below reads data pointers, which dynamo cannot;
+      a compiled decode step takes `moe_experts_sync_free`).
     """
     if getattr(F, "grouped_mm", None) is None:
         return False
@@ -149,7 +150,7 @@ def grouped_mm_supported(
             return False
     else:
         return False
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+    if torch.compiler.is_compiling():  # the alignment test reads data pointers, which dynamo cannot
         return False
     if not (up_proj_EFD.is_contiguous() and down_proj_EDI.is_contiguous()):
         return False
@@ -246,20 +247,22 @@ def moe_experts_few_tokens(
     return (y_MD.view(N, K, -1) * weights_NK[:, :, None]).sum(dim=1)
 
 
-# The gathered form copies each (token, expert) pair's weights: bounded so a large batch or large
-# experts take the grouped form instead (Qwen3-Next's 512 experts are 4 MB each in bf16).
+# The sync-free form copies each (token, expert) pair's weights when there are fewer pairs than experts:
+# bounded, so large experts take the grouped form instead (Qwen3-Next's are 6 MB each in fp32).
 GATHERED_MAX_BYTES = 64 * 2**20
 
 
-def gathered_applies(hidden_ND: Tensor, pairs: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor) -> bool:
-    """Whether `moe_experts_gathered` suits ``pairs`` (token, expert) pairs: where `grouped_mm` does
-    not run (it reads each expert once and never waits for the device) and the copied weights fit."""
-    per_pair = (up_proj_EFD[0].numel() + down_proj_EDI[0].numel()) * up_proj_EFD.element_size()
-    fits = 0 < pairs * per_pair <= GATHERED_MAX_BYTES
-    return fits and not grouped_mm_supported(hidden_ND, up_proj_EFD, down_proj_EDI)
+def sync_free_applies(hidden_ND: Tensor, pairs: int, up_proj_EFD: Tensor, down_proj_EDI: Tensor) -> bool:
+    """Whether `moe_experts_sync_free` suits ``pairs`` (token, expert) pairs: where `grouped_mm` does not
+    run (it reads each expert once and never waits for the device), for a decode-sized number of pairs,
+    reading no more weight bytes than the pairs' own experts take."""
+    if not 0 < pairs <= native.MAX_EXPERT_ROWS or grouped_mm_supported(hidden_ND, up_proj_EFD, down_proj_EDI):
+        return False
+    per_expert = (up_proj_EFD[0].numel() + down_proj_EDI[0].numel()) * up_proj_EFD.element_size()
+    return pairs >= up_proj_EFD.shape[0] or pairs * per_expert <= GATHERED_MAX_BYTES
 
 
-def moe_experts_gathered(
+def moe_experts_sync_free(
     hidden_ND: Tensor,
     topk_ids_NK: Tensor,
     topk_weights_NK: Tensor,
@@ -267,20 +270,28 @@ def moe_experts_gathered(
     down_proj_EDI: Tensor,
     activation: str,
 ) -> Tensor:
-    """Same contract as `moe_experts_reference`, for decoding in torch: each (token, slot) pair takes a
-    copy of its expert's weights and the pairs run as one batched matmul per projection (as gpt-fast's
-    Mixtral decode). No host synchronisation and no data-dependent shape, so ``torch.compile`` traces
-    it whole and a CUDA graph can hold it; the copies cost memory traffic, so it is for a few pairs
-    (`gathered_applies`).
+    """Same contract as `moe_experts_reference`, for decoding in torch with shapes known before the routing:
+    no host synchronisation, so ``torch.compile`` traces it whole and a CUDA graph can hold it.
+
+    Fewer pairs than experts: each (token, slot) pair takes a copy of its expert's weights and the
+    pairs run as one batched matmul per projection (as gpt-fast's Mixtral decode). As many pairs as
+    experts or more: every expert runs on every token (each expert read once), and each token keeps
+    its chosen experts' rows. `sync_free_applies` says when either is worth it.
     """
     _check_experts(hidden_ND, topk_ids_NK, up_proj_EFD, down_proj_EDI, activation)
-    N, K = topk_ids_NK.shape
-    ids_M = topk_ids_NK.reshape(-1)
-    x_M1D = hidden_ND.repeat_interleave(K, dim=0)[:, None, :]
-    h_M1F = torch.bmm(x_M1D, up_proj_EFD[ids_M].transpose(1, 2))
-    a_M1I = _activate(h_M1F, activation)
-    y_MD = torch.bmm(a_M1I, down_proj_EDI[ids_M].transpose(1, 2)).view(N, K, -1)
-    return (y_MD * topk_weights_NK.to(hidden_ND.dtype)[:, :, None]).sum(dim=1)
+    (N, K), E = topk_ids_NK.shape, up_proj_EFD.shape[0]
+    weights_NK = topk_weights_NK.to(hidden_ND.dtype)
+    if N * K < E:
+        ids_M = topk_ids_NK.reshape(-1)
+        x_M1D = hidden_ND.repeat_interleave(K, dim=0)[:, None, :]
+        a_M1I = _activate(torch.bmm(x_M1D, up_proj_EFD[ids_M].transpose(1, 2)), activation)
+        y_NKD = torch.bmm(a_M1I, down_proj_EDI[ids_M].transpose(1, 2)).view(N, K, -1)
+    else:
+        x_END = hidden_ND.expand(E, N, hidden_ND.shape[1])
+        a_ENI = _activate(torch.bmm(x_END, up_proj_EFD.transpose(1, 2)), activation)
+        y_END = torch.bmm(a_ENI, down_proj_EDI.transpose(1, 2))
+        y_NKD = y_END[topk_ids_NK, torch.arange(N, device=hidden_ND.device)[:, None]]
+    return (y_NKD * weights_NK[:, :, None]).sum(dim=1)
 
 
 def route(

@@ -281,7 +281,10 @@ def available() -> bool:
 
 
 def _applies(*tensors: Tensor) -> bool:
-    """CPU, fp32, no autograd graph to record, and the library loaded (plain loops: this runs per call)."""
+    """CPU, fp32, no autograd graph to record, the library loaded, and not while ``torch.compile`` traces
+    (it cannot see into a ctypes call: each would split the graph) (plain loops: this runs per call)."""
+    if torch.compiler.is_compiling():
+        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad):
@@ -583,12 +586,13 @@ def gated_delta_scan_(
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``F.silu(gate) * up`` for gate, up [..., I] (halves of one projection, say) in one pass on the pool
     where the kernel applies (fp32 CPU without autograd, rows with unit column stride), else the twin."""
+    if not _applies(gate, up):
+        return F.silu(gate) * up
     I = gate.shape[-1]
     rows = gate.numel() // I if I else 0
     fits = rows > 0 and up.shape == gate.shape and gate.stride(-1) == 1 and up.stride(-1) == 1
     gate_rows, up_rows = (t.reshape(rows, I) if fits else t for t in (gate, up))  # views where the layout allows
-    fits = fits and gate_rows.data_ptr() == gate.data_ptr() and up_rows.data_ptr() == up.data_ptr()
-    if not fits or not _applies(gate, up):
+    if not (fits and gate_rows.data_ptr() == gate.data_ptr() and up_rows.data_ptr() == up.data_ptr()):
         return F.silu(gate) * up
     out = torch.empty(gate.shape, dtype=torch.float32)
     _library().hybridlm_swiglu(
