@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.bench_decode [--families nemotron_h,qwen3_next]
         [--repeats N] [--quick] [--json out/bench_decode.json] [--threads 2] [--llama-cpp auto|off]
+        [--compile]
 
 1. Measures the machine (``benchmarks.roofline``): copy, read and fp32 GEMV bandwidth, SGEMM rate,
    before and after each family's timings, keeping the best of the two (on a shared machine the
@@ -17,6 +18,8 @@
 4. With ``--llama-cpp auto`` and llama-cpp-python installed (in this python or in
    ``/work/llamacpp/venv``), converts the checkpoint to an f32 GGUF with llama.cpp's own converter and
    times prefill and decode at batch 1 and 8 in a subprocess through its low-level batch API.
+5. With ``--compile``, a second copy of the model with ``compile_decode()`` is timed beside the others at
+   decode (column "compiled"; its compilation and check happen in the warm-up round, not in the timings).
 
 Prints one table per family and writes everything to the JSON file (default ``out/bench_decode.json``).
 ``--quick`` is a smoke run (short lengths, two repeats): its numbers mean little.
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for family in args.families:
-        results[family] = bench_family(family, settings, llama_python, llama_reason)
+        results[family] = bench_family(family, settings, llama_python, llama_reason, args.compile)
         print_family(family, results[family])
 
     report = {
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("out/bench_decode.json"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-cpp", choices=("auto", "off"), default="auto")
+    parser.add_argument("--compile", action="store_true", help="also time decode with compile_decode()")
     parser.add_argument(
         "--flush-denormals",
         action="store_true",
@@ -123,7 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # One family: load, check, time
 
 
-def bench_family(family: str, settings: Settings, llama_python: Path | None, llama_reason: str) -> dict:
+def bench_family(
+    family: str, settings: Settings, llama_python: Path | None, llama_reason: str, with_compiled: bool
+) -> dict:
     import transformers
 
     from benchmarks.hf_models import build_and_save  # builds with transformers, which only this part needs
@@ -140,6 +146,10 @@ def bench_family(family: str, settings: Settings, llama_python: Path | None, lla
     if not parity <= PARITY_TOLERANCE:
         raise SystemExit(f"{family}: logits differ by {parity:.2e} > {PARITY_TOLERANCE:g}; not timing a wrong model")
 
+    compiled = None
+    if with_compiled:
+        compiled = load_model(directory, quiet=True).eval()
+        compiled.compile_decode()
     counts = roofline.weight_counts(model)
     before = roofline.measure_machine(settings.machine_repeats)
     print(f"before: {before.summary()}", flush=True)
@@ -148,7 +158,7 @@ def bench_family(family: str, settings: Settings, llama_python: Path | None, lla
         rows[f"prefill 1x{length}"] = time_prefill(hf, model, length, settings.repeats)
     generated: dict[int, dict] = {}
     for batch in settings.decode_batches:
-        decode, generated[batch] = time_decode(hf, model, batch, settings, counts)
+        decode, generated[batch] = time_decode(hf, model, batch, settings, counts, compiled)
         rows[f"decode b{batch}"] = decode
     rows[f"generate e2e 1x{settings.prompt_len}+{settings.new_tokens} (s)"] = {
         **generated[1]["seconds"],
@@ -247,25 +257,27 @@ def time_decode(
     batch: int,
     settings: Settings,
     counts: roofline.WeightCounts,
+    compiled: torch.nn.Module | None = None,
 ) -> tuple[dict, dict]:
     """Decode tokens/s without the prefill: B * (N - 1) tokens / (time(prompt + N) - time(prompt + 1))."""
     ids = random_prompts(batch, settings.prompt_len, model.config.vocab_size, seed=batch)
     n = settings.new_tokens
     transformers_out: list[torch.Tensor] = []
-    seconds = best_interleaved(
-        {
-            "transformers_1": lambda: transformers_generate(hf, ids, 1),
-            "transformers_n": lambda: transformers_out.append(transformers_generate(hf, ids, n)),
-            "hybridlm_1": lambda: hybridlm_generate(model, ids, 1),
-            "hybridlm_n": lambda: hybridlm_generate(model, ids, n),
-        },
-        settings.repeats,
-    )
+    compiled_out: list[torch.Tensor] = []
+    runs = {
+        "transformers_1": lambda: transformers_generate(hf, ids, 1),
+        "transformers_n": lambda: transformers_out.append(transformers_generate(hf, ids, n)),
+        "hybridlm_1": lambda: hybridlm_generate(model, ids, 1),
+        "hybridlm_n": lambda: hybridlm_generate(model, ids, n),
+    }
+    if compiled is not None:
+        runs["compiled_1"] = lambda: hybridlm_generate(compiled, ids, 1)
+        runs["compiled_n"] = lambda: compiled_out.append(hybridlm_generate(compiled, ids, n))
+    seconds = best_interleaved(runs, settings.repeats)
     touched, source, hybridlm_out = experts_touched_per_step(model, hf, ids, n)
     weight_bytes = counts.decode_bytes(touched)
-    row: dict = {
-        name: batch * (n - 1) / (seconds[f"{name}_n"] - seconds[f"{name}_1"]) for name in ("transformers", "hybridlm")
-    }
+    names = ("transformers", "hybridlm", "compiled") if compiled is not None else ("transformers", "hybridlm")
+    row: dict = {name: batch * (n - 1) / (seconds[f"{name}_n"] - seconds[f"{name}_1"]) for name in names}
     row.update(
         kind="decode",
         unit="tokens/s",
@@ -281,6 +293,9 @@ def time_decode(
     )
     prompt = settings.prompt_len
     ours, theirs = hybridlm_out[:, prompt:], transformers_out[-1][:, prompt:]
+    if compiled is not None:
+        row["compiled_tokens_agree"] = f"{int((compiled_out[-1][:, prompt:] == ours).all(0).cumprod(0).sum())}/{n}"
+        row["compiled_failure"] = compiled.compiled_decode.failure
     generated = {
         "seconds": {"transformers": seconds["transformers_n"], "hybridlm": seconds["hybridlm_n"]},
         "tokens": ours[0].tolist(),
@@ -389,6 +404,9 @@ def record_router_decode_steps(
 
 def print_family(family: str, result: dict) -> None:
     headers = ["", "transformers", "hybridlm", "hybridlm/tf", "llama.cpp", "roofline", "hybridlm % roof", "tf % roof"]
+    with_compiled = any("compiled" in row for row in result["rows"].values())
+    if with_compiled:
+        headers.append("compiled")
     table = []
     for name, row in result["rows"].items():
         is_seconds = row["unit"] == "s"
@@ -405,6 +423,7 @@ def print_family(family: str, result: dict) -> None:
                 _number(best),
                 f"{100 * speed(ours) / speed(best):.0f}%",
                 f"{100 * speed(theirs) / speed(best):.0f}%",
+                *([_number(row["compiled"]) if "compiled" in row else "-"] if with_compiled else []),
             ]
         )
         row["hybridlm_over_transformers"] = speed(ours) / speed(theirs)

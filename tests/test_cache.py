@@ -92,3 +92,13 @@ def test_reset_cache_gives_the_logits_of_a_fresh_cache(pattern):
     ids = torch.randint(0, model.config.vocab_size, (BATCH, 7))
     # Same model, same inputs, same shapes: any difference is state that survived the reset.
     assert torch.equal(serve(model, used, ids), serve(model, model.new_cache(BATCH, MAX_LEN), ids))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_state_tensors_lists_every_tensor_of_every_block_once(pattern):
+    """What a compiled step marks as fixed addresses: against a walk over the states' dataclass fields."""
+    cache = HybridLM(tiny_config(pattern)).new_cache(BATCH, MAX_LEN)
+    walked = [tensor for _, _, tensor in state_tensors(cache)]
+    listed = cache.state_tensors()
+    assert sorted(map(id, listed)) == sorted(map(id, walked))
+    assert sum(t.nbytes for t in listed) == cache.nbytes()

@@ -69,6 +69,16 @@ def test_generate_prints_prompt_and_continuation():
     assert result.stdout.startswith("abc")
 
 
+def test_generate_with_compile_prints_what_the_eager_step_prints():
+    """Greedy: the compiled decode step (checked against the eager one at its first step) continues the
+    prompt exactly as the eager step does, and warns nothing."""
+    args = ("generate", "debug-tiny", "--prompt", "abc", "--max-new-tokens", "8")
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+    assert "decoding eagerly" not in compiled.stderr
+
+
 def _stderr_on_a_terminal(*args: str) -> str:
     """Run the command with stderr on a pseudo-terminal (stdout piped); what the terminal received."""
     import pty

@@ -69,6 +69,13 @@ HOSTILE = [
     (["generate", "debug-tiny", "--prompt", "hi", "--max-new-tokens", "9" * 12], "hybridlm generate", ["context"]),
     (["generate", "emptydir", "--prompt", "hi"], "hybridlm generate", ["emptydir"]),
     (["generate", "debug-tiny"], "hybridlm generate", ["--prompt"]),
+    (["generate", "debug-tiny", "--prompt", "hi", "--compile", "fast"], "hybridlm generate", ["--compile", "'fast'"]),
+    (
+        ["generate", "debug-tiny", "--prompt", "hi", "--compile", "--ep", "2"],
+        "hybridlm generate",
+        ["--compile", "--ep"],
+    ),
+    (["serve", "debug-tiny", "--compile", "--trace", "t.duckdb"], "hybridlm serve", ["--compile", "--trace"]),
     (["query", "emptydir", "SELECT 1"], "hybridlm query", ["emptydir"]),
     (["query", "afile.txt", "SELECT 1"], "hybridlm query", ["afile.txt"]),
     (["query", "missing.duckdb", "SELECT 1"], "hybridlm query", ["missing.duckdb"]),

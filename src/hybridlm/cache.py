@@ -214,6 +214,10 @@ class HybridCache:
             out += [(getattr(state, f.name), holds_positions) for f in fields(state)]
         return out
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the blocks keep (keys, values, conv and recurrent states), updated in place."""
+        return [tensor for tensor, _ in self._slot_tensors()]
+
     def _set_length(self, slot: int, length: int) -> None:
         self.lengths[slot] = length
         self._host_all[self._first + slot] = length

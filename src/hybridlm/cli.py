@@ -16,7 +16,13 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from hybridlm.cli_flags import add_device_flag, add_dtype_flag, add_expert_parallel_flags
+from hybridlm.cli_flags import (
+    add_compile_flag,
+    add_device_flag,
+    add_dtype_flag,
+    add_expert_parallel_flags,
+    check_compile_flag,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -209,6 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from hybridlm.distributed.skew import check_routing_skew
 
         check_routing_skew(args.routing_skew)
+    check_compile_flag(args)
     if args.ep is not None:  # the experts spread over ranks: hybridlm.distributed runs the rest
         from hybridlm.distributed.launch import check_expert_parallel, generate_on_ranks
 
@@ -223,6 +230,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from hybridlm.distributed.skew import apply_routing_skew
 
         apply_routing_skew(model, args.routing_skew, seed=args.seed)
+    if args.compile is not None:
+        model.compile_decode(args.compile)
     print(args.prompt, end="", flush=True)
     detokenizer = IncrementalDetokenizer(tokenizer)  # a character split across tokens prints once whole
     for token in stream_generate(
@@ -248,6 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
     _resolve_device(args.device)
     _engine_config(args).check()
+    check_compile_flag(args)
     model_config = resolve_config(args.model)
     if args.ep is not None:  # the experts spread over ranks: rank 0 serves, the others replay its calls
         from hybridlm.distributed.launch import check_expert_parallel, run_on_ranks
@@ -263,6 +273,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = load_model(
             args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=_resolve_device(args.device)
         )
+        if args.compile is not None:
+            model.compile_decode(args.compile)
         return _serve_model(args, model, sock, expert_group=None)
     finally:
         sock.close()
@@ -530,6 +542,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run past the model's context length (max_position_embeddings) instead of refusing",
     )
+    add_compile_flag(p)
     add_expert_parallel_flags(p, ranks="the prompt runs on every rank, rank 0 prints")
     p.set_defaults(func=cmd_generate)
 
@@ -595,6 +608,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "prefix seen before, and at each prompt's end (default 64)",
     )
     p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
+    add_compile_flag(p)
     add_expert_parallel_flags(
         p, ranks="rank 0 serves HTTP and schedules, the other ranks replay its model calls", skew=False
     )

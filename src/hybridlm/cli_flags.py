@@ -36,3 +36,29 @@ def add_expert_parallel_flags(p: argparse.ArgumentParser, ranks: str, skew: bool
             "router's logit spread) to every router's logits, over a seeded order of the experts; 0 = none. "
             "Changes the model's outputs",
         )
+
+
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    from hybridlm.compiled_decode import MODES
+
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=MODES,
+        metavar="MODE",
+        help="run the decode step through torch.compile, checked against the eager step first (eager, with a "
+        f"warning, where it fails); MODE is one of {', '.join(MODES)} (default: default). On CPU in fp32 the "
+        "eager step's C kernels are faster; it pays with bf16 weights and on GPUs",
+    )
+
+
+def check_compile_flag(args: argparse.Namespace) -> None:
+    """``--compile`` with what it cannot serve: refused by name."""
+    if args.compile is None:
+        return
+    if getattr(args, "ep", None) is not None:
+        raise ValueError("--compile does not combine with --ep: the experts' exchange between ranks splits the graph")
+    if getattr(args, "trace", None) is not None:
+        raise ValueError("--compile does not combine with --trace: the trace times each block, compiled they are one")

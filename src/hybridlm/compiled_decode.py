@@ -9,7 +9,9 @@ apart too).
 
 Attention reads the cache up to the longest slot rounded up to ``KV_BUCKET`` columns, masking each
 slot's columns past its own length, so the graph's shapes change once every ``KV_BUCKET`` tokens,
-not every step: what a CUDA graph (``mode="reduce-overhead"``) needs to be replayed.
+not every step: what a CUDA graph (``mode="reduce-overhead"``) needs to be replayed; in those modes the
+cache's tensors are marked as fixed addresses (``torch._dynamo.mark_static_address``), as a KV cache held in
+module buffers is, since the graph updates them in place. The CUDA modes have not run on a GPU here.
 
 Before the compiled step serves a batch size for the first time, it decodes a few steps of random
 tokens from a short random prompt in a scratch cache beside the eager step; any difference beyond
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from hybridlm.model import HybridLM
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 KV_BUCKET = 256
 CHECK_PROMPT_TOKENS = 6
 CHECK_STEPS = 3
@@ -74,6 +77,11 @@ class CompiledDecode:
             if self.failure is not None:
                 return None
             self._checked.add(cache.batch_size)
+        if self.mode in CUDA_GRAPH_MODES and hidden.device.type == "cuda":
+            # CUDA graphs hold addresses: the cache's tensors, updated in place, must be known as fixed
+            # (as parameters are), else torch skips the graph for an input it would have to copy.
+            for tensor in cache.state_tensors():
+                torch._dynamo.mark_static_address(tensor)
         try:
             return self._compiled(hidden, bucketed(context, cache.max_seq_len), cache)
         except torch._dynamo.exc.TorchDynamoException as error:  # raised compiling, before running
@@ -88,8 +96,8 @@ class CompiledDecode:
 
     def _check(self, cache: HybridCache) -> None:
         """Decode a few random steps in scratch caches like ``cache`` (its batch size, and inference tensors
-        or not, as dynamo guards on both), eager beside compiled, attention reading fewer columns than the
-        cache holds (as it mostly does)."""
+        or not, as dynamo guards on both), eager beside compiled, twice: attention reading up to the cache's
+        end and short of it (torch compiles the two apart: only the first view is contiguous)."""
         model, batch_size = self._model, cache.batch_size
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(model.config.vocab_size, (batch_size, CHECK_PROMPT_TOKENS), generator=generator)
@@ -97,19 +105,21 @@ class CompiledDecode:
         for slot in range(1, batch_size):  # slots of different lengths: the per-slot masks are exercised
             mask[slot, : slot % CHECK_PROMPT_TOKENS] = 0
         prompt, mask = prompt.to(model.device), mask.to(model.device)
-        length = (1 - (CHECK_PROMPT_TOKENS + CHECK_STEPS) // -KV_BUCKET) * KV_BUCKET  # a bucket more than used
-        with torch.inference_mode(cache.lengths.is_inference()):
-            eager_cache, compiled_cache = (model.new_cache(batch_size, length) for _ in range(2))
+        used = CHECK_PROMPT_TOKENS + CHECK_STEPS
         worst = 0.0
         try:
-            for cache in (eager_cache, compiled_cache):
-                model(prompt, cache=cache, attention_mask=mask, last_logits_only=True)
-            for _ in range(CHECK_STEPS):
-                tokens = torch.randint(model.config.vocab_size, (batch_size,), generator=generator).to(model.device)
-                expected = _step(model.decode_blocks, model, tokens, eager_cache, bucket=False)
-                actual = _step(self._compiled, model, tokens, compiled_cache, bucket=True)
-                difference = (actual - expected).abs().max().item() / (expected.abs().max().item() or 1.0)
-                worst = max(worst, math.inf if math.isnan(difference) else difference)
+            for length in (used, (1 - used // -KV_BUCKET) * KV_BUCKET):  # read to the end; a bucket short of it
+                with torch.inference_mode(cache.lengths.is_inference()):
+                    eager_cache, compiled_cache = (model.new_cache(batch_size, length) for _ in range(2))
+                for scratch in (eager_cache, compiled_cache):
+                    model(prompt, cache=scratch, attention_mask=mask, last_logits_only=True)
+                for _ in range(CHECK_STEPS):
+                    tokens = torch.randint(model.config.vocab_size, (batch_size,), generator=generator)
+                    tokens = tokens.to(model.device)
+                    expected = _step(model.decode_blocks, model, tokens, eager_cache, bucket=False)
+                    actual = _step(self._compiled, model, tokens, compiled_cache, bucket=True)
+                    difference = (actual - expected).abs().max().item() / (expected.abs().max().item() or 1.0)
+                    worst = max(worst, math.inf if math.isnan(difference) else difference)
         except Exception as error:  # any failure of the compiled step means: stay eager
             self._fail(f"checking it failed: {type(error).__name__}: {_summary(error)}")
             return
