@@ -88,25 +88,34 @@ def test_a_failing_or_wrong_compiled_step_is_warned_and_decoding_stays_eager(mon
     assert reason.split(":")[0] in model.compiled_decode.failure
 
 
-def test_compiled_step_is_not_used_while_recording_gradients_or_observed(monkeypatch):
+def test_compiled_step_is_not_used_while_recording_gradients(monkeypatch):
     monkeypatch.setattr(compiled_decode.torch, "compile", _compile_returning(lambda blocks: pytest.fail))
     model, _ = _twins("ME*")
     model.compile_decode()
     cache = model.new_cache(2, 8)
     model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
     model.decode_step(torch.zeros(2, dtype=torch.long), cache)  # gradients on: eager
-
-    class Observer:
-        def before_block(self, *args):
-            pass
-
-        def after_block(self, *args):
-            pass
-
-    model.block_observer = Observer()
-    with torch.inference_mode():
-        model.decode_step(torch.zeros(2, dtype=torch.long), cache)
     assert model.compiled_decode.failure is None
+
+
+class _Observer:
+    def before_block(self, *args):
+        pass
+
+    def after_block(self, *args):
+        pass
+
+
+def test_an_observer_and_a_compiled_step_are_refused_together():
+    """An observer times each block; the compiled step is one graph: either order is one clear error."""
+    model, _ = _twins("ME")
+    model.compile_decode()
+    with pytest.raises(ValueError, match=r"times every block .* compiled decode step is one graph"):
+        model.block_observer = _Observer()
+    model.compile_decode(None)
+    model.block_observer = _Observer()
+    with pytest.raises(ValueError, match=r"compile_decode\(None\) first, or detach the observer"):
+        model.compile_decode()
 
 
 def test_compile_decode_refuses_an_unknown_mode_and_turns_off_with_none():

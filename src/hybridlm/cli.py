@@ -257,7 +257,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
     _resolve_device(args.device)
     _engine_config(args).check()
-    check_compile_flag(args)
     model_config = resolve_config(args.model)
     if args.ep is not None:  # the experts spread over ranks: rank 0 serves, the others replay its calls
         from hybridlm.distributed.launch import check_expert_parallel, run_on_ranks
@@ -273,8 +272,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = load_model(
             args.model, seed=args.seed, dtype=parse_dtype(args.dtype), device=_resolve_device(args.device)
         )
-        if args.compile is not None:
-            model.compile_decode(args.compile)
         return _serve_model(args, model, sock, expert_group=None)
     finally:
         sock.close()
@@ -608,7 +605,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "prefix seen before, and at each prompt's end (default 64)",
     )
     p.add_argument("--trace", default=None, metavar="PATH.duckdb", help="record the serving run for hybridlm report")
-    add_compile_flag(p)
     add_expert_parallel_flags(
         p, ranks="rank 0 serves HTTP and schedules, the other ranks replay its model calls", skew=False
     )

@@ -58,7 +58,5 @@ def check_compile_flag(args: argparse.Namespace) -> None:
     """``--compile`` with what it cannot serve: refused by name."""
     if args.compile is None:
         return
-    if getattr(args, "ep", None) is not None:
+    if args.ep is not None:
         raise ValueError("--compile does not combine with --ep: the experts' exchange between ranks splits the graph")
-    if getattr(args, "trace", None) is not None:
-        raise ValueError("--compile does not combine with --trace: the trace times each block, compiled they are one")

@@ -25,6 +25,11 @@ from hybridlm.ops import native
 # prefill of 16K tokens in one piece took 14x the time of 2K instead of 8x).
 PREFILL_CHUNK_TOKENS = 2048
 
+_OBSERVED_AND_COMPILED = (
+    "a block observer (a tracer, the serving engine's metrics) times every block of a decode step, and a "
+    "compiled decode step is one graph: call model.compile_decode(None) first, or detach the observer"
+)
+
 # Refused even where free memory cannot be asked (meta, mps): 4.4e12 parameters is far beyond any
 # model one process holds (17 TB in fp32) and far below the sizes where torch's int64 size arithmetic
 # overflows ("Storage size calculation overflowed", "Overflow when unpacking long long").
@@ -98,8 +103,8 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(Block(i, c, config) for i, c in enumerate(config.pattern))
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, config.is_norm_zero_centered)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.block_observer: BlockObserver | None = None
         self.compiled_decode: CompiledDecode | None = None
+        self.block_observer = None
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
@@ -115,6 +120,17 @@ class HybridLM(nn.Module):
         elif isinstance(module, Experts):
             for param in module.parameters():
                 nn.init.normal_(param, std=std)
+
+    @property
+    def block_observer(self) -> BlockObserver | None:
+        """What watches every block call (the tracer, the engine's block timer), or None."""
+        return self._block_observer
+
+    @block_observer.setter
+    def block_observer(self, observer: BlockObserver | None) -> None:
+        if observer is not None and self.compiled_decode is not None:
+            raise ValueError(_OBSERVED_AND_COMPILED)
+        self._block_observer = observer
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +228,7 @@ class HybridLM(nn.Module):
         device (no ``.item()``, no data-dependent branch), so an engine can call it every step and a
         CUDA graph can capture it. The ids are trusted to be in range (they come from sampling); an
         out-of-range id is reported as a ValueError where the device reports it at all. After
-        ``compile_decode`` the blocks run compiled (while no block observer is attached).
+        ``compile_decode`` the blocks run compiled.
         """
         if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size or token_ids.is_floating_point():
             raise ValueError(
@@ -226,7 +242,7 @@ class HybridLM(nn.Module):
             self._check_inputs(token_ids[:, None], cache, None)  # names the bad id
             raise
         logits = None
-        if self.compiled_decode is not None and self.block_observer is None:
+        if self.compiled_decode is not None:  # never with an observer (refused when either is set)
             logits = self.compiled_decode(hidden, context, cache)
         if logits is None:
             logits = self.decode_blocks(hidden, context, cache)
@@ -251,6 +267,8 @@ class HybridLM(nn.Module):
         "reduce-overhead" for CUDA graphs, "max-autotune", "max-autotune-no-cudagraphs"), each graph
         checked against the eager step first, eager on any failure (``hybridlm.compiled_decode``);
         None: eager again."""
+        if mode is not None and self.block_observer is not None:
+            raise ValueError(_OBSERVED_AND_COMPILED)
         self.compiled_decode = None if mode is None else CompiledDecode(self, mode)
 
     def _check_inputs(self, input_ids: Tensor, cache: HybridCache | None, attention_mask: Tensor | None) -> None:
