@@ -63,6 +63,18 @@ def test_compiled_decode_matches_eager_for_every_block_type(monkeypatch):
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
 
 
+def _forgetting_states(blocks):
+    """Right logits, then every state tensor zeroed: wrong only from the next step on."""
+
+    def step(hidden, context, cache):
+        logits = blocks(hidden, context, cache)
+        for tensor in cache.state_tensors():
+            tensor.zero_()
+        return logits
+
+    return step
+
+
 def _compile_returning(fake):
     def fake_compile(function, **kwargs):
         return fake(function)
@@ -74,10 +86,11 @@ def _compile_returning(fake):
     ("fake", "reason"),
     [
         (lambda blocks: lambda *args: (_ for _ in ()).throw(RuntimeError("no backend")), "RuntimeError: no backend"),
-        (lambda blocks: lambda *args: blocks(*args) + 1.0, "logits differ from the eager step's by"),
+        (lambda blocks: lambda *args: blocks(*args) + 1.0, "logits differ from the eager step's by up to"),
         (lambda blocks: lambda *args: blocks(*args) * float("nan"), "logits differ"),
+        (lambda blocks: _forgetting_states(blocks), "states differ"),
     ],
-    ids=["raises", "wrong-logits", "nan"],
+    ids=["raises", "wrong-logits", "nan", "wrong-states"],
 )
 def test_a_failing_or_wrong_compiled_step_is_warned_and_decoding_stays_eager(monkeypatch, fake, reason):
     monkeypatch.setattr(compiled_decode.torch, "compile", _compile_returning(fake))

@@ -214,6 +214,11 @@ class HybridCache:
             out += [(getattr(state, f.name), holds_positions) for f in fields(state)]
         return out
 
+    def restore_lengths(self, other: HybridCache) -> None:
+        """Take ``other``'s token counts (a cache of the same shape whose states were copied into this one)."""
+        self.lengths.copy_(other.lengths)
+        self._host_lengths = other.host_lengths
+
     def state_tensors(self) -> list[Tensor]:
         """Every tensor the blocks keep (keys, values, conv and recurrent states), updated in place."""
         return [tensor for tensor, _ in self._slot_tensors()]

@@ -44,11 +44,16 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 KV_BUCKET = 256
 CHECK_PROMPT_TOKENS = 6
 CHECK_STEPS = 3
-# Largest |compiled - eager| over the check's logits, relative to the largest |eager logit|. Measured on
-# the bench models (a 512-wide nemotron_h / qwen3_next): fp32 ~1e-7, bf16 ~3e-3 (inductor keeps fused
-# intermediates in fp32 where eager rounds each op to bf16). The limits are ~100x and ~15x those: a
-# wrong state update or mask is off by the size of the logits themselves.
-CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# Each checked step starts the compiled cache from the eager cache's state, so a difference is one step's:
+# per slot, |compiled - eager| logits relative to that slot's largest eager logit, and per step the largest
+# relative difference of any state tensor. Measured on the bench models (512-wide nemotron_h / qwen3_next,
+# random weights), one slot / eight: fp32 at most 1e-6 for both, so 1e-5 bounds every one. bf16 1.4-2.3e-2
+# (inductor keeps fused intermediates in fp32 where eager rounds each op), except where a router's near-tie
+# rounds the other way and a token takes another expert: 0.24 / 0.21 for one slot in one of eight steps.
+# So 16-bit dtypes may exceed 5e-2 in a quarter of the slots and steps at most; a wrong mask, position or
+# state update is off by the size of the logits in most of them.
+CHECK_LIMITS = {torch.float32: (1e-5, 0.0), torch.float64: (1e-5, 0.0)}  # (tolerance, share allowed beyond)
+HALF_LIMITS = (5e-2, 0.25)
 
 
 def check_mode(mode: object) -> str:
@@ -106,26 +111,35 @@ class CompiledDecode:
             mask[slot, : slot % CHECK_PROMPT_TOKENS] = 0
         prompt, mask = prompt.to(model.device), mask.to(model.device)
         used = CHECK_PROMPT_TOKENS + CHECK_STEPS
-        worst = 0.0
+        slot_differences: list[float] = []
+        state_differences: list[float] = []
         try:
             for length in (used, (1 - used // -KV_BUCKET) * KV_BUCKET):  # read to the end; a bucket short of it
                 with torch.inference_mode(cache.lengths.is_inference()):
                     eager_cache, compiled_cache = (model.new_cache(batch_size, length) for _ in range(2))
-                for scratch in (eager_cache, compiled_cache):
-                    model(prompt, cache=scratch, attention_mask=mask, last_logits_only=True)
+                model(prompt, cache=eager_cache, attention_mask=mask, last_logits_only=True)
                 for _ in range(CHECK_STEPS):
+                    for mine, theirs in zip(compiled_cache.state_tensors(), eager_cache.state_tensors(), strict=True):
+                        mine.copy_(theirs)
+                    compiled_cache.restore_lengths(eager_cache)
                     tokens = torch.randint(model.config.vocab_size, (batch_size,), generator=generator)
                     tokens = tokens.to(model.device)
                     expected = _step(model.decode_blocks, model, tokens, eager_cache, bucket=False)
                     actual = _step(self._compiled, model, tokens, compiled_cache, bucket=True)
-                    difference = (actual - expected).abs().max().item() / (expected.abs().max().item() or 1.0)
-                    worst = max(worst, math.inf if math.isnan(difference) else difference)
+                    slot_differences += _relative_differences(actual, expected)
+                    state_differences.append(_state_difference(compiled_cache, eager_cache))
         except Exception as error:  # any failure of the compiled step means: stay eager
             self._fail(f"checking it failed: {type(error).__name__}: {_summary(error)}")
             return
-        tolerance = CHECK_TOLERANCE.get(model.dtype, 5e-2)
-        if worst > tolerance:
-            self._fail(f"its logits differ from the eager step's by {worst:.2e} of their largest (limit {tolerance})")
+        tolerance, outliers = CHECK_LIMITS.get(model.dtype, HALF_LIMITS)
+        for what, differences in (("logits", slot_differences), ("states", state_differences)):
+            beyond = sorted(d for d in differences if d > tolerance)
+            if len(beyond) > outliers * len(differences):
+                self._fail(
+                    f"its {what} differ from the eager step's by up to {beyond[-1]:.2e} of their largest in "
+                    f"{len(beyond)} of {len(differences)} checks (limit {tolerance:g})"
+                )
+                return
 
     def _fail(self, reason: str) -> None:
         self.failure = reason
@@ -139,6 +153,19 @@ def _step(blocks: Callable[..., Tensor], model: HybridLM, tokens: Tensor, cache:
     logits = blocks(model._embed(tokens), context, cache)
     cache.advance(1, None)
     return logits
+
+
+def _relative_differences(actual: Tensor, expected: Tensor) -> list[float]:
+    """Per row: max |actual - expected| / max |expected| (NaN counts as infinitely different)."""
+    scale = expected.float().abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    difference = ((actual.float() - expected.float()).abs().amax(dim=-1) / scale).nan_to_num(math.inf)
+    return difference.tolist()
+
+
+def _state_difference(actual: HybridCache, expected: HybridCache) -> float:
+    """The largest relative difference of any state tensor (keys, values, conv, recurrent)."""
+    pairs = zip(actual.state_tensors(), expected.state_tensors(), strict=True)
+    return max((_relative_differences(a.flatten()[None], e.flatten()[None])[0] for a, e in pairs), default=0.0)
 
 
 def bucketed(context: ForwardContext, max_seq_len: int) -> ForwardContext:
