@@ -44,16 +44,16 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 KV_BUCKET = 256
 CHECK_PROMPT_TOKENS = 6
 CHECK_STEPS = 3
-# Each checked step starts the compiled cache from the eager cache's state, so a difference is one step's:
-# per slot, |compiled - eager| logits relative to that slot's largest eager logit, and per step the largest
-# relative difference of any state tensor. Measured on the bench models (512-wide nemotron_h / qwen3_next,
-# random weights), one slot / eight: fp32 at most 1e-6 for both, so 1e-5 bounds every one. bf16 1.4-2.3e-2
-# (inductor keeps fused intermediates in fp32 where eager rounds each op), except where a router's near-tie
-# rounds the other way and a token takes another expert: 0.24 / 0.21 for one slot in one of eight steps.
-# So 16-bit dtypes may exceed 5e-2 in a quarter of the slots and steps at most; a wrong mask, position or
-# state update is off by the size of the logits in most of them.
+# Each checked step starts the compiled cache from the eager cache's state, so a difference is one step's,
+# measured per slot: |compiled - eager| relative to the slot's largest eager value, for the logits and for
+# every state tensor. On the bench models (512-wide nemotron_h / qwen3_next, random weights): fp32 at most
+# 1e-6, so 1e-5 bounds every one. bf16 mostly 1.4-2.3e-2 (inductor keeps fused intermediates in fp32 where
+# eager rounds each op), but a router's near-tie rounds the other way now and then and the token takes
+# another expert: qwen3_next at one slot, 2 of 6 checks at 0.30, the compiled step as close to the fp32
+# model as the eager one (0.06 against 0.32 at the worst step). So with 16-bit weights at most half the
+# checks may exceed 5e-2; a wrong mask, position or state update is off in most of them.
 CHECK_LIMITS = {torch.float32: (1e-5, 0.0), torch.float64: (1e-5, 0.0)}  # (tolerance, share allowed beyond)
-HALF_LIMITS = (5e-2, 0.25)
+HALF_LIMITS = (5e-2, 0.5)
 
 
 def check_mode(mode: object) -> str:
@@ -127,7 +127,7 @@ class CompiledDecode:
                     expected = _step(model.decode_blocks, model, tokens, eager_cache, bucket=False)
                     actual = _step(self._compiled, model, tokens, compiled_cache, bucket=True)
                     slot_differences += _relative_differences(actual, expected)
-                    state_differences.append(_state_difference(compiled_cache, eager_cache))
+                    state_differences += _state_differences(compiled_cache, eager_cache)
         except Exception as error:  # any failure of the compiled step means: stay eager
             self._fail(f"checking it failed: {type(error).__name__}: {_summary(error)}")
             return
@@ -162,10 +162,13 @@ def _relative_differences(actual: Tensor, expected: Tensor) -> list[float]:
     return difference.tolist()
 
 
-def _state_difference(actual: HybridCache, expected: HybridCache) -> float:
-    """The largest relative difference of any state tensor (keys, values, conv, recurrent)."""
-    pairs = zip(actual.state_tensors(), expected.state_tensors(), strict=True)
-    return max((_relative_differences(a.flatten()[None], e.flatten()[None])[0] for a, e in pairs), default=0.0)
+def _state_differences(actual: HybridCache, expected: HybridCache) -> list[float]:
+    """Per slot: the largest relative difference of any of its state tensors (keys, values, conv, recurrent)."""
+    per_tensor = [
+        _relative_differences(a.flatten(1), e.flatten(1))
+        for a, e in zip(actual.state_tensors(), expected.state_tensors(), strict=True)
+    ]
+    return [max(slot) for slot in zip(*per_tensor, strict=True)] if per_tensor else []
 
 
 def bucketed(context: ForwardContext, max_seq_len: int) -> ForwardContext:
