@@ -35,6 +35,7 @@ bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_trace_overhead
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_load_memory
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_decode
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_compile
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m benchmarks.bench_scaling
 
 clean:
