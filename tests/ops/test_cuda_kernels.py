@@ -128,3 +128,13 @@ def test_the_mixers_call_a_selected_kernel_with_the_torch_forms_arguments(monkey
         actual = model(ids).logits
     assert calls and all("chunk_size" in kwargs for kwargs in calls)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_chosen_reports_each_kernel_asked_for_and_whether_it_is_in_use():
+    right, _ = standing_in(SSD, ssd_chunked, name="right kernel")
+    wrong, _ = standing_in(SSD, lambda *a, **k: (ssd_chunked(*a, **k)[0] * 1.01, ssd_chunked(*a, **k)[1]), "off")
+    assert cuda_kernels.chosen() == {}
+    with torch.inference_mode(), pytest.warns(RuntimeWarning):
+        fast_kernel(right, CPU, device_types=("cpu",))
+        fast_kernel(wrong, CPU, device_types=("cpu",))
+    assert cuda_kernels.chosen() == {"right kernel on cpu": True, "off on cpu": False}

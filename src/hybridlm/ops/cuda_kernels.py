@@ -57,6 +57,12 @@ def fast_kernel(kernel: FastKernel, device: torch.device, device_types: tuple[st
         return _verdicts[key]
 
 
+def chosen() -> dict[str, bool]:
+    """ "KERNEL on DEVICE" -> whether that kernel was checked and is in use there, for every one asked so far."""
+    with _lock:
+        return {f"{name} on {device}": function is not None for (name, device), function in _verdicts.items()}
+
+
 def _verify(kernel: FastKernel, device: torch.device) -> ScanFn | None:
     try:
         fn = kernel.load()
