@@ -14,8 +14,9 @@ cache's tensors are marked as fixed addresses (``torch._dynamo.mark_static_addre
 module buffers is, since the graph updates them in place. The CUDA modes have not run on a GPU here.
 
 Before the compiled step serves a batch size for the first time, it decodes a few steps of random
-tokens from a short random prompt in a scratch cache beside the eager step; any difference beyond
-round-off, or any error, is warned once and decoding stays eager. A compile error later (a new shape
+tokens from a short random prompt in scratch caches beside the eager step, each step from the eager
+step's state, comparing logits and states per slot (``CHECK_LIMITS``); a difference beyond round-off,
+or any error, is warned once and decoding stays eager. A compile error later (a new shape
 class) is warned the same way and that step runs eagerly: dynamo compiles a frame before running it,
 so the cache is untouched. On CPU in fp32 the eager step runs hybridlm's C kernels, which ``torch.compile``
 cannot see into; measured on the bench models the compiled torch forms are slower there than those
