@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_decode import FAMILIES, MODELS_DIR, hybridlm_generate, write_json
-from benchmarks.common import print_table, random_prompts
+from benchmarks.bench_decode import FAMILIES, MODELS_DIR, write_json
+from benchmarks.common import decode_speeds, greedy_agreement, print_table, random_prompts
 from hybridlm.loading import load_model
 
 PROMPT = 16
@@ -62,24 +62,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def time_decode(models: dict[str, torch.nn.Module], batch: int, new_tokens: int, repeats: int) -> dict:
     ids = random_prompts(batch, PROMPT, next(iter(models.values())).config.vocab_size, seed=batch)
-    outputs = {}
-    for name, model in models.items():  # warm-up: compilation and the compiled step's check
-        hybridlm_generate(model, ids, 1)
-        outputs[name] = hybridlm_generate(model, ids, new_tokens)[:, PROMPT:]
-    best = dict.fromkeys(models, 0.0)
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            hybridlm_generate(model, ids, 1)
-            one = time.perf_counter() - start
-            start = time.perf_counter()
-            hybridlm_generate(model, ids, new_tokens)
-            best[name] = max(best[name], batch * (new_tokens - 1) / (time.perf_counter() - start - one))
-    agree = {}
-    for name in (n for n in models if n.endswith("compiled")):
-        eager = outputs[name.split()[0] + " eager"]
-        agree[name] = f"{int((outputs[name] == eager).all(0).cumprod(0).sum())}/{new_tokens}"
-    return {**best, "agree": agree}
+    speeds, tokens = decode_speeds(models, ids, new_tokens, repeats)
+    agree = {name: greedy_agreement(tokens[name], tokens[name.split()[0] + " eager"]) for name in models}
+    return {**speeds, "agree": {name: a for name, a in agree.items() if name.endswith("compiled")}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

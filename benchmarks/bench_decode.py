@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import print_table, random_prompts
+from benchmarks.common import best_interleaved, greedy_agreement, print_table, random_prompts
 from benchmarks.llama_cpp import bench_llama_cpp, find_llama_cpp, merge_llama_cpp
 from hybridlm.generation import generate
 from hybridlm.loading import load_model
@@ -198,19 +198,6 @@ def max_logit_difference(hf: torch.nn.Module, model: torch.nn.Module) -> float:
     return float((expected - actual).abs().max())
 
 
-def best_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest seconds of each function over ``repeats`` rounds, alternating so machine noise hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up: first-call allocations, lazy inits
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def time_prefill(hf: torch.nn.Module, model: torch.nn.Module, length: int, repeats: int) -> dict:
     ids = random_prompts(1, length, model.config.vocab_size)
 
@@ -294,12 +281,12 @@ def time_decode(
     prompt = settings.prompt_len
     ours, theirs = hybridlm_out[:, prompt:], transformers_out[-1][:, prompt:]
     if compiled is not None:
-        row["compiled_tokens_agree"] = f"{int((compiled_out[-1][:, prompt:] == ours).all(0).cumprod(0).sum())}/{n}"
+        row["compiled_tokens_agree"] = greedy_agreement(compiled_out[-1][:, prompt:], ours)
         row["compiled_failure"] = compiled.compiled_decode.failure
     generated = {
         "seconds": {"transformers": seconds["transformers_n"], "hybridlm": seconds["hybridlm_n"]},
         "tokens": ours[0].tolist(),
-        "tokens_agree": f"{int((ours == theirs).all(0).cumprod(0).sum())}/{n}",
+        "tokens_agree": greedy_agreement(ours, theirs),
     }
     return row, generated
 

@@ -14,10 +14,11 @@ the device:
    the prefill), eager and through ``compile_decode(mode)`` for each of ``--modes`` ("reduce-overhead" is
    the CUDA-graph one), each compiled model's check verdict, and its greedy tokens against eager.
 
-Device work is timed with a synchronisation before each clock read, best of ``--repeats``. Runs on CPU too
-(``--device cpu``: a smoke run of the script itself; the C kernels then run the eager fp32 step). Writes
-everything to ``--json`` (default ``$OUT/gpu_check.json`` where ``OUT`` is set, else out/gpu_check.json).
-Needs no package beyond torch; mamba-ssm and fla-core are used where installed.
+Each timed call ends by bringing its result to the host, which waits for the device; best of
+``--repeats``. Runs on CPU too (``--device cpu``: a smoke run of the script itself; the C kernels then run
+the eager fp32 step). Writes everything to ``--json`` (default ``$OUT/gpu_check.json`` where ``OUT`` is
+set, else out/gpu_check.json). Needs no package beyond torch and numpy; mamba-ssm and fla-core are used
+where installed.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_decode import write_json
-from benchmarks.common import print_table, random_prompts
+from benchmarks.common import best_interleaved, decode_speeds, greedy_agreement, print_table, random_prompts
 from hybridlm.config import HybridConfig
-from hybridlm.generation import generate
 from hybridlm.model import HybridLM
 from hybridlm.ops import cuda_kernels
 
@@ -75,9 +75,9 @@ def check_family(config: HybridConfig, dtype: torch.dtype, device: torch.device,
 
         def prefill(ids: torch.Tensor = ids, length: int = length) -> None:
             with torch.inference_mode():
-                eager(ids, cache=eager.new_cache(1, length), last_logits_only=True)
+                eager(ids, cache=eager.new_cache(1, length), last_logits_only=True).logits.cpu()  # waits
 
-        result["prefill tokens/s"][length] = length / best_seconds(prefill, args.repeats, device)
+        result["prefill tokens/s"][length] = length / best_interleaved({"prefill": prefill}, args.repeats)["prefill"]
     result["scan kernels"] = cuda_kernels.chosen()
     models = {"eager": eager}
     for mode in args.modes:
@@ -85,41 +85,13 @@ def check_family(config: HybridConfig, dtype: torch.dtype, device: torch.device,
         models[mode].compile_decode(mode)
     for batch in (1, 8):
         ids = random_prompts(batch, PROMPT, config.vocab_size, seed=batch).to(device)
-        outputs = {name: run_generate(model, ids, args.new_tokens) for name, model in models.items()}  # warm-up
-        speeds = {}
-        for name, model in models.items():
-            one = best_seconds(lambda model=model, ids=ids: run_generate(model, ids, 1), args.repeats, device)
-            many = best_seconds(
-                lambda model=model, ids=ids: run_generate(model, ids, args.new_tokens), args.repeats, device
-            )
-            speeds[name] = batch * (args.new_tokens - 1) / (many - one)
-        result["decode tokens/s"][batch] = speeds
+        result["decode tokens/s"][batch], tokens = decode_speeds(models, ids, args.new_tokens, args.repeats)
         for mode in args.modes:
-            same = (outputs[mode] == outputs["eager"]).all(0).cumprod(0).sum()
-            result["compiled"].setdefault(mode, {})[f"greedy equal to eager, batch {batch}"] = (
-                f"{int(same)}/{args.new_tokens}"
-            )
+            agree = greedy_agreement(tokens[mode], tokens["eager"])
+            result["compiled"].setdefault(mode, {})[f"greedy equal to eager, batch {batch}"] = agree
     for mode in args.modes:
         result["compiled"][mode]["failure"] = models[mode].compiled_decode.failure
     return result
-
-
-def run_generate(model: HybridLM, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return generate(model, ids, max_new_tokens=new_tokens)[:, PROMPT:].cpu()  # .cpu(): waits for the device
-
-
-def best_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def print_result(name: str, result: dict) -> None:

@@ -102,3 +102,17 @@ def test_state_tensors_lists_every_tensor_of_every_block_once(pattern):
     listed = cache.state_tensors()
     assert sorted(map(id, listed)) == sorted(map(id, walked))
     assert sum(t.nbytes for t in listed) == cache.nbytes()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_copy_from_continues_like_the_cache_it_copied(pattern):
+    """A fresh cache that copied a filled one decodes the same logits as the filled one."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny_config(pattern)).eval()
+    filled, copy = model.new_cache(BATCH, MAX_LEN), model.new_cache(BATCH, MAX_LEN)
+    fill(model, filled)
+    copy.copy_from(filled)
+    assert copy.host_lengths == filled.host_lengths and torch.equal(copy.lengths, filled.lengths)
+    tokens = torch.randint(0, model.config.vocab_size, (BATCH,))
+    with torch.no_grad():
+        assert torch.equal(model.decode_step(tokens, copy), model.decode_step(tokens, filled))

@@ -214,8 +214,11 @@ class HybridCache:
             out += [(getattr(state, f.name), holds_positions) for f in fields(state)]
         return out
 
-    def restore_lengths(self, other: HybridCache) -> None:
-        """Take ``other``'s token counts (a cache of the same shape whose states were copied into this one)."""
+    def copy_from(self, other: HybridCache) -> None:
+        """Make every slot hold what ``other``'s holds (a cache of the same model and shape): states, keys and
+        values copied in place, lengths taken."""
+        for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
+            mine.copy_(theirs)
         self.lengths.copy_(other.lengths)
         self._host_lengths = other.host_lengths
 

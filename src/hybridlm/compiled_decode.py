@@ -120,9 +120,7 @@ class CompiledDecode:
                     eager_cache, compiled_cache = (model.new_cache(batch_size, length) for _ in range(2))
                 model(prompt, cache=eager_cache, attention_mask=mask, last_logits_only=True)
                 for _ in range(CHECK_STEPS):
-                    for mine, theirs in zip(compiled_cache.state_tensors(), eager_cache.state_tensors(), strict=True):
-                        mine.copy_(theirs)
-                    compiled_cache.restore_lengths(eager_cache)
+                    compiled_cache.copy_from(eager_cache)
                     tokens = torch.randint(model.config.vocab_size, (batch_size,), generator=generator)
                     tokens = tokens.to(model.device)
                     expected = _step(model.decode_blocks, model, tokens, eager_cache, bucket=False)
