@@ -260,3 +260,11 @@ def test_forward_refuses_a_mask_that_is_not_left_padded_zeros_and_ones(mask, mes
     # Before: 0.5 and 2 counted as tokens (mask.bool()), and an all-zero row ran on padding alone.
     with pytest.raises(ValueError, match=message):
         _model("M*")(torch.ones(mask.shape, dtype=torch.long), attention_mask=mask)
+
+
+def test_new_cache_in_another_dtype_than_the_weights_is_refused_by_name():
+    """The keys would be float64 and the queries float32: SDPA's traceback, before this line existed."""
+    model = HybridLM(tiny_config("M*E"))
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not the model's torch.float32"):
+        model.new_cache(2, 8, dtype=torch.float64)
+    assert model.new_cache(2, 8, dtype=torch.float32).batch_size == 2

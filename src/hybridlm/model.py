@@ -145,6 +145,11 @@ class HybridLM(nn.Module):
         if batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
         dtype = dtype or self.dtype
+        if dtype != self.dtype:
+            raise ValueError(
+                f"new_cache: dtype {dtype} is not the model's {self.dtype}; a cache in another dtype than the "
+                f"weights is not implemented (attention reads its keys in the queries' dtype): convert the model"
+            )
         states = [
             block.mixer.new_state(batch_size, max_seq_len, self.device, dtype) if block.is_sequence_mixer else None
             for block in self.layers
